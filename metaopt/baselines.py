@@ -1,0 +1,365 @@
+"""The classic hand-designed optimizers as functional rules with ``torch.optim`` faces.
+
+``sgd momentum nesterov adam rmsprop adagrad adadelta``: each rule reproduces torch's single-tensor
+(``foreach=False``) arithmetic operation for operation, out of place, so that the face is bit-for-bit
+``torch.optim`` (tested in float32 and float64) while the rule stays differentiable for meta-training.
+The direction helpers (:func:`sgd_direction`, :func:`adam_direction`, :func:`apply_update`) are shared with the
+hypergradient optimizers in :mod:`metaopt.hypergrad`, which add learning-rate adaptation on top of them.
+
+One difference from torch, by design: the step counter is group-level (one per param group, stored in
+``param_groups[i]["step"]``) rather than per parameter, so every parameter of a group must receive gradients
+together for the bias corrections to match torch (the usual case).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from metaopt.core import CoreOptimizer, FunctionalOptimizer, Params, check_betas, check_range
+from metaopt.registry import register_optimizer
+
+
+def apply_update(param: Tensor, direction: Tensor, lr: float | Tensor) -> Tensor:
+    """``param - lr * direction``; a Python-float ``lr`` uses torch's fused ``torch.add(..., alpha=-lr)``
+    (bit-identical to ``torch.optim``), a tensor ``lr`` stays differentiable."""
+    if isinstance(lr, Tensor):
+        return param - lr * direction
+    return torch.add(param, direction, alpha=-lr)
+
+
+def with_weight_decay(grad: Tensor, param: Tensor, weight_decay: float) -> Tensor:
+    """Coupled L2 weight decay, as torch: ``grad + weight_decay * param`` (out of place)."""
+    return grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SGD, heavy-ball momentum, Nesterov
+
+
+def sgd_direction(grad: Tensor, buf: Tensor, first: bool, momentum: float, dampening: float,
+                  nesterov: bool) -> tuple[Tensor, Tensor]:
+    """torch.optim.SGD's direction and new momentum buffer (``buf`` is ignored on the first step, where torch
+    starts the buffer at the gradient). Returns ``(direction, buf)``."""
+    if momentum == 0:
+        return grad, buf
+    buf = grad.clone() if first else buf.mul(momentum).add(grad, alpha=1 - dampening)
+    direction = grad.add(buf, alpha=momentum) if nesterov else buf
+    return direction, buf
+
+
+class SGDState(NamedTuple):
+    step: int
+    momentum_buffer: dict[str, Tensor]
+
+
+class SGDRule(FunctionalOptimizer):
+    """SGD with optional heavy-ball or Nesterov momentum and coupled weight decay (torch.optim.SGD)."""
+
+    def __init__(self, lr: float | Tensor = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0):
+        self.lr, self.momentum, self.dampening = lr, momentum, dampening
+        self.nesterov, self.weight_decay = nesterov, weight_decay
+
+    def init(self, params: Params) -> SGDState:
+        return SGDState(0, {n: torch.zeros_like(p) for n, p in params.items()})
+
+    def step(self, params: Params, grads: Params, state: SGDState) -> tuple[Params, SGDState]:
+        new_params, bufs = {}, {}
+        for n, p in params.items():
+            g = with_weight_decay(grads[n], p, self.weight_decay)
+            d, bufs[n] = sgd_direction(g, state.momentum_buffer[n], state.step == 0, self.momentum,
+                                       self.dampening, self.nesterov)
+            new_params[n] = apply_update(p, d, self.lr)
+        return new_params, SGDState(state.step + 1, bufs)
+
+
+class SGD(CoreOptimizer):
+    """SGD (Robbins & Monro 1951), with momentum (Polyak 1964) or Nesterov momentum (Sutskever et al. 2013).
+
+    Identical to ``torch.optim.SGD`` step for step. State: one momentum buffer per parameter when momentum > 0
+    (+n floats).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0, *, nonfinite: str = "skip"):
+        check_range("learning rate", lr)
+        check_range("momentum value", momentum)
+        check_range("weight_decay value", weight_decay)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum > 0 and zero dampening")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                                      weight_decay=weight_decay), nonfinite=nonfinite)
+
+    def rule(self, group: dict[str, Any]) -> SGDRule:
+        return SGDRule(group["lr"], group["momentum"], group["dampening"], group["nesterov"], group["weight_decay"])
+
+
+@register_optimizer("sgd")
+def _make_sgd(params, lr: float = 1e-3, weight_decay: float = 0.0, **kw) -> SGD:
+    return SGD(params, lr=lr, weight_decay=weight_decay, **kw)
+
+
+@register_optimizer("momentum")
+def _make_momentum(params, lr: float = 1e-3, momentum: float = 0.9, **kw) -> SGD:
+    return SGD(params, lr=lr, momentum=momentum, **kw)
+
+
+@register_optimizer("nesterov")
+def _make_nesterov(params, lr: float = 1e-3, momentum: float = 0.9, **kw) -> SGD:
+    return SGD(params, lr=lr, momentum=momentum, nesterov=True, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Adam
+
+
+def adam_moments(grad: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
+    """torch.optim.Adam's moment updates (``lerp`` for m, ``mul``/``addcmul`` for v), out of place."""
+    return m.lerp(grad, 1 - beta1), v.mul(beta2).addcmul(grad, grad, value=1 - beta2)
+
+
+def adam_denominator(v: Tensor, step: int, beta2: float, eps: float) -> Tensor:
+    """``sqrt(v) / sqrt(1 - beta2**step) + eps``: Adam's denominator in torch's (modern, paper) form."""
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    return (v.sqrt() / bias_correction2_sqrt).add(eps)
+
+
+def adam_direction(m: Tensor, v: Tensor, step: int, beta1: float, beta2: float, eps: float) -> Tensor:
+    """Adam's update direction ``m_hat / (sqrt(v_hat) + eps)`` in torch's ε placement (spec §4 step 5)."""
+    return m / (1 - beta1**step) / adam_denominator(v, step, beta2, eps)
+
+
+def adam_apply(param: Tensor, m: Tensor, v: Tensor, step: int, lr: float | Tensor, beta1: float, beta2: float,
+               eps: float) -> Tensor:
+    """Adam's parameter update with torch's exact operation sequence for a float ``lr``."""
+    denom = adam_denominator(v, step, beta2, eps)
+    if isinstance(lr, Tensor):
+        return param - (lr / (1 - beta1**step)) * m / denom
+    return param.addcdiv(m, denom, value=-(lr / (1 - beta1**step)))
+
+
+class AdamState(NamedTuple):
+    step: int
+    exp_avg: dict[str, Tensor]
+    exp_avg_sq: dict[str, Tensor]
+
+
+class AdamRule(FunctionalOptimizer):
+    """Adam (Kingma & Ba 2015) with coupled L2 weight decay, in torch.optim.Adam's arithmetic."""
+
+    def __init__(self, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        self.lr, (self.beta1, self.beta2), self.eps, self.weight_decay = lr, betas, eps, weight_decay
+
+    def init(self, params: Params) -> AdamState:
+        zeros = {n: torch.zeros_like(p) for n, p in params.items()}
+        return AdamState(0, zeros, {n: torch.zeros_like(p) for n, p in params.items()})
+
+    def step(self, params: Params, grads: Params, state: AdamState) -> tuple[Params, AdamState]:
+        step = state.step + 1
+        new_params, ms, vs = {}, {}, {}
+        for n, p in params.items():
+            g = with_weight_decay(grads[n], p, self.weight_decay)
+            ms[n], vs[n] = adam_moments(g, state.exp_avg[n], state.exp_avg_sq[n], self.beta1, self.beta2)
+            new_params[n] = adam_apply(p, ms[n], vs[n], step, self.lr, self.beta1, self.beta2, self.eps)
+        return new_params, AdamState(step, ms, vs)
+
+
+class Adam(CoreOptimizer):
+    """Adam (Kingma & Ba 2015). Identical to ``torch.optim.Adam(foreach=False)`` step for step.
+
+    Defaults are the paper's: lr 1e-3, betas (0.9, 0.999), eps 1e-8. State: m and v (+2n floats).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, nonfinite: str = "skip"):
+        check_range("learning rate", lr)
+        check_range("epsilon value", eps)
+        check_betas(betas)
+        check_range("weight_decay value", weight_decay)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+                         nonfinite=nonfinite)
+
+    def rule(self, group: dict[str, Any]) -> AdamRule:
+        return AdamRule(group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"])
+
+
+register_optimizer("adam")(Adam)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# RMSprop, Adagrad, Adadelta
+
+
+class RMSpropState(NamedTuple):
+    step: int
+    square_avg: dict[str, Tensor]
+    grad_avg: dict[str, Tensor]
+    momentum_buffer: dict[str, Tensor]
+
+
+class RMSpropRule(FunctionalOptimizer):
+    """RMSprop (Tieleman & Hinton 2012) in torch.optim.RMSprop's arithmetic (optionally centered, with momentum)."""
+
+    def __init__(self, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
+                 momentum: float = 0.0, centered: bool = False):
+        self.lr, self.alpha, self.eps, self.weight_decay = lr, alpha, eps, weight_decay
+        self.momentum, self.centered = momentum, centered
+
+    def init(self, params: Params) -> RMSpropState:
+        def zeros() -> Params:
+            return {n: torch.zeros_like(p) for n, p in params.items()}
+
+        return RMSpropState(0, zeros(), zeros(), zeros())
+
+    def step(self, params: Params, grads: Params, state: RMSpropState) -> tuple[Params, RMSpropState]:
+        new_params, sq, ga, bufs = {}, {}, {}, {}
+        for n, p in params.items():
+            g = with_weight_decay(grads[n], p, self.weight_decay)
+            sq[n] = state.square_avg[n].mul(self.alpha).addcmul(g, g, value=1 - self.alpha)
+            ga[n] = state.grad_avg[n]
+            if self.centered:
+                ga[n] = ga[n].lerp(g, 1 - self.alpha)
+                avg = sq[n].addcmul(ga[n], ga[n], value=-1).sqrt()
+            else:
+                avg = sq[n].sqrt()
+            avg = avg.add(self.eps)
+            bufs[n] = state.momentum_buffer[n]
+            if self.momentum > 0:
+                bufs[n] = bufs[n].mul(self.momentum).addcdiv(g, avg)
+                new_params[n] = apply_update(p, bufs[n], self.lr)
+            elif isinstance(self.lr, Tensor):
+                new_params[n] = p - self.lr * g / avg
+            else:
+                new_params[n] = p.addcdiv(g, avg, value=-self.lr)
+        return new_params, RMSpropState(state.step + 1, sq, ga, bufs)
+
+
+class RMSprop(CoreOptimizer):
+    """RMSprop (Tieleman & Hinton 2012). Identical to ``torch.optim.RMSprop`` step for step.
+
+    Defaults are torch's: lr 1e-2, alpha 0.99, eps 1e-8. State: square average, plus the gradient average when
+    centered and a momentum buffer when momentum > 0 (stored as zeros otherwise: +3n floats).
+    """
+
+    def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
+                 momentum: float = 0.0, centered: bool = False, *, nonfinite: str = "skip"):
+        check_range("learning rate", lr)
+        check_range("epsilon value", eps)
+        check_range("alpha value", alpha)
+        check_range("momentum value", momentum)
+        check_range("weight_decay value", weight_decay)
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                                      centered=centered), nonfinite=nonfinite)
+
+    def rule(self, group: dict[str, Any]) -> RMSpropRule:
+        return RMSpropRule(group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"],
+                           group["centered"])
+
+
+register_optimizer("rmsprop")(RMSprop)
+
+
+class AdagradState(NamedTuple):
+    step: int
+    sum: dict[str, Tensor]
+
+
+class AdagradRule(FunctionalOptimizer):
+    """Adagrad (Duchi et al. 2011) in torch.optim.Adagrad's arithmetic (dense gradients)."""
+
+    def __init__(self, lr: float | Tensor = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10):
+        self.lr, self.lr_decay, self.weight_decay = lr, lr_decay, weight_decay
+        self.initial_accumulator_value, self.eps = initial_accumulator_value, eps
+
+    def init(self, params: Params) -> AdagradState:
+        return AdagradState(0, {n: torch.full_like(p, self.initial_accumulator_value) for n, p in params.items()})
+
+    def step(self, params: Params, grads: Params, state: AdagradState) -> tuple[Params, AdagradState]:
+        step = state.step + 1
+        clr = self.lr / (1 + (step - 1) * self.lr_decay)
+        new_params, sums = {}, {}
+        for n, p in params.items():
+            g = with_weight_decay(grads[n], p, self.weight_decay)
+            sums[n] = state.sum[n].addcmul(g, g, value=1)
+            std = sums[n].sqrt().add(self.eps)
+            new_params[n] = p - clr * g / std if isinstance(clr, Tensor) else p.addcdiv(g, std, value=-clr)
+        return new_params, AdagradState(step, sums)
+
+
+class Adagrad(CoreOptimizer):
+    """Adagrad (Duchi, Hazan & Singer 2011). Identical to ``torch.optim.Adagrad`` step for step (dense gradients).
+
+    Defaults are torch's: lr 1e-2, eps 1e-10. State: the sum of squared gradients (+n floats).
+    """
+
+    def __init__(self, params, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, *, nonfinite: str = "skip"):
+        check_range("learning rate", lr)
+        check_range("lr_decay", lr_decay)
+        check_range("weight_decay value", weight_decay)
+        check_range("initial_accumulator_value", initial_accumulator_value)
+        check_range("epsilon value", eps)
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value, eps=eps),
+                         nonfinite=nonfinite)
+
+    def rule(self, group: dict[str, Any]) -> AdagradRule:
+        return AdagradRule(group["lr"], group["lr_decay"], group["weight_decay"], group["initial_accumulator_value"],
+                           group["eps"])
+
+
+register_optimizer("adagrad")(Adagrad)
+
+
+class AdadeltaState(NamedTuple):
+    step: int
+    square_avg: dict[str, Tensor]
+    acc_delta: dict[str, Tensor]
+
+
+class AdadeltaRule(FunctionalOptimizer):
+    """Adadelta (Zeiler 2012) in torch.optim.Adadelta's arithmetic."""
+
+    def __init__(self, lr: float | Tensor = 1.0, rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0):
+        self.lr, self.rho, self.eps, self.weight_decay = lr, rho, eps, weight_decay
+
+    def init(self, params: Params) -> AdadeltaState:
+        return AdadeltaState(0, {n: torch.zeros_like(p) for n, p in params.items()},
+                             {n: torch.zeros_like(p) for n, p in params.items()})
+
+    def step(self, params: Params, grads: Params, state: AdadeltaState) -> tuple[Params, AdadeltaState]:
+        new_params, sq, acc = {}, {}, {}
+        for n, p in params.items():
+            g = with_weight_decay(grads[n], p, self.weight_decay)
+            sq[n] = state.square_avg[n].mul(self.rho).addcmul(g, g, value=1 - self.rho)
+            std = sq[n].add(self.eps).sqrt()
+            delta = state.acc_delta[n].add(self.eps).sqrt().div(std).mul(g)
+            acc[n] = state.acc_delta[n].mul(self.rho).addcmul(delta, delta, value=1 - self.rho)
+            new_params[n] = apply_update(p, delta, self.lr)
+        return new_params, AdadeltaState(state.step + 1, sq, acc)
+
+
+class Adadelta(CoreOptimizer):
+    """Adadelta (Zeiler 2012). Identical to ``torch.optim.Adadelta`` step for step.
+
+    Defaults are torch's: lr 1.0, rho 0.9, eps 1e-6. State: square average and accumulated delta (+2n floats).
+    """
+
+    def __init__(self, params, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0,
+                 *, nonfinite: str = "skip"):
+        check_range("learning rate", lr)
+        check_range("rho value", rho, 0.0, 1.0)
+        check_range("epsilon value", eps)
+        check_range("weight_decay value", weight_decay)
+        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay), nonfinite=nonfinite)
+
+    def rule(self, group: dict[str, Any]) -> AdadeltaRule:
+        return AdadeltaRule(group["lr"], group["rho"], group["eps"], group["weight_decay"])
+
+
+register_optimizer("adadelta")(Adadelta)

@@ -1,0 +1,214 @@
+"""The functional optimizer protocol and the ``torch.optim`` face that every metaopt optimizer shares.
+
+An update rule is a :class:`FunctionalOptimizer`: a pure pair of functions over dicts of tensors (optax-style, but
+returning the new parameters rather than an additive update, so that the last operation can be torch's own fused
+``torch.add(p, d, alpha=-lr)`` and match ``torch.optim`` bit for bit)::
+
+    state = rule.init(params)                                  # params: dict[str, Tensor]
+    new_params, state = rule.step(params, grads, state)        # out of place, differentiable
+
+Rules never modify their inputs, so they can be differentiated through (meta-training) and called under
+``torch.func`` transforms. Hyper-parameters that are Python numbers keep torch's exact arithmetic; tensor-valued ones
+(for example a learned CAM-HD gamma) flow through autograd.
+
+:class:`CoreOptimizer` is the ``torch.optim.Optimizer`` face over a rule. It owns no maths: each ``step()`` gathers a
+parameter group into dicts, calls the rule under ``no_grad`` and copies the new values back. It also owns what every
+optimizer must do the same way: skipping (and counting) steps whose gradients are not finite, and storing the rule's
+state so that ``state_dict()`` / ``load_state_dict()`` resume exactly.
+
+State layout. A rule's state is a NamedTuple. A field whose value is a ``dict`` keyed by parameter name is
+*per-parameter* and lives in ``optimizer.state[p][field]``; any other field (a Python number, or a 0-/1-d tensor
+such as a global learning rate, a step counter or CAM-HD's gamma) is *group-level* and lives in
+``param_group[field]`` as a Python float / int / list, so it is visible to users and LR schedulers and travels in
+``state_dict()``. A group-level field that shares its name with a hyper-parameter (``lr``) is read back from the group
+before every step, which is how schedulers and users change it.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Tensor]
+
+NONFINITE_MODES = ("skip", "raise")
+
+
+class FunctionalOptimizer(abc.ABC):
+    """A pure update rule with fixed hyper-parameters.
+
+    Subclasses implement :meth:`init` and :meth:`step`; both must be free of side effects on their arguments.
+    """
+
+    @abc.abstractmethod
+    def init(self, params: Params) -> NamedTuple:
+        """The state before the first step, for ``params`` (a dict of tensors)."""
+
+    @abc.abstractmethod
+    def step(self, params: Params, grads: Params, state: NamedTuple) -> tuple[Params, NamedTuple]:
+        """One update: returns the new parameters and the new state (new tensors; inputs untouched)."""
+
+
+def check_range(name: str, value: float, low: float = 0.0, high: float = math.inf, *,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ``ValueError("Invalid <name>: ...")`` unless ``value`` lies in the interval (torch.optim style)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            return  # tensor-valued hyper-parameters (learned rules) are checked by their producer
+        value = float(value)
+    ok_low = value > low if low_open else value >= low
+    ok_high = value < high if high_open else value <= high
+    if not (ok_low and ok_high and not math.isnan(value)):
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        raise ValueError(f"Invalid {name}: {value!r} (expected a value in {left}{low}, {high}{right})")
+
+
+def check_betas(betas: tuple[float, float]) -> None:
+    """torch's checks: each beta in [0, 1)."""
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
+    for i, b in enumerate(betas):
+        if not 0.0 <= float(b) < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b} (expected a value in [0, 1))")
+
+
+def _to_group_value(value: Any) -> Any:
+    """Group-level state as plain Python values (floats, ints, lists), so param_groups stay readable."""
+    if isinstance(value, Tensor):
+        return value.item() if value.dim() == 0 else value.detach().cpu().tolist()
+    if isinstance(value, tuple):
+        return [_to_group_value(v) for v in value]
+    return value
+
+
+class CoreOptimizer(torch.optim.Optimizer):
+    """``torch.optim.Optimizer`` face over a :class:`FunctionalOptimizer`.
+
+    Subclasses implement :meth:`rule`, which builds the functional rule from one parameter group's
+    hyper-parameters, and validate those hyper-parameters in their ``__init__``.
+
+    Args:
+        params: parameters, ``named_parameters()`` or param-group dicts, as for any ``torch.optim`` optimizer.
+            Named parameters give the rule meaningful keys (CAM-HD groups layers by module name).
+        defaults: the hyper-parameters' defaults.
+        nonfinite: ``"skip"`` (default) skips a group's step when any of its gradients is NaN or infinite,
+            counts it in ``param_group["nonfinite_skipped"]`` and warns once; ``"raise"`` raises
+            ``FloatingPointError`` instead. Either way nothing non-finite reaches the parameters or the state.
+    """
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, nonfinite: str = "skip"):
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"Invalid nonfinite: {nonfinite!r} (expected one of {NONFINITE_MODES})")
+        self.nonfinite = nonfinite
+        self._warned_nonfinite = False
+        super().__init__(params, dict(defaults, nonfinite_skipped=0))
+
+    # -- what subclasses provide ------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def rule(self, group: dict[str, Any]) -> FunctionalOptimizer:
+        """The functional rule for one param group, built from the group's current hyper-parameters."""
+
+    # -- the step ---------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self.step_group(group)
+        return loss
+
+    def step_group(self, group: dict[str, Any], grads: Params | None = None) -> bool:
+        """Apply the rule to one group; ``grads`` defaults to ``p.grad``. Returns False if the step was skipped."""
+        names, params = self.named_params(group)
+        if grads is None:
+            grads = {n: p.grad for n, p in zip(names, params) if p.grad is not None}
+        if not grads:
+            return False
+        for n, g in grads.items():
+            if g.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {n!r})")
+        if not self.check_finite(group, grads.values()):
+            return False
+        live = [(n, p) for n, p in zip(names, params) if n in grads]
+        param_dict = {n: p for n, p in live}
+        rule = self.rule(group)
+        state = self.load_rule_state(group, rule, param_dict)
+        new_params, new_state = rule.step(param_dict, grads, state)
+        for n, p in live:
+            p.copy_(new_params[n])
+        self.store_rule_state(group, param_dict, new_state)
+        return True
+
+    # -- helpers shared by faces with their own step() (MARTHE, TLR-naive, learned optimizers) ----------------------
+
+    @staticmethod
+    def named_params(group: dict[str, Any]) -> tuple[list[str], list[Tensor]]:
+        """The group's parameters and their names (``param_names`` when given, else their index in the group)."""
+        params = list(group["params"])
+        names = group.get("param_names") or [str(i) for i in range(len(params))]
+        return list(names), params
+
+    def check_finite(self, group: dict[str, Any], tensors: Iterable[Tensor]) -> bool:
+        """True if every tensor is finite; otherwise count/warn (``skip``) or raise (``raise``)."""
+        tensors = list(tensors)
+        if not tensors:
+            return True
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        if finite:
+            return True
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"{type(self).__name__}: non-finite gradient (NaN or inf); the step was not applied. "
+                "Lower the learning rate, clip gradients, or pass nonfinite='skip' to skip such steps.")
+        group["nonfinite_skipped"] = group.get("nonfinite_skipped", 0) + 1
+        if not self._warned_nonfinite:
+            warnings.warn(
+                f"{type(self).__name__}: skipped a step with a non-finite gradient (NaN or inf); parameters and "
+                "optimizer state are unchanged. Further skips are counted in param_groups[i]['nonfinite_skipped'].",
+                RuntimeWarning, stacklevel=3)
+            self._warned_nonfinite = True
+        return False
+
+    def load_rule_state(self, group: dict[str, Any], rule: FunctionalOptimizer, params: Params) -> NamedTuple:
+        """Rebuild the rule's NamedTuple state from ``self.state`` and the group (``rule.init`` where missing)."""
+        missing = {n: p for n, p in params.items() if not self.state[p]}
+        fresh = rule.init(missing if missing else params)
+        values = {}
+        for field, init_value in zip(fresh._fields, fresh):
+            if isinstance(init_value, dict):
+                values[field] = {n: (init_value[n] if n in missing else self.state[p][field])
+                                 for n, p in params.items()}
+            elif field in group:  # stored by an earlier step, or a hyper-parameter such as lr
+                values[field] = self._from_group_value(group[field], init_value)
+            else:
+                values[field] = init_value
+        return type(fresh)(**values)
+
+    def store_rule_state(self, group: dict[str, Any], params: Params, state: NamedTuple) -> None:
+        """Write a rule's state back: per-parameter fields to ``self.state``, the rest into the group."""
+        for field, value in zip(state._fields, state):
+            if isinstance(value, dict):
+                for n, p in params.items():
+                    self.state[p][field] = value[n]
+            else:
+                group[field] = _to_group_value(value)
+
+    @staticmethod
+    def _from_group_value(stored: Any, like: Any) -> Any:
+        """Group values go back to the rule in the type ``init`` uses (a tensor stays a tensor)."""
+        if isinstance(like, Tensor):
+            return torch.as_tensor(stored, dtype=like.dtype, device=like.device)
+        if isinstance(like, tuple):
+            return tuple(stored)
+        return stored

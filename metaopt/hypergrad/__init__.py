@@ -1,0 +1,1 @@
+"""Hand-designed hypergradient learning-rate optimizers (``../shared/specs/hypergradient.md`` is normative)."""

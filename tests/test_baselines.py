@@ -1,0 +1,165 @@
+"""The classic optimizers equal torch.optim bit for bit, and the shared face behaves (errors, non-finite, resume)."""
+
+import copy
+
+import pytest
+import torch
+
+import metaopt
+from metaopt.baselines import AdamRule, SGDRule
+
+# (metaopt name, metaopt kwargs, torch class, torch kwargs)
+CLASSICS = [
+    ("sgd", dict(lr=0.1), torch.optim.SGD, dict(lr=0.1)),
+    ("sgd", dict(lr=0.05, weight_decay=0.01), torch.optim.SGD, dict(lr=0.05, weight_decay=0.01)),
+    ("momentum", dict(lr=0.05, momentum=0.9), torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
+    ("momentum", dict(lr=0.05, momentum=0.8, dampening=0.1, weight_decay=1e-3), torch.optim.SGD,
+     dict(lr=0.05, momentum=0.8, dampening=0.1, weight_decay=1e-3)),
+    ("nesterov", dict(lr=0.05, momentum=0.9), torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+    ("adam", dict(lr=1e-2), torch.optim.Adam, dict(lr=1e-2)),
+    ("adam", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01), torch.optim.Adam,
+     dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01)),
+    ("rmsprop", dict(lr=1e-2), torch.optim.RMSprop, dict(lr=1e-2)),
+    ("rmsprop", dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-3), torch.optim.RMSprop,
+     dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-3)),
+    ("adagrad", dict(lr=0.1), torch.optim.Adagrad, dict(lr=0.1)),
+    ("adagrad", dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=1e-3), torch.optim.Adagrad,
+     dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=1e-3)),
+    ("adadelta", dict(lr=1.0), torch.optim.Adadelta, dict(lr=1.0)),
+    ("adadelta", dict(lr=0.5, rho=0.8, weight_decay=1e-3), torch.optim.Adadelta,
+     dict(lr=0.5, rho=0.8, weight_decay=1e-3)),
+]
+
+
+def make_model(dtype, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
+
+
+def run(model, opt, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    for _ in range(steps):
+        x = torch.randn(16, 5, generator=gen).to(dtype)
+        y = torch.randn(16, 3, generator=gen).to(dtype)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name,kw,torch_cls,torch_kw", CLASSICS)
+def test_classic_equals_torch_bit_for_bit(name, kw, torch_cls, torch_kw, dtype):
+    ours, ref = make_model(dtype), make_model(dtype)
+    run(ours, metaopt.make_optimizer(name, ours.parameters(), **kw), 12)
+    run(ref, torch_cls(ref.parameters(), foreach=False, **torch_kw), 12)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert torch.equal(p, q), f"{name} {kw} differs from torch by {(p - q).abs().max().item()}"
+
+
+def test_functional_rule_is_pure_and_differentiable():
+    """The rule never mutates its inputs, and a tensor learning rate carries gradients (meta-training)."""
+    params = {"w": torch.tensor([1.0, -2.0], dtype=torch.float64)}
+    grads = {"w": torch.tensor([0.5, 0.25], dtype=torch.float64)}
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    for rule in (SGDRule(lr, momentum=0.9), AdamRule(lr)):
+        state = rule.init(params)
+        before = {k: v.clone() for k, v in params.items()}
+        new, _ = rule.step(params, grads, state)
+        assert torch.equal(params["w"], before["w"])
+        (dlr,) = torch.autograd.grad(new["w"].sum(), lr)
+        assert torch.isfinite(dlr) and dlr != 0
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(ValueError, match="Valid names: .*adam"):
+        metaopt.make_optimizer("adamm", [torch.zeros(1, requires_grad=True)])
+
+
+@pytest.mark.parametrize("name,kw,match", [
+    ("sgd", dict(lr=-1.0), "learning rate"),
+    ("adam", dict(betas=(1.0, 0.999)), "beta parameter at index 0"),
+    ("adam", dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
+    ("adam", dict(eps=-1e-8), "epsilon"),
+    ("momentum", dict(momentum=-0.5), "momentum"),
+    ("adadelta", dict(rho=1.5), "rho"),
+    ("sgd", dict(nonfinite="ignore"), "nonfinite"),
+])
+def test_invalid_hyperparameters_name_the_argument(name, kw, match):
+    with pytest.raises(ValueError, match=match):
+        metaopt.make_optimizer(name, [torch.zeros(1, requires_grad=True)], **kw)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "rmsprop", "adagrad", "adadelta"])
+def test_nonfinite_gradient_is_skipped_and_counted(name):
+    model = make_model(torch.float64)
+    opt = metaopt.make_optimizer(name, model.parameters())
+    run(model, opt, 2)
+    params_before = [p.clone() for p in model.parameters()]
+    state_before = copy.deepcopy(opt.state_dict())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    next(model.parameters()).grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params_before))
+    after = opt.state_dict()
+    assert after["param_groups"][0]["nonfinite_skipped"] == 1
+    for k, st in state_before["state"].items():
+        for field, v in st.items():
+            assert torch.equal(after["state"][k][field], v)
+
+
+def test_nonfinite_raise_mode():
+    model = make_model(torch.float64)
+    opt = metaopt.make_optimizer("adam", model.parameters(), nonfinite="raise")
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["sgd", "nesterov", "adam", "rmsprop", "adagrad", "adadelta"])
+def test_state_dict_resume_is_bit_exact(name):
+    straight = make_model(torch.float32)
+    opt = metaopt.make_optimizer(name, straight.parameters())
+    run(straight, opt, 5, seed=1)
+    run(straight, opt, 5, seed=2)
+
+    resumed = make_model(torch.float32)
+    opt1 = metaopt.make_optimizer(name, resumed.parameters())
+    run(resumed, opt1, 5, seed=1)
+    saved = copy.deepcopy(opt1.state_dict())
+    opt2 = metaopt.make_optimizer(name, resumed.parameters())
+    opt2.load_state_dict(saved)
+    run(resumed, opt2, 5, seed=2)
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_lr_scheduler_drives_the_rule():
+    ours, ref = make_model(torch.float64), make_model(torch.float64)
+    opt = metaopt.make_optimizer("momentum", ours.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    for o, m in ((opt, ours), (ref_opt, ref)):
+        sched = torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)
+        for i in range(6):
+            run(m, o, 1, seed=i)
+            sched.step()
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_param_groups_and_named_parameters():
+    model = make_model(torch.float64)
+    named = metaopt.make_optimizer("adam", model.named_parameters(), lr=1e-2)
+    assert named.param_groups[0]["param_names"][0] == "0.weight"
+    groups = [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters()}]
+    opt = metaopt.make_optimizer("sgd", groups, lr=0.01)
+    ref = make_model(torch.float64)
+    ref_opt = torch.optim.SGD([{"params": ref[0].parameters(), "lr": 0.1}, {"params": ref[2].parameters()}],
+                              lr=0.01, foreach=False)
+    run(model, opt, 3)
+    run(ref, ref_opt, 3)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
