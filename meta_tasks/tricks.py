@@ -1,0 +1,143 @@
+"""The training tricks of Lv, Jiang & Li (2017), as reusable wrappers around any :class:`~meta_tasks.base.Task`.
+
+*Random Scaling* (RS): a per-coordinate scale c = exp(U(−r, r)) is drawn once per task instance; the learner's
+parameters start at w₀ / c and the loss is L(c ⊙ w). An optimizer that only sees gradients must therefore cope with
+coordinates of very different curvature, which is what keeps a learned optimizer from over-fitting one scale.
+
+*Combination with Convex function* (CC): extra coordinates z are appended and the loss becomes
+L(w) + h(z), h(z) = (1/k)‖z − η‖² (HyperAdam eq. 9), with η and z₀ drawn per instance. The official HyperAdam code uses
+k = 20. HyperAdam's recipe applies RS with r = 3 to the learner and r = 1 to the convex term::
+
+    L(c₁ ⊙ w) + h(c₂ ⊙ z)      ==   hyperadam_tricks(task, generator)
+
+Both wrappers hold their random draws as tensors per instance, compose with each other, and are themselves Tasks.
+The draws are: c ~ exp(U(−r, r)) per coordinate; η ~ N(0, 1) and z₀ ~ N(0, 1) per coordinate (the paper only says
+"generated randomly"; unit Gaussians put the convex term on the same scale as a freshly initialized learner's loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from meta_tasks.base import Batch, Params, Task
+
+CONVEX_KEY = "convex.z"
+
+
+class TaskWrapper(Task):
+    """A Task delegating to ``inner``; subclasses change parameters and loss."""
+
+    def __init__(self, inner: Task):
+        self.inner = inner
+        self.name = inner.name
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    def param_shapes(self) -> dict[str, torch.Size]:
+        return self.inner.param_shapes()
+
+    def init_buffers(self) -> Params:
+        return self.inner.init_buffers()
+
+    def sample_batch(self, generator: torch.Generator, split: str = "train", batch_size: int | None = None) -> Batch:
+        return self.inner.sample_batch(generator, split, batch_size)
+
+    def unwrap(self) -> Task:
+        """The plain task underneath every wrapper."""
+        task: Task = self
+        while isinstance(task, TaskWrapper):
+            task = task.inner
+        return task
+
+
+class RandomScaling(TaskWrapper):
+    """Random Scaling (Lv et al. 2017): loss L(c ⊙ w), initialization w₀ / c, with c = exp(U(−r, r)) per coordinate.
+
+    Args:
+        inner: the task to wrap.
+        r: the scale range (HyperAdam: 3 for the learner, 1 for the convex term). r = 0 gives c ≡ 1.
+        generator: draws c, once, at construction (one draw per task instance).
+        keys: the parameters to scale (default: all of ``inner``'s).
+    """
+
+    def __init__(self, inner: Task, r: float, generator: torch.Generator, keys: Iterable[str] | None = None):
+        super().__init__(inner)
+        if r < 0:
+            raise ValueError(f"Invalid Random Scaling range r: {r} (expected >= 0)")
+        shapes = inner.param_shapes()
+        keys = list(shapes) if keys is None else list(keys)
+        unknown = [k for k in keys if k not in shapes]
+        if unknown:
+            raise ValueError(f"RandomScaling: unknown parameter(s) {unknown}; the task has {list(shapes)}")
+        self.r = r
+        self.scales: dict[str, Tensor] = {}
+        for k in keys:
+            u = torch.rand(shapes[k], generator=generator, device=generator.device)
+            self.scales[k] = torch.exp((2 * u - 1) * r).to(inner.device)
+
+    def scale(self, params: Params) -> Params:
+        """The inner task's parameters c ⊙ w."""
+        return {n: (p * self.scales[n] if n in self.scales else p) for n, p in params.items()}
+
+    def init(self, generator: torch.Generator) -> Params:
+        return {n: (p / self.scales[n] if n in self.scales else p) for n, p in self.inner.init(generator).items()}
+
+    def loss(self, params: Params, batch: Batch, buffers: Params | None = None) -> Tensor:
+        return self.inner.loss(self.scale(params), batch, buffers)
+
+    def evaluate(self, params: Params, split: str = "test", buffers: Params | None = None) -> dict[str, float]:
+        return self.inner.evaluate(self.scale(params), split, buffers)
+
+
+class ConvexCombination(TaskWrapper):
+    """Combination with a Convex function (Lv et al. 2017; HyperAdam eq. 9): loss L(w) + (1/k)‖z − η‖².
+
+    Adds the parameter ``"convex.z"`` of k coordinates. η is drawn at construction (per task instance), z₀ by
+    :meth:`init`. :meth:`evaluate` reports the inner task's metrics on w alone.
+    """
+
+    def __init__(self, inner: Task, k: int, generator: torch.Generator):
+        super().__init__(inner)
+        if k < 1:
+            raise ValueError(f"Invalid convex dimension k: {k} (expected >= 1)")
+        if CONVEX_KEY in inner.param_shapes():
+            raise ValueError("ConvexCombination is already applied to this task")
+        self.k = k
+        self.eta = torch.randn(k, generator=generator, device=generator.device).to(inner.device)
+
+    def param_shapes(self) -> dict[str, torch.Size]:
+        return {**self.inner.param_shapes(), CONVEX_KEY: torch.Size([self.k])}
+
+    def init(self, generator: torch.Generator) -> Params:
+        params = self.inner.init(generator)
+        z0 = torch.randn(self.k, generator=generator, device=generator.device).to(self.device)
+        return {**params, CONVEX_KEY: z0}
+
+    def convex_term(self, z: Tensor) -> Tensor:
+        diff = z - self.eta
+        return (diff * diff).sum() / self.k
+
+    def loss(self, params: Params, batch: Batch, buffers: Params | None = None) -> Tensor:
+        inner_params = {n: p for n, p in params.items() if n != CONVEX_KEY}
+        return self.inner.loss(inner_params, batch, buffers) + self.convex_term(params[CONVEX_KEY])
+
+    def evaluate(self, params: Params, split: str = "test", buffers: Params | None = None) -> dict[str, float]:
+        return self.inner.evaluate({n: p for n, p in params.items() if n != CONVEX_KEY}, split, buffers)
+
+
+def hyperadam_tricks(task: Task, generator: torch.Generator, rs_learner: float = 3.0, rs_convex: float = 1.0,
+                     convex_k: int = 20) -> Task:
+    """HyperAdam's meta-training optimizee L(c₁ ⊙ w) + h(c₂ ⊙ z): RS on the learner (r = 3), CC with k = 20, and RS
+    on the convex term (r = 1). A zero range or ``convex_k=0`` switches that trick off (the paper's ablation)."""
+    if rs_learner > 0:
+        task = RandomScaling(task, rs_learner, generator)
+    if convex_k > 0:
+        task = ConvexCombination(task, convex_k, generator)
+        if rs_convex > 0:
+            task = RandomScaling(task, rs_convex, generator, keys=[CONVEX_KEY])
+    return task
