@@ -1,0 +1,21 @@
+"""Learned optimizers: HyperAdam, DMoptimizer, RNNprop and the learnable CAM-HD γ / MARTHE μ rules."""
+
+from metaopt.learned.base import (LEARNED_CLASSES, LEARNED_NAMES, CheckpointError, CoordinatewiseOptimizer,
+                                  FrozenLearnedOptimizer, LearnedOptimizer, from_pretrained, register_learned)
+from metaopt.learned.hyperadam import HyperAdam
+from metaopt.registry import register_optimizer
+
+
+def _pretrained_factory(name: str):
+    def make(params, lr: float | None = None, *, nonfinite: str = "skip"):
+        return from_pretrained(name).frozen(params, lr=lr, nonfinite=nonfinite)
+
+    make.__doc__ = f"The pretrained {name!r} from checkpoints/{name}, frozen, as a torch.optim.Optimizer."
+    return make
+
+
+for _name in LEARNED_NAMES:
+    register_optimizer(_name)(_pretrained_factory(_name))
+
+__all__ = ["LEARNED_CLASSES", "LEARNED_NAMES", "CheckpointError", "CoordinatewiseOptimizer", "FrozenLearnedOptimizer",
+           "LearnedOptimizer", "from_pretrained", "register_learned", "HyperAdam"]

@@ -1,0 +1,269 @@
+"""The learned-optimizer base: meta-parameters θ, a functional update, the frozen ``torch.optim`` face, checkpoints.
+
+A :class:`LearnedOptimizer` is an ``nn.Module`` whose parameters are the meta-parameters θ, plus a pure, differentiable
+update used by meta-training (and working under ``torch.func.vmap``)::
+
+    state = lopt.init(params)                                   # params: dict[str, Tensor]
+    updates, state = lopt.update(grads, state, params)          # new params = params + updates
+
+:meth:`LearnedOptimizer.frozen` wraps it as an ordinary ``torch.optim.Optimizer`` (no graph, state in ``opt.state``,
+exact ``state_dict`` resume), so evaluation never cares whether an optimizer was learned.
+
+Checkpoints (``DESIGN.md``): a directory with ``config.json`` (class name, constructor arguments, metaopt version,
+format version), ``model.safetensors`` (θ only — never a pickle) and a ``README.md`` model card. Loading rebuilds the
+class from :data:`LEARNED_CLASSES` and checks every tensor's name and shape; pickles are refused unread.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from metaopt.core import CoreOptimizer, FunctionalOptimizer, check_range
+from metaopt.learned.cells import flatten, unflatten
+
+Params = dict[str, Tensor]
+
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "model.safetensors", "README.md"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Committed pretrained weights: <repo>/checkpoints/<name>/ (override with $METAOPT_CHECKPOINTS)
+CHECKPOINT_ROOT = Path(__file__).resolve().parents[2] / "checkpoints"
+
+LEARNED_CLASSES: dict[str, type["LearnedOptimizer"]] = {}  # class name -> class
+LEARNED_NAMES: dict[str, type["LearnedOptimizer"]] = {}  # registry name ("hyperadam") -> class
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message names the file and what is wrong with it."""
+
+
+def register_learned(name: str):
+    """Class decorator: register a LearnedOptimizer under its registry ``name`` (and its class name)."""
+
+    def decorate(cls: type[LearnedOptimizer]) -> type[LearnedOptimizer]:
+        cls.registry_name = name
+        LEARNED_CLASSES[cls.__name__] = cls
+        LEARNED_NAMES[name] = cls
+        return cls
+
+    return decorate
+
+
+class LearnedOptimizer(nn.Module, abc.ABC):
+    """Base of every learned optimizer: ``nn.Module`` parameters are θ; ``init`` / ``update`` are pure.
+
+    Subclasses set ``self.lr`` (the default step size α, saved in the config) and record their constructor arguments
+    with :meth:`_store_config`.
+    """
+
+    registry_name: ClassVar[str] = ""
+    lr: float
+
+    def _store_config(self, **kwargs: Any) -> None:
+        self._config = dict(kwargs)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this optimizer (saved in config.json)."""
+        return dict(self._config)
+
+    @abc.abstractmethod
+    def init(self, params: Params) -> NamedTuple:
+        """The optimizer state before the first step for the learner parameters ``params``."""
+
+    @abc.abstractmethod
+    def update(self, grads: Params, state: NamedTuple, params: Params,
+               lr: float | Tensor | None = None) -> tuple[Params, NamedTuple]:
+        """Updates (to add to ``params``) and the new state; differentiable w.r.t. θ. ``lr`` defaults to ``self.lr``."""
+
+    # -- the frozen face ---------------------------------------------------------------------------------------------
+
+    def frozen(self, params, lr: float | None = None, *, nonfinite: str = "skip") -> torch.optim.Optimizer:
+        """This optimizer with θ frozen, as a ``torch.optim.Optimizer`` over ``params``."""
+        return FrozenLearnedOptimizer(params, self, lr=lr, nonfinite=nonfinite)
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike[str], card: str | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (and ``README.md`` when ``card`` is given) to ``directory``."""
+        from safetensors.torch import save_file
+
+        import metaopt
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"class": type(self).__name__, "name": self.registry_name, "config": self.config,
+                  "metaopt_version": metaopt.__version__, "format_version": FORMAT_VERSION}
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+        if card is not None:
+            _atomic_write(directory / CARD_FILE, lambda p: p.write_text(card))
+        return directory
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def resolve_checkpoint(name_or_dir: str | os.PathLike[str]) -> Path:
+    """The checkpoint directory for a registered name (``checkpoints/<name>``) or a path; refuses pickles."""
+    path = Path(name_or_dir)
+    if path.is_file() or path.suffix in PICKLE_SUFFIXES:
+        if path.suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(
+                f"{path}: pickle-based checkpoints are refused (unpickling can run arbitrary code). metaopt loads a "
+                f"directory holding {CONFIG_FILE} and {WEIGHTS_FILE}; convert the weights with safetensors.")
+        raise CheckpointError(f"{path}: expected a checkpoint directory holding {CONFIG_FILE} and {WEIGHTS_FILE}, "
+                              "got a file")
+    if path.is_dir():
+        return path
+    if isinstance(name_or_dir, str) and name_or_dir in LEARNED_NAMES:
+        root = Path(os.environ.get("METAOPT_CHECKPOINTS", CHECKPOINT_ROOT))
+        directory = root / name_or_dir
+        if not directory.is_dir():
+            raise CheckpointError(
+                f"No pretrained checkpoint for {name_or_dir!r} at {directory}. Meta-train one with train_meta.py and "
+                f"pass its directory, or pass a LearnedOptimizer instance (e.g. metaopt.learned."
+                f"{LEARNED_NAMES[name_or_dir].__name__}()).")
+        return directory
+    known = ", ".join(LEARNED_NAMES)
+    raise CheckpointError(f"{name_or_dir!r} is neither a checkpoint directory nor a learned optimizer name ({known})")
+
+
+def from_pretrained(name_or_dir: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> LearnedOptimizer:
+    """Load a learned optimizer: a registered name (from ``checkpoints/<name>``) or a checkpoint directory.
+
+    Returns the module in eval mode with ``requires_grad`` off. Raises :class:`CheckpointError` naming the file for a
+    missing or truncated file, an unknown class or format version, or weights whose names / shapes do not match the
+    config; pickle files are never opened.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = resolve_checkpoint(name_or_dir)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    pickles = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            extra = f" (found {pickles}: pickle files are refused, never loaded)" if pickles else ""
+            raise CheckpointError(f"{path}: missing{extra}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict) or not {"class", "config", "format_version"} <= set(config):
+        raise CheckpointError(f"{config_path}: expected keys 'class', 'config', 'format_version'")
+    if config["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{config_path}: format_version {config['format_version']!r} is not supported "
+                              f"(this metaopt reads version {FORMAT_VERSION})")
+    cls = LEARNED_CLASSES.get(config["class"])
+    if cls is None:
+        raise CheckpointError(f"{config_path}: unknown class {config['class']!r} "
+                              f"(known: {', '.join(LEARNED_CLASSES)})")
+    try:
+        lopt = cls(**config["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{config_path}: cannot build {config['class']} from its config ({err})") from None
+    try:
+        tensors = load_file(str(weights_path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights_path}: unreadable or truncated safetensors file ({err})") from None
+    expected = lopt.state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights_path}: tensors do not match {config_path} "
+                              f"(missing: {missing}, unexpected: {unexpected})")
+    for key, value in expected.items():
+        if tensors[key].shape != value.shape:
+            raise CheckpointError(f"{weights_path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, but "
+                                  f"{config_path} builds {tuple(value.shape)}")
+    lopt.load_state_dict(tensors)
+    return lopt.to(map_location).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Coordinatewise optimizers: one recurrent cell shared by every coordinate of every tensor
+
+
+class CoordinatewiseOptimizer(LearnedOptimizer):
+    """A learned optimizer applying the same cell to every coordinate (HyperAdam, DMoptimizer, RNNprop).
+
+    Subclasses implement :meth:`init_flat` and :meth:`step_flat` on the flat vector of all coordinates; the state is
+    a NamedTuple of per-coordinate tensors of shape (n, k). :meth:`init` / :meth:`update` turn dicts of tensors into
+    that flat vector and back, so the cell runs once per step whatever the number of tensors, and normalizations
+    over "the whole gradient" cover every tensor passed in one call.
+    """
+
+    @abc.abstractmethod
+    def init_flat(self, n: int, like: Tensor) -> NamedTuple:
+        """State for ``n`` coordinates, each field of shape (n, k), dtype/device of ``like``."""
+
+    @abc.abstractmethod
+    def step_flat(self, grad: Tensor, state: NamedTuple) -> tuple[Tensor, NamedTuple]:
+        """The update direction d (n,) for the flat gradient ``grad`` (n,), and the new state (w ← w − α d)."""
+
+    def init(self, params: Params) -> NamedTuple:
+        names = list(params)
+        n = sum(p.numel() for p in params.values())
+        like = next(iter(params.values()))
+        flat = self.init_flat(n, like)
+        return type(flat)(*(unflatten(f, params, names) for f in flat))
+
+    def update(self, grads: Params, state: NamedTuple, params: Params,
+               lr: float | Tensor | None = None) -> tuple[Params, NamedTuple]:
+        names = list(grads)
+        flat_state = type(state)(*(flatten(f, names, trailing=1) for f in state))
+        direction, flat_state = self.step_flat(flatten(grads, names), flat_state)
+        alpha = self.lr if lr is None else lr
+        updates = unflatten(-alpha * direction, grads, names)
+        return updates, type(state)(*(unflatten(f, grads, names) for f in flat_state))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The frozen torch.optim face
+
+
+class _FrozenRule(FunctionalOptimizer):
+    """Adapts ``LearnedOptimizer.update`` (additive updates) to the face's ``step`` (new parameters)."""
+
+    def __init__(self, lopt: LearnedOptimizer, lr: float):
+        self.lopt, self.lr = lopt, lr
+
+    def init(self, params: Params) -> NamedTuple:
+        return self.lopt.init(params)
+
+    def step(self, params: Params, grads: Params, state: NamedTuple) -> tuple[Params, NamedTuple]:
+        updates, state = self.lopt.update(grads, state, params, lr=self.lr)
+        return {n: p + updates[n] for n, p in params.items()}, state
+
+
+class FrozenLearnedOptimizer(CoreOptimizer):
+    """A learned optimizer with frozen θ as a ``torch.optim.Optimizer``.
+
+    Runs under ``no_grad`` and builds no graph; the recurrent state and moments live in ``opt.state`` (one entry per
+    parameter, shaped like it plus the state width) and resume exactly through ``state_dict()``; ``lr`` is the step
+    size α (default: the checkpoint's), so LR schedulers work; param groups are normalized separately (each group is
+    one call of the cell). Non-finite gradients skip the step (``nonfinite="skip"``, counted) or raise.
+    """
+
+    def __init__(self, params, lopt: LearnedOptimizer, lr: float | None = None, *, nonfinite: str = "skip"):
+        lr = lopt.lr if lr is None else lr
+        check_range("learning rate", lr)
+        self.lopt = lopt.eval().requires_grad_(False)
+        super().__init__(params, dict(lr=lr), nonfinite=nonfinite)
+
+    def rule(self, group: dict[str, Any]) -> FunctionalOptimizer:
+        device = group["params"][0].device
+        if next(self.lopt.parameters(), torch.empty(0, device=device)).device != device:
+            self.lopt.to(device)
+        return _FrozenRule(self.lopt, group["lr"])

@@ -1,0 +1,111 @@
+"""Building blocks of the coordinatewise learned optimizers, written as plain tensor maths.
+
+Every function here is pure and works under ``torch.func.vmap`` (``nn.LSTMCell`` has no vmap batching rule, so the
+LSTM cell is written out) and on a flat vector holding the coordinates of many tensors. No ``.item()``, no branching on
+data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+Params = dict[str, Tensor]
+
+TINY = 1e-30  # inside the norms' square roots: keeps 0/0 finite without touching any realistic gradient scale
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """sqrt(x + eps) whose derivative is 0 where x == 0 exactly (a coordinate that never had a gradient), instead of
+    1 / (2 sqrt(eps)). That derivative is finite but can reach ~5e11 for eps = 1e-24 and, multiplied through an
+    unroll, overflows float32 into inf/NaN meta-gradients (the failure reported in higher #125 and torchopt #26)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, eps: float) -> Tensor:
+        return torch.sqrt(x + eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, _ = inputs
+        ctx.save_for_backward(x, output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, root = ctx.saved_tensors
+        return torch.where(x > 0, grad / (2 * root), torch.zeros_like(grad)), None
+
+
+def safe_sqrt(x: Tensor, eps: float) -> Tensor:
+    """``sqrt(x + eps)`` with a finite, zero-at-zero derivative (see :class:`_SafeSqrt`). ``x`` must be ≥ 0."""
+    return _SafeSqrt.apply(x, eps)
+
+
+def rms_normalize(x: Tensor, dim: int = 0) -> Tensor:
+    """``x / rms(x)`` along ``dim``: the Euclidean normalization of HyperAdam's StateCell and AdamCell, rescaled by
+    √n so that the coordinates have unit root-mean-square whatever the number n of coordinates.
+
+    HyperAdam divides by the Euclidean norm ‖x‖₂; its coordinates then shrink like 1/√n, so an optimizer meta-trained
+    on a 16k-parameter MLP would see inputs √1000 ≈ 32× smaller on a learner 1,000× larger. Dividing by
+    ‖x‖₂/√n keeps the paper's scale invariance (both are homogeneous of degree 1) and makes the inputs independent of
+    the learner's size. The norm is taken over all coordinates the call is given (all tensors of one learner), so the
+    relative gradient magnitudes of different layers stay visible to the state.
+    """
+    return x / safe_sqrt((x * x).mean(dim=dim, keepdim=True), TINY)
+
+
+def lstm_cell(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """One LSTM step in PyTorch's gate order (i, f, g, o): ``x`` (..., I), ``h``, ``c`` (..., H) -> (h', c')."""
+    gates = x @ weight_ih.T + h @ weight_hh.T + bias
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+class LSTMCellParams(nn.Module):
+    """The parameters of one LSTM cell (input size I, hidden size H), applied with :func:`lstm_cell`.
+
+    Initialized like ``nn.LSTMCell`` (U(−1/√H, 1/√H)); a single bias vector (nn.LSTM's two biases add up).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
+        self.bias = nn.Parameter(torch.empty(4 * hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        return lstm_cell(x, h, c, self.weight_ih, self.weight_hh, self.bias)
+
+
+def flatten(tensors: Params, names: list[str], trailing: int = 0) -> Tensor:
+    """Concatenate ``tensors[n]`` for ``n`` in ``names`` along the coordinates, keeping the last ``trailing`` dims
+    (a per-coordinate state of shape (*shape, J) flattens to (n, J))."""
+    parts = []
+    for name in names:
+        t = tensors[name]
+        shape = t.shape[t.dim() - trailing:] if trailing else ()
+        parts.append(t.reshape(-1, *shape))
+    return torch.cat(parts, dim=0)
+
+
+def unflatten(flat: Tensor, like: Params, names: list[str]) -> Params:
+    """Split a flat (n, *trailing) tensor back into tensors shaped like ``like[n]`` (plus the trailing dims)."""
+    trailing = flat.shape[1:]
+    out, start = {}, 0
+    for name in names:
+        shape = like[name].shape
+        size = like[name].numel()
+        out[name] = flat[start:start + size].reshape(*shape, *trailing)
+        start += size
+    return out
