@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 import meta_tasks
 from meta_tasks import datasets

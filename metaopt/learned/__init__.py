@@ -2,7 +2,9 @@
 
 from metaopt.learned.base import (LEARNED_CLASSES, LEARNED_NAMES, CheckpointError, CoordinatewiseOptimizer,
                                   FrozenLearnedOptimizer, LearnedOptimizer, from_pretrained, register_learned)
+from metaopt.learned.dm import DMOptimizer
 from metaopt.learned.hyperadam import HyperAdam
+from metaopt.learned.rnnprop import RNNprop
 from metaopt.registry import register_optimizer
 
 
@@ -18,4 +20,4 @@ for _name in LEARNED_NAMES:
     register_optimizer(_name)(_pretrained_factory(_name))
 
 __all__ = ["LEARNED_CLASSES", "LEARNED_NAMES", "CheckpointError", "CoordinatewiseOptimizer", "FrozenLearnedOptimizer",
-           "LearnedOptimizer", "from_pretrained", "register_learned", "HyperAdam"]
+           "LearnedOptimizer", "from_pretrained", "register_learned", "DMOptimizer", "HyperAdam", "RNNprop"]

@@ -88,6 +88,21 @@ class LSTMCellParams(nn.Module):
         return lstm_cell(x, h, c, self.weight_ih, self.weight_hh, self.bias)
 
 
+def deep_lstm(x: Tensor, h: Tensor, c: Tensor, cells: nn.ModuleList) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of a stacked LSTM, like ``nn.LSTM(num_layers=len(cells))`` on a sequence of length 1.
+
+    ``x`` (n, I); ``h``, ``c`` (n, L·H): the L layers' hidden and cell states side by side, so that the state stays
+    one (n, k) tensor per field. Returns the top layer's output (n, H) and the new ``h``, ``c`` (n, L·H).
+    """
+    hs, cs = h.chunk(len(cells), dim=-1), c.chunk(len(cells), dim=-1)
+    new_h, new_c = [], []
+    for cell, h_layer, c_layer in zip(cells, hs, cs):
+        x, c_layer = cell(x, h_layer, c_layer)
+        new_h.append(x)
+        new_c.append(c_layer)
+    return x, torch.cat(new_h, dim=-1), torch.cat(new_c, dim=-1)
+
+
 def flatten(tensors: Params, names: list[str], trailing: int = 0) -> Tensor:
     """Concatenate ``tensors[n]`` for ``n`` in ``names`` along the coordinates, keeping the last ``trailing`` dims
     (a per-coordinate state of shape (*shape, J) flattens to (n, J))."""
