@@ -67,6 +67,20 @@ class Task(abc.ABC):
         """Fresh buffers (BatchNorm running statistics) for :meth:`loss` and :meth:`evaluate`; empty if none."""
         return {}
 
+    def draws(self) -> Params:
+        """This instance's own random draws as named tensors (the training tricks' scales and targets; none for a
+        plain task). Instances of one configuration differ only in these, their initialization and their batches,
+        so a meta-batch of them is vectorized by stacking their draws and calling :meth:`loss_with` under vmap."""
+        return {}
+
+    def loss_with(self, params: Params, batch: Batch, draws: Params, buffers: Params | None = None) -> Tensor:
+        """:meth:`loss` with the instance draws passed in explicitly (shaped like :meth:`draws`)."""
+        return self.loss(params, batch, buffers)
+
+    def base(self) -> "Task":
+        """The task configuration underneath any per-instance wrappers (instances sharing it can be batched)."""
+        return self
+
     @abc.abstractmethod
     def evaluate(self, params: Params, split: str = "test", buffers: Params | None = None) -> dict[str, float]:
         """Loss (and top-1 / top-2 accuracy for classification) of ``params`` on a whole split, in evaluation mode."""

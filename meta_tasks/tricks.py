@@ -33,6 +33,13 @@ class TaskWrapper(Task):
     def __init__(self, inner: Task):
         self.inner = inner
         self.name = inner.name
+        self.depth = inner.depth + 1 if isinstance(inner, TaskWrapper) else 1  # names this wrapper's draws
+
+    def loss(self, params: Params, batch: Batch, buffers: Params | None = None) -> Tensor:
+        return self.loss_with(params, batch, self.draws(), buffers)
+
+    def base(self) -> Task:
+        return self.inner.base()
 
     @property
     def device(self) -> torch.device:
@@ -49,10 +56,7 @@ class TaskWrapper(Task):
 
     def unwrap(self) -> Task:
         """The plain task underneath every wrapper."""
-        task: Task = self
-        while isinstance(task, TaskWrapper):
-            task = task.inner
-        return task
+        return self.base()
 
 
 class RandomScaling(TaskWrapper):
@@ -80,15 +84,22 @@ class RandomScaling(TaskWrapper):
             u = torch.rand(shapes[k], generator=generator, device=generator.device)
             self.scales[k] = torch.exp((2 * u - 1) * r).to(inner.device)
 
-    def scale(self, params: Params) -> Params:
-        """The inner task's parameters c ⊙ w."""
-        return {n: (p * self.scales[n] if n in self.scales else p) for n, p in params.items()}
+    def _key(self, name: str) -> str:
+        return f"rs{self.depth}.{name}"
+
+    def draws(self) -> Params:
+        return {**self.inner.draws(), **{self._key(n): c for n, c in self.scales.items()}}
+
+    def scale(self, params: Params, draws: Params | None = None) -> Params:
+        """The inner task's parameters c ⊙ w (c from ``draws`` when given, else this instance's)."""
+        draws = self.draws() if draws is None else draws
+        return {n: (p * draws[self._key(n)] if n in self.scales else p) for n, p in params.items()}
 
     def init(self, generator: torch.Generator) -> Params:
         return {n: (p / self.scales[n] if n in self.scales else p) for n, p in self.inner.init(generator).items()}
 
-    def loss(self, params: Params, batch: Batch, buffers: Params | None = None) -> Tensor:
-        return self.inner.loss(self.scale(params), batch, buffers)
+    def loss_with(self, params: Params, batch: Batch, draws: Params, buffers: Params | None = None) -> Tensor:
+        return self.inner.loss_with(self.scale(params, draws), batch, draws, buffers)
 
     def evaluate(self, params: Params, split: str = "test", buffers: Params | None = None) -> dict[str, float]:
         return self.inner.evaluate(self.scale(params), split, buffers)
@@ -118,13 +129,18 @@ class ConvexCombination(TaskWrapper):
         z0 = torch.randn(self.k, generator=generator, device=generator.device).to(self.device)
         return {**params, CONVEX_KEY: z0}
 
-    def convex_term(self, z: Tensor) -> Tensor:
-        diff = z - self.eta
+    def draws(self) -> Params:
+        return {**self.inner.draws(), f"cc{self.depth}.eta": self.eta}
+
+    def convex_term(self, z: Tensor, eta: Tensor | None = None) -> Tensor:
+        """h(z) = (1/k)‖z − η‖² (η: this instance's unless given)."""
+        diff = z - (self.eta if eta is None else eta)
         return (diff * diff).sum() / self.k
 
-    def loss(self, params: Params, batch: Batch, buffers: Params | None = None) -> Tensor:
+    def loss_with(self, params: Params, batch: Batch, draws: Params, buffers: Params | None = None) -> Tensor:
         inner_params = {n: p for n, p in params.items() if n != CONVEX_KEY}
-        return self.inner.loss(inner_params, batch, buffers) + self.convex_term(params[CONVEX_KEY])
+        eta = draws[f"cc{self.depth}.eta"]
+        return self.inner.loss_with(inner_params, batch, draws, buffers) + self.convex_term(params[CONVEX_KEY], eta)
 
     def evaluate(self, params: Params, split: str = "test", buffers: Params | None = None) -> dict[str, float]:
         return self.inner.evaluate({n: p for n, p in params.items() if n != CONVEX_KEY}, split, buffers)

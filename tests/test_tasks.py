@@ -190,3 +190,18 @@ def test_trick_arguments_are_validated():
         RandomScaling(task, r=1, generator=gen(0), keys=["nope"])
     with pytest.raises(ValueError, match="k"):
         ConvexCombination(task, k=0, generator=gen(0))
+
+
+def test_instances_of_one_configuration_vectorize_over_their_draws():
+    """K instances sharing a base task run as one vmapped loss over their stacked draws (meta-training's batching)."""
+    task = quad64()
+    instances = [hyperadam_tricks(task, gen(s)) for s in range(3)]
+    assert all(inst.base() is task for inst in instances)
+    params = [inst.init(gen(10 + k)) for k, inst in enumerate(instances)]
+    stacked_params = {n: torch.stack([p[n] for p in params]) for n in params[0]}
+    stacked_draws = {n: torch.stack([inst.draws()[n] for inst in instances]) for n in instances[0].draws()}
+    batch = Batch(torch.empty(3, 0), torch.empty(3, 0))
+    batched = torch.func.vmap(lambda p, b, d: instances[0].loss_with(p, b, d))(stacked_params, batch, stacked_draws)
+    for k, inst in enumerate(instances):
+        single = inst.loss(params[k], Batch(torch.empty(0), torch.empty(0)))
+        assert torch.allclose(batched[k], single, rtol=1e-12)
