@@ -201,7 +201,9 @@ def test_instances_of_one_configuration_vectorize_over_their_draws():
     stacked_params = {n: torch.stack([p[n] for p in params]) for n in params[0]}
     stacked_draws = {n: torch.stack([inst.draws()[n] for inst in instances]) for n in instances[0].draws()}
     batch = Batch(torch.empty(3, 0), torch.empty(3, 0))
-    batched = torch.func.vmap(lambda p, b, d: instances[0].loss_with(p, b, d))(stacked_params, batch, stacked_draws)
+    in_dims = (0, Batch(0, 0, None), 0)  # the batch's dropout seed is None for this task
+    batched = torch.func.vmap(lambda p, b, d: instances[0].loss_with(p, b, d), in_dims=in_dims)(
+        stacked_params, batch, stacked_draws)
     for k, inst in enumerate(instances):
         single = inst.loss(params[k], Batch(torch.empty(0), torch.empty(0)))
         assert torch.allclose(batched[k], single, rtol=1e-12)
