@@ -1,7 +1,8 @@
 """Hand-designed hypergradient learning-rate optimizers (``../shared/specs/hypergradient.md`` is normative).
 
-Importing this package registers them: ``sgd-hd sgdn-hd adam-hd`` (Baydin et al. 2018), ``tlr tlr-pl tlr-naive``
-(Trainable Learning Rate).
+Importing this package registers them: ``sgd-hd sgdn-hd adam-hd`` (Baydin et al. 2018), ``hd-val rtho marthe``
+(Donini et al., MARTHE), ``tlr tlr-pl tlr-naive`` (Trainable Learning Rate). :mod:`.lrs_opt` computes the exact
+hypergradient of a whole learning-rate schedule (LRS-OPT).
 """
 
-from metaopt.hypergrad import hd, tlr  # noqa: F401
+from metaopt.hypergrad import hd, lrs_opt, marthe, tlr  # noqa: F401
