@@ -161,7 +161,8 @@ def _family_mlp_cnn(**kw: Any) -> TaskFamily:
     return ChoiceFamily("mlp-cnn", [lambda n=n: get_task(n, **kw) for n in names])
 
 
-def _family_quadratic(dim: int = 10, device: torch.device | str = "cpu") -> TaskFamily:
+def _family_quadratic(dim: int = 10, device: torch.device | str = "cpu", dataset: str | None = None) -> TaskFamily:
+    # quadratics have no data: ``dataset`` is accepted (and ignored) so every family takes the same options
     return QuadraticFamily(dim, device)
 
 

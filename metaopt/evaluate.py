@@ -73,12 +73,15 @@ def _seeded_generators(seed: int, device: torch.device) -> tuple[torch.Generator
     return init_gen, batch_gen
 
 
-def train(task: Task, optimizer: str, hparams: dict[str, Any], seed: int, steps: int) -> Run:
-    """Train ``task`` with ``optimizer`` for ``steps`` steps from seed ``seed``; returns the per-step losses."""
+def train(task: Task, optimizer: str, hparams: dict[str, Any], seed: int, steps: int, source: Any = None) -> Run:
+    """Train ``task`` with ``optimizer`` for ``steps`` steps from seed ``seed``; returns the per-step losses.
+
+    ``optimizer`` labels the run; ``source`` (default: the label) is what ``metaopt.make_optimizer`` builds — a
+    registered name, a checkpoint directory or a ``LearnedOptimizer``."""
     init_gen, batch_gen = _seeded_generators(seed, task.device)
     params = {n: p.requires_grad_() for n, p in task.init(init_gen).items()}
     buffers = task.init_buffers()
-    opt = metaopt.make_optimizer(optimizer, list(params.items()), **hparams)
+    opt = metaopt.make_optimizer(optimizer if source is None else source, list(params.items()), **hparams)
     takes_closure = getattr(opt, "requires_closure", False)
     takes_val = takes_closure and "val_closure" in inspect.signature(opt.step).parameters
     losses: list[float] = []
@@ -108,14 +111,18 @@ def train(task: Task, optimizer: str, hparams: dict[str, Any], seed: int, steps:
 
 
 def evaluate_suite(suite: Suite, optimizers: dict[str, dict[str, Any]], seeds: Sequence[int], steps: int | None = None,
-                   device: str = "cpu", dataset: str = "fashion-mnist", progress: bool = True) -> list[Run]:
-    """Every optimizer on every task of ``suite`` for every seed (identical initial weights and batches per seed)."""
+                   device: str = "cpu", dataset: str = "fashion-mnist", progress: bool = True,
+                   sources: dict[str, Any] | None = None) -> list[Run]:
+    """Every optimizer (label -> hyper-parameters) on every task of ``suite`` for every seed, with identical initial
+    weights and batches per seed. ``sources`` maps a label to what builds it when the label is not a registered
+    name (a checkpoint directory or a ``LearnedOptimizer``)."""
     runs = []
+    sources = sources or {}
     for task_name in suite.tasks:
         task = meta_tasks.get_task(task_name, dataset=dataset, device=device)
         for name, hparams in optimizers.items():
             for seed in seeds:
-                runs.append(train(task, name, hparams, seed, steps or suite.steps))
+                runs.append(train(task, name, hparams, seed, steps or suite.steps, sources.get(name)))
             if progress:
                 finals = [r.losses[-1] for r in runs[-len(seeds):]]
                 print(f"  {task_name:14s} {name:14s} final loss {sum(finals) / len(finals):.4f}", file=sys.stderr)

@@ -1,0 +1,320 @@
+"""The meta-training loop: truncated BPTT over a task distribution, with exact resume.
+
+Read top to bottom, one meta-step is::
+
+    reset the slots that reached the horizon T (fresh instance: configuration, draws, initialization, batches)
+    for each group of slots sharing a task configuration: unroll K inner steps (vectorized), collect meta-losses
+    meta_loss = mean over instances; backward; (all-reduce across ranks); skip if not finite; clip; Adam on theta
+    carry each instance's parameters and optimizer state to the next truncation, DETACHED (the truncation boundary)
+
+Everything random comes from seeds derived from ``config.seed``: an instance is rebuilt exactly from its
+``instance_seed``, so the training state file (written atomically every ``checkpoint_every`` steps, at the end and on
+SIGINT / SIGTERM) resumes a run bit for bit. Distributed (``torchrun``): rank r owns the global slots
+r·K/W … (r+1)·K/W − 1, so a W-process run sees the same instances as a single process with the same total meta-batch;
+meta-gradients are averaged with an all-reduce and rank 0 logs and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import meta_tasks
+from meta_tasks.base import Task, TaskFamily, TransformedFamily
+from meta_tasks.tricks import hyperadam_tricks
+from metaopt.learned.base import LEARNED_NAMES, LearnedOptimizer
+from metaopt.meta.config import MetaConfig
+from metaopt.meta.unroll import Slot, unroll
+
+STATE_FILE = "state.pt"
+STATE_VERSION = 1
+RESUMABLE_CHANGES = {"meta_steps", "checkpoint_every", "log_every"}  # fields a resumed run may change: not the maths
+
+
+class TrainingStateError(RuntimeError):
+    """The run directory's training state cannot be resumed (corrupt, or from a different configuration)."""
+
+
+def instance_seed(seed: int, slot: int, generation: int) -> int:
+    """The seed of the ``generation``-th instance of global slot ``slot``: independent of the number of ranks."""
+    return (seed * 1_000_003 + slot * 7_919 + generation * 104_729 + 17) % (2**62)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(device)
+
+
+def build_optimizer(config: MetaConfig) -> LearnedOptimizer:
+    """The learned optimizer ``config`` names, its θ initialized from ``config.seed`` (global RNG left untouched)."""
+    if config.optimizer not in LEARNED_NAMES:
+        raise ValueError(f"Unknown learned optimizer {config.optimizer!r}. Valid names: {', '.join(LEARNED_NAMES)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return LEARNED_NAMES[config.optimizer](**config.optimizer_options())
+
+
+class MetaTrainer:
+    """Meta-trains ``lopt`` under ``config``; ``run_dir`` holds config.json, state.pt, log.jsonl, best/ and last/.
+
+    Args:
+        config: the run's configuration.
+        run_dir: where the run lives (created); ``resume=True`` continues the state found there.
+        device: a torch device for the learners, the data and theta.
+        logger: called with a dict of metrics after every meta-step (console / wandb); rank 0 only.
+        family / val_family: task families to use instead of the ones ``config`` names (tests).
+    """
+
+    def __init__(self, config: MetaConfig, run_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+                 resume: bool = False, logger: Callable[[dict[str, Any]], None] | None = None,
+                 family: TaskFamily | None = None, val_family: TaskFamily | None = None):
+        self.config, self.run_dir = config, Path(run_dir)
+        self.device = torch.device(device)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if config.meta_batch % self.world:
+            raise ValueError(f"meta_batch {config.meta_batch} must be divisible by the number of processes "
+                             f"{self.world}")
+        self.logger = logger
+        plain = family or meta_tasks.get_family(config.family, dataset=config.dataset, device=self.device)
+        self.val_family = val_family or plain
+        self.family = TransformedFamily(
+            plain, lambda task, gen: hyperadam_tricks(task, gen, config.rs_learner, config.rs_convex, config.convex_k))
+        self.lopt = build_optimizer(config).to(self.device)
+        self.outer = torch.optim.Adam(self.lopt.parameters(), lr=config.outer_lr)
+        self.meta_step, self.skipped, self.best_score = 0, 0, math.inf
+        local = config.meta_batch // self.world
+        self.slot_ids = list(range(self.rank * local, (self.rank + 1) * local))
+        self.slots = [self._new_slot(i, 0, offset=self._offset(i)) for i in self.slot_ids]
+        self._stop_signal: int | None = None
+        if resume:
+            self.load_state()
+
+    # -- instances ---------------------------------------------------------------------------------------------------
+
+    def _offset(self, slot: int) -> int:
+        """Staggered start: slot i begins (i mod T/K) truncations into its horizon, so resets spread out."""
+        per_horizon = self.config.horizon // self.config.truncation
+        return (slot % per_horizon) * self.config.truncation
+
+    def _new_slot(self, slot: int, generation: int, offset: int = 0) -> Slot:
+        seed = instance_seed(self.config.seed, slot, generation)
+        gen = torch.Generator().manual_seed(seed)
+        task = self.family.sample(gen)
+        params = task.init(gen)
+        batch_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        return Slot(seed, task, params, self.lopt.init(params), offset, batch_gen, generation)
+
+    # -- one meta-step -----------------------------------------------------------------------------------------------
+
+    def meta_step_once(self) -> dict[str, Any]:
+        config = self.config
+        for i, slot in enumerate(self.slots):
+            if slot.step >= config.horizon:
+                self.slots[i] = self._new_slot(self.slot_ids[i], slot.generation + 1)
+        start = time.perf_counter()
+        groups: dict[int, list[int]] = {}
+        for i, slot in enumerate(self.slots):
+            groups.setdefault(id(slot.task.base()), []).append(i)
+        meta_losses, inner_losses, results = [], [], {}
+        for indices in groups.values():
+            out = unroll(self.lopt, [self.slots[i] for i in indices], config.truncation, lr=config.lr,
+                         batch_size=config.batch_size, meta_loss=config.meta_loss, second_order=config.second_order,
+                         loss_clip=config.loss_clip or None)
+            meta_losses.append(out.meta_losses)
+            inner_losses.append(out.inner_loss * len(indices))
+            for j, i in enumerate(indices):
+                results[i] = (out.params[j], out.opt_states[j])
+        meta_loss = torch.cat(meta_losses).mean()
+
+        self.outer.zero_grad(set_to_none=False)
+        meta_loss.backward()
+        grads = [p.grad for p in self.lopt.parameters()]
+        stats = torch.stack([meta_loss.detach(), torch.tensor(sum(inner_losses) / len(self.slots),
+                                                              device=meta_loss.device)])
+        if self.world > 1:
+            for g in grads:
+                dist.all_reduce(g)
+                g.div_(self.world)
+            dist.all_reduce(stats)
+            stats /= self.world
+        finite = bool(torch.isfinite(stats[0])) and all(bool(torch.isfinite(g).all()) for g in grads)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.lopt.parameters(), config.grad_clip or math.inf))
+        if finite:
+            self.outer.step()
+        else:
+            self.skipped += 1  # neither theta nor Adam's moments see a non-finite meta-gradient
+
+        # The truncation boundary: the inner state is carried on, detached from this truncation's graph.
+        for i, (params, opt_state) in results.items():
+            slot = self.slots[i]
+            slot.params = {n: p.detach() for n, p in params.items()}
+            slot.opt_state = type(opt_state)(*({n: t.detach() for n, t in f.items()} for f in opt_state))
+            slot.step += config.truncation
+            if not all(bool(torch.isfinite(p).all()) for p in slot.params.values()):
+                self.slots[i] = self._new_slot(self.slot_ids[i], slot.generation + 1)  # diverged: start afresh
+        self.meta_step += 1
+        seconds = time.perf_counter() - start
+        return {"meta_step": self.meta_step, "meta_loss": float(stats[0]), "inner_loss": float(stats[1]),
+                "grad_norm": grad_norm, "skipped": self.skipped,
+                "inner_steps_per_s": config.truncation * config.meta_batch / seconds}
+
+    # -- validation --------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean final training loss of frozen θ over ``val_tasks`` held-out instances (validation-split batches,
+        plain tasks without the training tricks, seeds disjoint from training). Lower is better."""
+        finals = []
+        for i in range(self.config.val_tasks):
+            seed = instance_seed(self.config.seed + 1_000_000_007, i, 0)
+            gen = torch.Generator().manual_seed(seed)
+            task: Task = self.val_family.sample(gen)
+            params, batch_gen = task.init(gen), torch.Generator(device=self.device).manual_seed(seed + 1)
+            state = self.lopt.init(params)
+            for _ in range(self.config.horizon):
+                batch = task.sample_batch(batch_gen, "val", self.config.batch_size)
+                with torch.enable_grad():
+                    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+                    loss = task.loss(leaves, batch)
+                    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+                updates, state = self.lopt.update(grads, state, params, lr=self.config.lr)
+                params = {n: params[n] + updates[n] for n in params}
+            finals.append(float(task.loss(params, task.sample_batch(batch_gen, "val", self.config.batch_size))))
+        score = sum(finals) / len(finals)
+        return score if math.isfinite(score) else math.inf
+
+    # -- the loop ----------------------------------------------------------------------------------------------------
+
+    def run(self, progress: bool | None = None) -> dict[str, Any]:
+        """Meta-train until ``config.meta_steps``; returns the last metrics. Writes state, last/ and best/."""
+        config = self.config
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        handlers = self._install_signal_handlers()
+        bar = None
+        if progress is None:
+            progress = self.rank == 0 and sys.stderr.isatty()
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=config.meta_steps, initial=self.meta_step, desc="meta-training", dynamic_ncols=True)
+        metrics: dict[str, Any] = {}
+        try:
+            while self.meta_step < config.meta_steps and self._stop_signal is None:
+                metrics = self.meta_step_once()
+                if config.val_every and self.meta_step % config.val_every == 0:
+                    metrics["val_score"] = self.validate()
+                    if metrics["val_score"] < self.best_score and self.rank == 0:
+                        self.best_score = metrics["val_score"]
+                        self.lopt.save_pretrained(self.run_dir / "best")
+                    metrics["best_val_score"] = self.best_score
+                self._log(metrics, bar)
+                if self.meta_step % config.checkpoint_every == 0:
+                    self.save_state()
+        finally:
+            self.save_state()
+            if self.rank == 0:
+                self.lopt.save_pretrained(self.run_dir / "last")
+            if bar is not None:
+                bar.close()
+            self._restore_signal_handlers(handlers)
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt(f"stopped by signal {self._stop_signal} at meta-step {self.meta_step}; "
+                                    f"the state is saved in {self.run_dir / STATE_FILE} (resume with --resume)")
+        return metrics
+
+    def _log(self, metrics: dict[str, Any], bar) -> None:
+        if self.rank != 0:
+            return
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.logger is not None:
+            self.logger(metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}", inner=f"{metrics['inner_loss']:.4f}",
+                            steps_s=f"{metrics['inner_steps_per_s']:.0f}")
+        elif self.meta_step % self.config.log_every == 0 or self.meta_step == self.config.meta_steps:
+            extra = f" val {metrics['val_score']:.4f}" if "val_score" in metrics else ""
+            print(f"meta-step {self.meta_step}/{self.config.meta_steps}: meta-loss {metrics['meta_loss']:.4f} "
+                  f"inner loss {metrics['inner_loss']:.4f} ({metrics['inner_steps_per_s']:.0f} inner steps/s)"
+                  f"{extra}", file=sys.stderr, flush=True)
+
+    def _install_signal_handlers(self):
+        if self.rank != 0 and not dist.is_initialized():
+            return {}
+        try:
+            def stop(signum, frame):
+                self._stop_signal = signum
+
+            return {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread
+            return {}
+
+    @staticmethod
+    def _restore_signal_handlers(handlers) -> None:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+    # -- the training state ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        slots = [{"instance_seed": s.instance_seed, "generation": s.generation, "step": s.step,
+                  "params": s.params, "opt_state": {f: dict(v) for f, v in zip(s.opt_state._fields, s.opt_state)},
+                  "batch_gen": s.batch_gen.get_state()} for s in self.slots]
+        return {"version": STATE_VERSION, "config": self.config.to_dict(), "meta_step": self.meta_step,
+                "skipped": self.skipped, "best_score": self.best_score, "theta": self.lopt.state_dict(),
+                "outer": self.outer.state_dict(), "slots": slots}
+
+    def save_state(self) -> None:
+        """Write the training state atomically (temp file + rename); each rank writes its own slots' file."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self._state_path()
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def _state_path(self) -> Path:
+        return self.run_dir / (STATE_FILE if self.world == 1 else f"state.rank{self.rank}.pt")
+
+    def load_state(self) -> None:
+        path = self._state_path()
+        if not path.is_file():
+            raise TrainingStateError(f"--resume: no training state at {path}; start without --resume")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as err:  # a truncated or corrupt file: never a silent restart
+            raise TrainingStateError(f"{path}: corrupt training state ({type(err).__name__}: {err}). Delete it to "
+                                     "start over, or restore it from a copy.") from None
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise TrainingStateError(f"{path}: not a metaopt training state of version {STATE_VERSION}")
+        if state["config"] != self.config.to_dict():
+            changed = sorted(k for k, v in self.config.to_dict().items() if state["config"].get(k) != v)
+            if set(changed) - RESUMABLE_CHANGES:
+                raise TrainingStateError(f"{path}: the run was started with a different configuration "
+                                         f"(differs in {changed}); resume with the same flags")
+        self.lopt.load_state_dict(state["theta"])
+        self.outer.load_state_dict(state["outer"])
+        self.meta_step, self.skipped, self.best_score = state["meta_step"], state["skipped"], state["best_score"]
+        for i, saved in enumerate(state["slots"]):
+            slot = self._new_slot(self.slot_ids[i], saved["generation"])
+            if slot.instance_seed != saved["instance_seed"]:
+                raise TrainingStateError(f"{path}: slot {i} does not match this run's seeds")
+            slot.params = saved["params"]
+            slot.opt_state = type(slot.opt_state)(**saved["opt_state"])
+            slot.step = saved["step"]
+            slot.batch_gen.set_state(saved["batch_gen"].cpu())
+            self.slots[i] = slot

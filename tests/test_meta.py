@@ -1,0 +1,341 @@
+"""Meta-training: unroll maths (full BPTT, finite differences, closed form), batching, resume, CLI, distributed."""
+
+import gc
+import math
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import nn
+
+import meta_tasks
+from meta_tasks.base import FixedFamily
+from meta_tasks.tasks import QuadraticTask
+from metaopt.learned import HyperAdam
+from metaopt.learned.base import CoordinatewiseOptimizer
+from metaopt.meta import MetaConfig, MetaTrainer, Slot, TrainingStateError, unroll
+from metaopt.meta import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class LRState(NamedTuple):
+    unused: torch.Tensor
+
+
+class LearnedLR(CoordinatewiseOptimizer):
+    """SGD whose learning rate exp(log_lr) is the only meta-parameter: the simplest learned optimizer."""
+
+    def __init__(self, lr0: float = 0.1):
+        super().__init__()
+        self.lr = 1.0
+        self.log_lr = nn.Parameter(torch.tensor(math.log(lr0), dtype=torch.float64))
+        self._store_config(lr0=lr0)
+
+    def init_flat(self, n, like):
+        return LRState(like.new_zeros(n, 1))
+
+    def step_flat(self, grad, state):
+        return torch.exp(self.log_lr) * grad, state
+
+
+def diag_quadratic(a=(2.0, 0.5), w0=(1.0, -1.5)):
+    """f(w) = ½ Σ a_i w_i² as a QuadraticTask: W = diag(√a)/√2·√2... i.e. ‖Ww − 0‖² with W = diag(√(a/2))."""
+    W = torch.diag(torch.sqrt(torch.tensor(a, dtype=torch.float64) / 2))
+    task = QuadraticTask(W, torch.zeros(len(a), dtype=torch.float64))
+    return task, {"theta": torch.tensor(w0, dtype=torch.float64)}
+
+
+def make_slot(task, params, lopt, seed=0):
+    return Slot(seed, task, dict(params), lopt.init(params), 0, torch.Generator().manual_seed(seed))
+
+
+def meta_grad(lopt, slots, steps, **kw):
+    out = unroll(lopt, slots, steps, lr=1.0, **kw)
+    (g,) = torch.autograd.grad(out.meta_losses.sum(), [lopt.log_lr])
+    return out, g
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Unroll maths
+
+
+def test_learnable_lr_meta_gradient_matches_closed_form_and_finite_differences():
+    a, w0, T, eta = torch.tensor([2.0, 0.5], dtype=torch.float64), torch.tensor([1.0, -1.5], dtype=torch.float64), 6, 0.1
+    task, params = diag_quadratic()
+    lopt = LearnedLR(eta)
+    out, g = meta_grad(lopt, [make_slot(task, params, lopt)], T, second_order=True)
+    # closed form: w_t = (1 - η a)^t w0, f(w_t) = ½ Σ a w0² (1 − η a)^{2t}; meta-loss = mean_t f(w_t), θ = log η
+    t = torch.arange(1, T + 1, dtype=torch.float64).unsqueeze(1)
+    loss = (0.5 * a * w0**2 * (1 - eta * a) ** (2 * t)).sum(1).mean()
+    dloss_deta = (0.5 * a * w0**2 * 2 * t * (1 - eta * a) ** (2 * t - 1) * (-a)).sum(1).mean()
+    assert float(out.meta_losses[0].detach()) == pytest.approx(float(loss), rel=1e-12)
+    assert float(g) == pytest.approx(float(dloss_deta * eta), rel=1e-10)  # chain rule through η = exp(θ)
+
+    def loss_at(log_lr):
+        with torch.no_grad():
+            lopt.log_lr.fill_(log_lr)
+        value = float(unroll(lopt, [make_slot(task, params, lopt)], T, lr=1.0).meta_losses[0].detach())
+        return value
+
+    theta0, h = math.log(eta), 1e-6
+    fd = (loss_at(theta0 + h) - loss_at(theta0 - h)) / (2 * h)
+    assert float(g) == pytest.approx(fd, rel=1e-6)
+
+
+def test_first_order_meta_gradient_treats_inner_gradients_as_constants():
+    a, w0, T, eta = torch.tensor([2.0, 0.5], dtype=torch.float64), torch.tensor([1.0, -1.5], dtype=torch.float64), 5, 0.1
+    task, params = diag_quadratic()
+    lopt = LearnedLR(eta)
+    _, g = meta_grad(lopt, [make_slot(task, params, lopt)], T, second_order=False)
+    # first order: dw_t/dη = −Σ_{s<t} g_s with g_s = a w_s held constant
+    ws = [w0 * (1 - eta * a) ** s for s in range(T + 1)]
+    total = 0.0
+    for t in range(1, T + 1):
+        dw = -sum(a * ws[s] for s in range(t))
+        total = total + (a * ws[t] * dw).sum()
+    assert float(g) == pytest.approx(float(total / T * eta), rel=1e-10)
+
+
+def test_one_truncation_equals_full_bptt_written_independently():
+    torch.manual_seed(0)
+    with torch.random.fork_rng():
+        torch.set_default_dtype(torch.float64)
+        try:
+            lopt = HyperAdam(num_candidates=3)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    task = QuadraticTask.sample(torch.Generator().manual_seed(2), dim=5)
+    task = QuadraticTask(task.W.double(), task.y.double())
+    params = {"theta": torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))}
+    T = 8
+    out = unroll(lopt, [make_slot(task, params, lopt)], T, lr=0.05, second_order=True)
+    ours = torch.autograd.grad(out.meta_losses.sum(), list(lopt.parameters()))
+
+    # full BPTT by hand: no vmap, no slots, plain autograd
+    w, state, losses = params["theta"].clone().requires_grad_(), lopt.init(params), []
+    for _ in range(T):
+        loss = task.loss({"theta": w}, None)
+        (g,) = torch.autograd.grad(loss, w, create_graph=True)
+        updates, state = lopt.update({"theta": g}, state, {"theta": w}, lr=0.05)
+        w = w + updates["theta"]
+        losses.append(task.loss({"theta": w}, None))
+    reference = torch.autograd.grad(torch.stack(losses).mean(), list(lopt.parameters()))
+    for x, y in zip(ours, reference):
+        assert torch.allclose(x, y, rtol=1e-10, atol=1e-14)
+
+
+def test_vectorized_unroll_equals_a_python_loop_over_instances():
+    lopt = HyperAdam(num_candidates=3)
+    base = meta_tasks.tasks.QuadraticTask.sample(torch.Generator().manual_seed(0), dim=6)
+    from meta_tasks.tricks import hyperadam_tricks
+
+    def slots():
+        out = []
+        for i in range(3):
+            gen = torch.Generator().manual_seed(10 + i)
+            inst = hyperadam_tricks(base, gen, convex_k=4)
+            out.append(Slot(i, inst, inst.init(gen), lopt.init(inst.init(torch.Generator().manual_seed(i))), 0,
+                            torch.Generator().manual_seed(i)))
+        return out
+
+    vec = unroll(lopt, slots(), 5, lr=0.01)
+    loop = unroll(lopt, slots(), 5, lr=0.01, vectorized=False)
+    assert torch.allclose(vec.meta_losses, loop.meta_losses, rtol=1e-5)
+    g_vec = torch.autograd.grad(vec.meta_losses.sum(), list(lopt.parameters()))
+    g_loop = torch.autograd.grad(loop.meta_losses.sum(), list(lopt.parameters()))
+    for x, y in zip(g_vec, g_loop):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+def tiny_config(**kw):
+    base = dict(optimizer="hyperadam", optimizer_kwargs='{"num_candidates": 2}', family="quadratic", horizon=4,
+                truncation=2, meta_batch=2, meta_steps=6, outer_lr=1e-2, val_every=3, val_tasks=2,
+                checkpoint_every=2, rs_learner=1.0, rs_convex=1.0, convex_k=3, lr=0.05, batch_size=4)
+    return MetaConfig(**{**base, **kw})
+
+
+def theta(trainer):
+    return {k: v.clone() for k, v in trainer.lopt.state_dict().items()}
+
+
+def test_resume_is_bit_identical(tmp_path):
+    straight = MetaTrainer(tiny_config(meta_steps=8), tmp_path / "a")
+    straight.run(progress=False)
+    half = MetaTrainer(tiny_config(meta_steps=4), tmp_path / "b")
+    half.run(progress=False)
+    resumed = MetaTrainer(tiny_config(meta_steps=8), tmp_path / "b", resume=True)
+    assert resumed.meta_step == 4
+    resumed.run(progress=False)
+    for k, v in theta(straight).items():
+        assert torch.equal(v, theta(resumed)[k]), k
+    assert resumed.best_score == straight.best_score
+
+
+def test_no_gradient_crosses_a_truncation_boundary(tmp_path):
+    trainer = MetaTrainer(tiny_config(), tmp_path)
+    trainer.meta_step_once()
+    for slot in trainer.slots:
+        assert all(p.grad_fn is None and not p.requires_grad for p in slot.params.values())
+        assert all(t.grad_fn is None for f in slot.opt_state for t in f.values())
+    trainer.meta_step_once()  # backward would raise if it reached the first truncation's freed graph
+
+
+def test_instances_reset_at_the_horizon_with_staggered_offsets(tmp_path):
+    trainer = MetaTrainer(tiny_config(meta_batch=4), tmp_path)
+    assert [s.step for s in trainer.slots] == [0, 2, 0, 2]
+    seeds = [s.instance_seed for s in trainer.slots]
+    trainer.meta_step_once()
+    assert [s.step for s in trainer.slots] == [2, 4, 2, 4]
+    trainer.meta_step_once()
+    assert [s.generation for s in trainer.slots] == [0, 1, 0, 1]
+    assert trainer.slots[1].instance_seed != seeds[1] and trainer.slots[0].instance_seed == seeds[0]
+    fresh = MetaTrainer(tiny_config(meta_batch=4), tmp_path).slots[1]
+    assert not torch.equal(trainer.slots[1].task.base().W, fresh.task.base().W)  # a new configuration was drawn
+
+
+def test_memory_stays_flat_over_200_truncations(tmp_path):
+    trainer = MetaTrainer(tiny_config(meta_steps=10**6, val_every=0), tmp_path)
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+
+    for _ in range(20):
+        trainer.meta_step_once()
+    before = live_tensors()
+    for _ in range(200):
+        trainer.meta_step_once()
+    assert live_tensors() <= before + 5
+
+
+def test_nonfinite_meta_gradient_is_skipped_and_theta_untouched(tmp_path, monkeypatch):
+    trainer = MetaTrainer(tiny_config(), tmp_path)
+    trainer.meta_step_once()
+    before, adam_before = theta(trainer), {k: v.clone() for k, v in trainer.outer.state_dict()["state"][0].items()}
+    original = trainer.lopt.step_flat
+
+    def poisoned(grad, state):
+        d, s = original(grad, state)
+        return d * float("nan"), s
+
+    monkeypatch.setattr(trainer.lopt, "step_flat", poisoned)
+    metrics = trainer.meta_step_once()
+    assert metrics["skipped"] == 1
+    assert all(torch.equal(v, theta(trainer)[k]) for k, v in before.items())
+    assert all(torch.equal(v, trainer.outer.state_dict()["state"][0][k]) for k, v in adam_before.items())
+    assert all(torch.isfinite(p).all() for s in trainer.slots for p in s.params.values())  # diverged slots reset
+
+
+def test_corrupt_state_is_an_error_naming_the_file(tmp_path):
+    MetaTrainer(tiny_config(meta_steps=2), tmp_path).run(progress=False)
+    state = tmp_path / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(TrainingStateError, match="state.pt: corrupt"):
+        MetaTrainer(tiny_config(), tmp_path, resume=True)
+    with pytest.raises(TrainingStateError, match="no training state"):
+        MetaTrainer(tiny_config(), tmp_path / "empty", resume=True)
+
+
+def test_resume_with_other_flags_is_refused(tmp_path):
+    MetaTrainer(tiny_config(meta_steps=2), tmp_path).run(progress=False)
+    with pytest.raises(TrainingStateError, match="outer_lr"):
+        MetaTrainer(tiny_config(outer_lr=0.5), tmp_path, resume=True)
+
+
+def test_sigint_saves_the_state_and_stops(tmp_path):
+    def interrupt(metrics):
+        if metrics["meta_step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    trainer = MetaTrainer(tiny_config(meta_steps=50, checkpoint_every=100), tmp_path, logger=interrupt)
+    with pytest.raises(KeyboardInterrupt, match="resume with --resume"):
+        trainer.run(progress=False)
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["meta_step"] == 3
+    assert MetaTrainer(tiny_config(meta_steps=50), tmp_path, resume=True).meta_step == 3
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="truncation"):
+        MetaConfig(horizon=100, truncation=30)
+    with pytest.raises(ValueError, match="meta_loss"):
+        MetaConfig(meta_loss="median")
+    with pytest.raises(ValueError, match="outer_lr"):
+        MetaConfig(outer_lr=0)
+    with pytest.raises(ValueError, match="optimizer_kwargs"):
+        MetaConfig(optimizer_kwargs="{not json")
+
+
+def test_meta_training_lowers_the_meta_loss_on_quadratics(tmp_path):
+    """Learning to optimize works end to end: the mean meta-loss of the last steps is below the first steps'."""
+    cfg = tiny_config(meta_steps=120, meta_batch=4, horizon=10, truncation=5, val_every=0, outer_lr=3e-2,
+                      rs_learner=0.0, convex_k=0, lr=0.02)
+    trainer = MetaTrainer(cfg, tmp_path)
+    trainer.run(progress=False)
+    losses = [json.loads(line)["meta_loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert sum(losses[-20:]) / 20 < 0.7 * sum(losses[:20]) / 20
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line
+
+
+TINY_FLAGS = ["--family", "quadratic", "--optimizer-kwargs", '{"num_candidates": 2}', "--horizon", "4",
+              "--truncation", "2", "--meta-batch", "2", "--val-every", "2", "--val-tasks", "1", "--batch-size", "4",
+              "--device", "cpu"]
+
+
+def test_cli_end_to_end_with_export_resume_and_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir, out = tmp_path / "run", tmp_path / "export"
+    assert cli.main([*TINY_FLAGS, "--meta-steps", "2", "--run-dir", str(run_dir), "--out", str(out),
+                     "--wandb", "offline"]) == 0
+    assert {"config.json", "state.pt", "log.jsonl", "best", "last", "summary.json"} <= {p.name for p in run_dir.iterdir()}
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert offline_runs and any(p.suffix == ".wandb" for p in offline_runs[0].iterdir())
+    import metaopt
+
+    opt = metaopt.make_optimizer(str(out), [torch.zeros(3, requires_grad=True)])
+    assert opt.param_groups[0]["lr"] == 0.005
+    assert cli.main([*TINY_FLAGS, "--meta-steps", "4", "--run-dir", str(run_dir), "--resume"]) == 0
+    assert torch.load(run_dir / "state.pt", weights_only=True)["meta_step"] == 4
+    assert cli.main([*TINY_FLAGS, "--meta-steps", "4", "--run-dir", str(run_dir), "--out", str(out),
+                     "--resume", "--export", "best"]) == 0
+
+
+def test_cli_help_documents_every_flag():
+    text = subprocess.run([sys.executable, str(ROOT / "train_meta.py"), "--help"], capture_output=True, text=True,
+                          check=True).stdout
+    for field in MetaConfig.__dataclass_fields__:
+        assert "--" + field.replace("_", "-") in text
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    """Two gloo ranks with 2 instances each see the instances of one process with 4, and average their meta-gradients:
+    theta agrees to float rounding (the all-reduce sums in another order)."""
+    common = [*TINY_FLAGS, "--meta-batch", "4", "--meta-steps", "3", "--val-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, str(ROOT / "train_meta.py"), *common, "--run-dir", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29517", str(ROOT / "train_meta.py"), *common,
+                             "--run-dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert double.returncode == 0, double.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    one = load_file(str(tmp_path / "one" / "last" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-7), k
