@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     run.add_argument("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases logging")
     run.add_argument("--evaluate", action="store_true", help="after training, evaluate the export on Table-1 tasks")
+    run.add_argument("--max-minutes", type=float, default=None,
+                     help="stop cleanly after this much wall time (state saved; continue with --resume)")
     fields = parser.add_argument_group("configuration (override the preset; see metaopt.meta.MetaConfig)")
     for field in dataclasses.fields(MetaConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -91,7 +93,7 @@ def train(args: argparse.Namespace) -> tuple[MetaTrainer, Path]:
     log, wandb_run = wandb_logger(args.wandb, run_dir, config) if rank0 else (None, None)
     trainer = MetaTrainer(config, run_dir, device=device, resume=args.resume, logger=log)
     started = time.time()
-    metrics = trainer.run()
+    metrics = trainer.run(max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     export = run_dir / args.export
     if rank0:
         summary = {**metrics, "wall_seconds": time.time() - started, "device": str(device)}

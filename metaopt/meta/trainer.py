@@ -198,8 +198,10 @@ class MetaTrainer:
 
     # -- the loop ----------------------------------------------------------------------------------------------------
 
-    def run(self, progress: bool | None = None) -> dict[str, Any]:
-        """Meta-train until ``config.meta_steps``; returns the last metrics. Writes state, last/ and best/."""
+    def run(self, progress: bool | None = None, max_seconds: float | None = None) -> dict[str, Any]:
+        """Meta-train until ``config.meta_steps`` (or until ``max_seconds`` of wall time have passed: the state is
+        saved and the run resumes with ``resume=True``); returns the last metrics. Writes state, last/ and best/."""
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
         config = self.config
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +216,8 @@ class MetaTrainer:
         metrics: dict[str, Any] = {}
         try:
             while self.meta_step < config.meta_steps and self._stop_signal is None:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
                 metrics = self.meta_step_once()
                 if config.val_every and self.meta_step % config.val_every == 0:
                     metrics["val_score"] = self.validate()
