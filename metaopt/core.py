@@ -130,16 +130,10 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     def step_group(self, group: dict[str, Any], grads: Params | None = None) -> bool:
         """Apply the rule to one group; ``grads`` defaults to ``p.grad``. Returns False if the step was skipped."""
-        names, params = self.named_params(group)
-        if grads is None:
-            grads = {n: p.grad for n, p in zip(names, params) if p.grad is not None}
-        if not grads:
+        gathered = self.gather(group, grads)
+        if gathered is None:
             return False
-        for n, g in grads.items():
-            if g.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {n!r})")
-        if not self.check_finite(group, grads.values()):
-            return False
+        names, params, grads = gathered
         live = [(n, p) for n, p in zip(names, params) if n in grads]
         param_dict = {n: p for n, p in live}
         rule = self.rule(group)
@@ -150,7 +144,23 @@ class CoreOptimizer(torch.optim.Optimizer):
         self.store_rule_state(group, param_dict, new_state)
         return True
 
-    # -- helpers shared by faces with their own step() (MARTHE, TLR-naive, learned optimizers) ----------------------
+    # -- helpers shared by faces with their own step() (MARTHE, TLR-naive, CAM-HD) -----------------------------------
+
+    def gather(self, group: dict[str, Any], grads: Params | None = None
+               ) -> tuple[list[str], list[Tensor], Params] | None:
+        """A group's names, parameters and gradients (``p.grad`` unless given; parameters without one are left out),
+        or None when there is nothing to apply: no gradient at all, or a non-finite one (counted / raised)."""
+        names, params = self.named_params(group)
+        if grads is None:
+            grads = {n: p.grad for n, p in zip(names, params) if p.grad is not None}
+        if not grads:
+            return None
+        for n, g in grads.items():
+            if g.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {n!r})")
+        if not self.check_finite(group, grads.values()):
+            return None
+        return names, params, grads
 
     @staticmethod
     def named_params(group: dict[str, Any]) -> tuple[list[str], list[Tensor]]:
@@ -165,18 +175,22 @@ class CoreOptimizer(torch.optim.Optimizer):
         if not tensors:
             return True
         finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-        if finite:
-            return True
+        return finite or self.skip_nonfinite(group, "gradient (NaN or inf)")
+
+    def skip_nonfinite(self, group: dict[str, Any], what: str, error: Exception | None = None) -> bool:
+        """Refuse a group's step because ``what`` is not finite: raise (``nonfinite="raise"``; ``error`` if given),
+        or count it in ``group["nonfinite_skipped"]`` and warn once. The caller must not have written anything yet.
+        Returns False (the step was skipped)."""
         if self.nonfinite == "raise":
-            raise FloatingPointError(
-                f"{type(self).__name__}: non-finite gradient (NaN or inf); the step was not applied. "
-                "Lower the learning rate, clip gradients, or pass nonfinite='skip' to skip such steps.")
+            raise error or FloatingPointError(
+                f"{type(self).__name__}: non-finite {what}; the step was not applied. Lower the learning rate, clip "
+                "gradients, or pass nonfinite='skip' to skip such steps.")
         group["nonfinite_skipped"] = group.get("nonfinite_skipped", 0) + 1
         if not self._warned_nonfinite:
             warnings.warn(
-                f"{type(self).__name__}: skipped a step with a non-finite gradient (NaN or inf); parameters and "
-                "optimizer state are unchanged. Further skips are counted in param_groups[i]['nonfinite_skipped'].",
-                RuntimeWarning, stacklevel=3)
+                f"{type(self).__name__}: skipped a step with a non-finite {what}; parameters and optimizer state are "
+                "unchanged. Further skips are counted in param_groups[i]['nonfinite_skipped'].",
+                RuntimeWarning, stacklevel=4)
             self._warned_nonfinite = True
         return False
 

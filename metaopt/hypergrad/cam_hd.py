@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -864,16 +863,10 @@ class CamHD(CoreOptimizer):
     def step_group(self, group: dict[str, Any], grads: Params | None = None) -> bool:
         """One CAM-HD step for a group. Unlike the generic face, the rule sees the group's *whole* parameter set (the
         level groupings are over it); parameters without a gradient contribute 0 and are left untouched."""
-        names, params = self.named_params(group)
-        if grads is None:
-            grads = {n: p.grad for n, p in zip(names, params) if p.grad is not None}
-        if not grads:
+        gathered = self.gather(group, grads)
+        if gathered is None:
             return False
-        for n, g in grads.items():
-            if g.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {n!r})")
-        if not self.check_finite(group, grads.values()):
-            return False
+        names, params, grads = gathered
         param_dict = dict(zip(names, params))
         rule = self.rule(group)
         state = self.load_rule_state(group, rule, param_dict)
@@ -902,16 +895,8 @@ class CamHD(CoreOptimizer):
             tensors.extend(rates.values() if isinstance(rates, dict) else [rates])
         if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
             return True
-        if self.nonfinite == "raise":
-            raise FloatingPointError(f"{type(self).__name__}: the hypergradient step made a learning rate or gamma "
-                                     "non-finite; the step was not applied. Lower hypergrad_lr or gamma_lr.")
-        group["nonfinite_skipped"] = group.get("nonfinite_skipped", 0) + 1
-        if not self._warned_nonfinite:
-            warnings.warn(f"{type(self).__name__}: skipped a step whose hypergradient made a learning rate or gamma "
-                          "non-finite; parameters and state are unchanged. Further skips are counted in "
-                          "param_groups[i]['nonfinite_skipped'].", RuntimeWarning, stacklevel=4)
-            self._warned_nonfinite = True
-        return False
+        return self.skip_nonfinite(group, "learning rate or gamma from the hypergradient (lower hypergrad_lr or "
+                                          "gamma_lr)")
 
     @torch.no_grad()
     def combined_lr(self, group_index: int = 0) -> dict[str, Tensor]:

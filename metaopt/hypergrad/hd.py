@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -292,17 +291,9 @@ class _HypergradientFace(CoreOptimizer):
         negative_before = group.get("negative_lr_steps", 0)
         try:
             stepped = super().step_group(group, grads)
-        except NonFiniteLearningRate:
+        except NonFiniteLearningRate as err:
             # Raised by the rule before it produced anything: parameters and state are untouched.
-            if self.nonfinite == "raise":
-                raise
-            group["nonfinite_skipped"] = group.get("nonfinite_skipped", 0) + 1
-            if not self._warned_nonfinite:
-                warnings.warn(f"{type(self).__name__}: skipped a step whose hypergradient gave a non-finite learning "
-                              "rate; parameters, lr and state are unchanged. Further skips are counted in "
-                              "param_groups[i]['nonfinite_skipped'].", RuntimeWarning, stacklevel=3)
-                self._warned_nonfinite = True
-            return False
+            return self.skip_nonfinite(group, "learning rate from the hypergradient", err)
         if stepped:
             logger.debug("%s: step %d lr %r", type(self).__name__, group["step"], group["lr"])
             if group["negative_lr_steps"] > negative_before and not self._logged_negative_lr:

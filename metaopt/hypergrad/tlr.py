@@ -20,7 +20,6 @@ import logging
 import math
 import numbers
 import operator
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -268,14 +267,7 @@ class _TLRFace(CoreOptimizer):
         self._logged_negative_lr = False
 
     def _skip_nonfinite_lr(self, group: dict[str, Any], err: NonFiniteLearningRate) -> None:
-        if self.nonfinite == "raise":
-            raise err
-        group["nonfinite_skipped"] = group.get("nonfinite_skipped", 0) + 1
-        if not self._warned_nonfinite:
-            warnings.warn(f"{type(self).__name__}: skipped a step whose learning-rate update was not finite; "
-                          "parameters, lr and state are unchanged. Further skips are counted in "
-                          "param_groups[i]['nonfinite_skipped'].", RuntimeWarning, stacklevel=4)
-            self._warned_nonfinite = True
+        self.skip_nonfinite(group, "learning-rate update", err)
 
     def _log_step(self, group: dict[str, Any], negative_before: int, action: str) -> None:
         if logger.isEnabledFor(logging.DEBUG):

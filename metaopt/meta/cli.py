@@ -17,7 +17,7 @@ import time
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
 
 import torch
 import torch.distributed as dist
