@@ -28,26 +28,25 @@ def _topk_correct(logits: Tensor, y: Tensor, k: int) -> Tensor:
     return (logits.topk(k, dim=-1).indices == y.unsqueeze(-1)).any(-1).sum()
 
 
-class SupervisedTask(Task):
-    """Classification of an image dataset by ``learner`` with cross-entropy loss.
+class LearnerTask(Task):
+    """A task whose parameters are those of an ``nn.Module`` learner, initialized by ``gaussian_init``.
 
     Args:
         name: the task's registry name.
         learner: the nn.Module (its own parameter values are never used; :meth:`init` draws new ones).
-        data: an :class:`~meta_tasks.datasets.ImageDataset` on the task's device.
+        device: where the learner and the data live.
         batch_size: default minibatch size (HyperAdam: 128).
         init_std: standard deviation of the Gaussian initialization (None: fan-in scaled, see ``gaussian_init``).
     """
 
-    def __init__(self, name: str, learner: nn.Module, data: ImageDataset, batch_size: int = 128,
+    def __init__(self, name: str, learner: nn.Module, device: torch.device | str, batch_size: int = 128,
                  init_std: float | None = None):
         if batch_size < 1:
             raise ValueError(f"Invalid batch_size: {batch_size} (expected >= 1)")
-        self.name, self.data, self.batch_size, self.init_std = name, data, batch_size, init_std
-        self.learner = learner.to(data.train.x.device)
-        self._device = data.train.x.device
+        self.name, self.batch_size, self.init_std = name, batch_size, init_std
+        self._device = torch.device(device)
+        self.learner = learner.to(self._device)
         self._shapes = {n: p.shape for n, p in self.learner.named_parameters()}
-        self._dropout = _has_dropout(self.learner)
 
     @property
     def device(self) -> torch.device:
@@ -58,6 +57,17 @@ class SupervisedTask(Task):
 
     def init(self, generator: torch.Generator) -> Params:
         return gaussian_init(self.learner, generator, self.init_std)
+
+
+class SupervisedTask(LearnerTask):
+    """Classification of an image dataset (an :class:`~meta_tasks.datasets.ImageDataset`, whose device is the
+    task's) by ``learner`` with cross-entropy loss; other arguments as :class:`LearnerTask`."""
+
+    def __init__(self, name: str, learner: nn.Module, data: ImageDataset, batch_size: int = 128,
+                 init_std: float | None = None):
+        super().__init__(name, learner, data.train.x.device, batch_size, init_std)
+        self.data = data
+        self._dropout = _has_dropout(self.learner)
 
     def init_buffers(self) -> Params:
         return buffers_of(self.learner)
@@ -91,7 +101,7 @@ class SupervisedTask(Task):
         return {"loss": total_loss / n, "top1": top1 / n, "top2": top2 / n}
 
 
-class SineRegressionTask(Task):
+class SineRegressionTask(LearnerTask):
     """HyperAdam Sec. 5's LSTM task: predict f(10) from a noisy f(0..9), f(x) = A sin(w x + φ), squared error.
 
     Training batches are fresh draws from the generator; the "test" (and "val") split is a fixed set of
@@ -100,21 +110,8 @@ class SineRegressionTask(Task):
 
     def __init__(self, name: str, learner: nn.Module, data: SineSequences, batch_size: int = 128,
                  init_std: float | None = None, device: torch.device | str = "cpu", eval_size: int = 1000):
-        self.name, self.data, self.batch_size, self.init_std = name, data, batch_size, init_std
-        self._device = torch.device(device)
-        self.learner = learner.to(self._device)
-        self._shapes = {n: p.shape for n, p in self.learner.named_parameters()}
-        self.eval_size = eval_size
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def param_shapes(self) -> dict[str, torch.Size]:
-        return dict(self._shapes)
-
-    def init(self, generator: torch.Generator) -> Params:
-        return gaussian_init(self.learner, generator, self.init_std)
+        super().__init__(name, learner, device, batch_size, init_std)
+        self.data, self.eval_size = data, eval_size
 
     def sample_batch(self, generator: torch.Generator, split: str = "train", batch_size: int | None = None) -> Batch:
         if split != "train":
