@@ -100,3 +100,28 @@ def test_state_dict_resume_is_exact(name):
     train(name, 5, opt=fresh, model=model, start=5)
     for p, q in zip(straight.parameters(), model.parameters()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", HAND_DESIGNED)
+def test_cuda_matches_cpu(name):
+    """The same float64 run on CUDA agrees with the CPU run (to rounding: kernels may fuse differently)."""
+    cpu, _, cpu_losses = train(name, 10)
+    model, x, y = problem()
+    model = model.cuda()
+    opt = metaopt.make_optimizer(name, model.named_parameters(), **HPARAMS[name])
+    x, y = x.cuda(), y.cuda()
+    for t in range(10):
+        rows = slice((8 * t) % 64, (8 * t) % 64 + 32)
+
+        def closure():
+            return torch.nn.functional.mse_loss(model(x[rows]), y[rows])
+
+        if getattr(opt, "requires_closure", False):
+            opt.step(closure)
+        else:
+            opt.zero_grad()
+            closure().backward()
+            opt.step()
+    for p, q in zip(cpu.parameters(), model.parameters()):
+        assert torch.allclose(p, q.cpu(), rtol=1e-9, atol=1e-12), name

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 import meta_tasks
-from meta_tasks.base import FixedFamily
 from meta_tasks.tasks import QuadraticTask
 from metaopt.learned import HyperAdam
 from metaopt.learned.base import CoordinatewiseOptimizer
@@ -339,3 +338,12 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     two = load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
     for k in one:
         assert torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-7), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_meta_training_runs_on_cuda(tmp_path):
+    trainer = MetaTrainer(tiny_config(meta_steps=4), tmp_path, device="cuda")
+    metrics = trainer.run(progress=False)
+    assert metrics["meta_step"] == 4 and math.isfinite(metrics["meta_loss"])
+    assert all(p.device.type == "cuda" for p in trainer.lopt.parameters())
+    assert MetaTrainer(tiny_config(meta_steps=6), tmp_path, device="cuda", resume=True).meta_step == 4

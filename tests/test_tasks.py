@@ -1,5 +1,7 @@
 """The task registry contract, the task families, and the training tricks (Random Scaling, Convex Combination)."""
 
+import math
+
 import pytest
 import torch
 
@@ -207,3 +209,16 @@ def test_instances_of_one_configuration_vectorize_over_their_draws():
     for k, inst in enumerate(instances):
         single = inst.loss(params[k], Batch(torch.empty(0), torch.empty(0)))
         assert torch.allclose(batched[k], single, rtol=1e-12)
+
+
+@needs_fmnist
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["mlp-sigmoid", "cnn-1-bn", "cnn-2-dropout", "lstm-sine"])
+def test_tasks_on_cuda_with_cuda_generators(name):
+    task = meta_tasks.get_task(name, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    params = task.init(gen)
+    assert all(p.device.type == "cuda" for p in params.values())
+    batch = task.sample_batch(gen, batch_size=8)
+    assert batch.x.device.type == "cuda" and torch.isfinite(task.loss(params, batch))
+    assert math.isfinite(task.evaluate(params)["loss"])
