@@ -74,7 +74,9 @@ class SupervisedTask(LearnerTask):
 
     def sample_batch(self, generator: torch.Generator, split: str = "train", batch_size: int | None = None) -> Batch:
         x, y = self.data.batch(split, batch_size or self.batch_size, generator)
-        seed = int(torch.randint(2**62, (), generator=generator)) if self._dropout else None
+        seed = None
+        if self._dropout:  # drawn on the generator's own device (a CUDA generator cannot fill a CPU tensor)
+            seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
         return Batch(x, y, seed)
 
     def logits(self, params: Params, x: Tensor, buffers: Params | None = None, seed: int | None = None) -> Tensor:
