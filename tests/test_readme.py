@@ -22,3 +22,20 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert "pytest" in test_command
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test_command in ci_lines
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """Every ```python block of the README, run in order in one namespace (from a temp directory)."""
+    import pytest
+    from meta_tasks import datasets
+
+    if datasets.find_dataset("fashion-mnist") is None:
+        pytest.skip("real Fashion-MNIST not installed (bash .ci/setup)")
+    text = (ROOT / "README.md").read_text()
+    blocks = [part.split("```", 1)[0] for part in text.split("```python")[1:]]
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert (tmp_path / "runs" / "my-run" / "export" / "model.safetensors").is_file()
