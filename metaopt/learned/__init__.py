@@ -5,6 +5,7 @@ from metaopt.learned.base import (LEARNED_CLASSES, LEARNED_NAMES, CheckpointErro
 from metaopt.learned.dm import DMOptimizer
 from metaopt.learned.hyperadam import HyperAdam
 from metaopt.learned.rnnprop import RNNprop
+from metaopt.learned.rules import LearnedGammaCAMHD, LearnedMuMARTHE
 from metaopt.registry import register_optimizer
 
 
@@ -20,4 +21,5 @@ for _name in LEARNED_NAMES:
     register_optimizer(_name)(_pretrained_factory(_name))
 
 __all__ = ["LEARNED_CLASSES", "LEARNED_NAMES", "CheckpointError", "CoordinatewiseOptimizer", "FrozenLearnedOptimizer",
-           "LearnedOptimizer", "from_pretrained", "register_learned", "DMOptimizer", "HyperAdam", "RNNprop"]
+           "LearnedOptimizer", "from_pretrained", "register_learned", "DMOptimizer", "HyperAdam",
+           "LearnedGammaCAMHD", "LearnedMuMARTHE", "RNNprop"]

@@ -79,6 +79,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Andrychowicz et al. 2016 / Lv et al. 2017 trained on the same base task (the HyperAdam paper's comparison).
     "dm-paper": dict(optimizer="dm", lr=1.0, outer_lr=1e-3, rs_learner=0.0, convex_k=0),
     "rnnprop-paper": dict(optimizer="rnnprop", lr=1.0, outer_lr=1e-3),
+    # The learned rules of metaopt.learned.rules, on the "mlp-cnn" family (sigmoid / ReLU MLPs, the CAM-HD FFNN and
+    # CNN-1 on Fashion-MNIST), starting from the hand-designed optimizer's paper defaults (the constructor defaults;
+    # `lr` is its initial rate: α_0 = 1e-3 for cam-hd-adam, η_0 = 0.1 for marthe over heavy ball). Both rules steer
+    # learning rates that move by O(β) per step, so what γ or μ does shows in the loss only over hundreds of steps:
+    # T = 200 steps per instance (η under marthe drifts by tens of per cent in 200 steps on these tasks), truncated
+    # every 20 — the carried state (rates, moments, MARTHE's tangent Z) passes earlier choices on to later truncations,
+    # and 20 steps keep the graph (with MARTHE's double backward per step) within CPU memory at meta-batch 8.
+    # No Random Scaling / Convex Combination: both networks see only scale-free statistics and leave the base update
+    # to the hand-designed rule, so rescaled losses add little that the four architectures do not, while CC's extra
+    # coordinates would be a layer of their own in CAM-HD's groupings. Outer Adam 1e-3: the networks are small
+    # (~1.3k and ~0.3k weights) and start exactly at the hand-designed rule.
+    "cam-hd-learned-gamma": dict(optimizer="cam-hd-learned-gamma", family="mlp-cnn", lr=1e-3, horizon=200,
+                                 truncation=20, meta_batch=8, outer_lr=1e-3, rs_learner=0.0, rs_convex=0.0,
+                                 convex_k=0),
+    # MARTHE adapts η to lower the validation loss E, so its μ rule is meta-trained on E too (meta_loss="val").
+    "marthe-learned-mu": dict(optimizer="marthe-learned-mu", family="mlp-cnn", lr=0.1, horizon=200, truncation=20,
+                              meta_batch=8, outer_lr=1e-3, meta_loss="val", rs_learner=0.0, rs_convex=0.0,
+                              convex_k=0),
 }
 
 
