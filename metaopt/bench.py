@@ -1,0 +1,1027 @@
+"""Performance benchmarks: optimizer step time against the memory roofline, training iterations, meta-training
+throughput and memory, and the wall time of the HyperAdam Table 1 suite.
+
+This module owns ``python -m metaopt.bench`` (the issue "Performance"), the measurement method, the per-optimizer
+byte model behind the roofline, the issue's targets and anchors, and the Markdown table the README shows::
+
+    python -m metaopt.bench --out bench.json                 # everything, on CUDA when there is one
+    python -m metaopt.bench --quick --device cpu             # tiny sizes, seconds on a CPU (CI)
+    python -m metaopt.bench --only step,meta --repeats 50    # some sections
+    python -m metaopt.bench --render bench.json              # the Markdown table of an earlier run
+
+Sections (``--only``):
+
+* ``step`` — one optimizer step (``opt.step()`` with random, fixed gradients) of HyperAdam (J = 20), DMoptimizer and
+  RNNprop with fresh, frozen θ, of every hand-designed optimizer in ``metaopt.OPTIMIZERS`` and of ``torch.optim.Adam``
+  (foreach; fused on CUDA), on the parameters of MLP-9×20, CNN-2 and ResNet-18, next to the memory roofline
+  (:class:`ByteModel` bytes / measured copy bandwidth). Optimizers that take a closure (MARTHE, RTHO, HD-val,
+  TLR-naive) are timed for a whole ``opt.step(closure)``, their forward and backward passes included, and have no
+  roofline.
+* ``iteration`` — forward + backward + step on ResNet-18, batch 128 of random 32×32×3 inputs, with every optimizer,
+  as a ratio to ``torch.optim.Adam`` (foreach) and, for the hypergradient methods, to their base optimizer.
+* ``meta`` — meta-training throughput (inner steps/s = meta-batch K × truncation length / seconds per meta-step) and
+  peak memory of the ``hyperadam-paper`` preset for K = 1, 8, 32, 128 (``MetaTrainer.meta_step_once``), and the
+  peak memory of the first and the last of N truncations (it must stay flat).
+* ``table1`` — the seconds ``evaluate_suite`` takes for ``hyperadam-table1`` at 100 seeds: the suite's optimizers at
+  their rates (no tuning), the learned ones (HyperAdam, and DMoptimizer / RNNprop where the suite lists them) as fresh
+  instances passed through ``sources=``.
+
+Method: every timing is the median, with min and interquartile range, of ``--repeats`` timed calls after ``--warmup``
+untimed ones. On CUDA each call is timed with CUDA events after a
+``torch.cuda.synchronize()``, so the GPU starts idle and the host's launch overhead counts as an eager user sees it,
+and after overwriting a 256 MiB buffer, so that a state that fits in L2 is not timed from the cache (as
+``triton.testing.do_bench``). On the CPU ``time.perf_counter`` brackets each call. Peak memory is
+``torch.cuda.max_memory_allocated`` on CUDA and the process's peak resident set on the CPU (see :class:`PeakMemory`).
+Everything is float32 and eager, with PyTorch's default backend settings.
+
+``--quick`` runs every section at toy sizes (MLP-9×20 only, also for the iteration, batch 32; K ∈ {1, 2} with 5-step
+truncations; 2 seeds × 5 steps; one CPU thread) in seconds on a CPU; CI runs it. Targets are judged (``passed``) only
+on CUDA; on a CPU they are listed, not judged. A full run on one GPU takes several minutes per section (``wall_s`` in
+the report; the table1 section is the longest): run sections separately with ``--only`` under a time limit. A CUDA
+out-of-memory error in one case is recorded in its row and the run goes on; a missing Fashion-MNIST marks the meta and
+table1 sections skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import gc
+import inspect
+import json
+import math
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import meta_tasks
+import metaopt
+from meta_tasks import models
+from meta_tasks.datasets import DatasetNotFoundError
+from metaopt.evaluate import SUITES, evaluate_suite
+from metaopt.learned import LEARNED_NAMES, DMOptimizer, HyperAdam, LearnedOptimizer, RNNprop
+from metaopt.meta import MetaConfig, MetaTrainer, preset
+from metaopt.meta.trainer import resolve_device
+
+SECTIONS: tuple[str, ...] = ("step", "iteration", "meta", "table1")
+FORMAT_VERSION = 1
+FLOAT_BYTES = 4  # float32
+GRAD_SCALE = 1e-2  # the random, fixed gradients of the step section: N(0, 1e-4)
+CACHE_FLUSH_BYTES = 256 * 2**20  # > 4× the L2 of an H100 / H200
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Numbers in a report that may legitimately be 0 (a spread, a count of floats, a seed, a warm-up count); every other
+# number in a report is finite and positive.
+NONNEGATIVE_FIELDS = frozenset({"iqr_s", "state_floats", "reduction_floats", "stored_state_floats", "seed", "warmup"})
+
+# The learned optimizers, fresh (no checkpoints are committed): θ at its initialization, used frozen.
+FRESH_LEARNED: dict[str, Callable[[], LearnedOptimizer]] = {
+    "hyperadam": lambda: HyperAdam(num_candidates=20),
+    "dm": DMOptimizer,
+    "rnnprop": RNNprop,
+}
+TORCH_ADAM = ("torch-adam-foreach", "torch-adam-fused")  # fused only on CUDA
+ADAM_REFERENCE = "torch-adam-foreach"  # "Adam's iteration": torch.optim.Adam as it runs by default on CUDA
+
+# The optimizer each hypergradient method adapts the learning rate of (registered defaults: TLR's momentum is 0,
+# MARTHE / RTHO / HD-val run on heavy-ball momentum). "Their base's iteration" is this optimizer's, through the same
+# metaopt face.
+BASE_OPTIMIZER: dict[str, str] = {
+    "sgd-hd": "sgd", "sgdn-hd": "nesterov", "adam-hd": "adam",
+    "cam-hd-sgd": "sgd", "cam-hd-sgdn": "nesterov", "cam-hd-adam": "adam",
+    "tlr": "sgd", "tlr-pl": "sgd", "tlr-naive": "sgd",
+    "marthe": "momentum", "rtho": "momentum", "hd-val": "momentum",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Statistics and timing
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    """The q-quantile of sorted data by linear interpolation between order statistics (numpy.percentile's default,
+    statistics.quantiles(method="inclusive"))."""
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(samples: Sequence[float]) -> dict[str, float]:
+    """Median, min, quartiles and interquartile range of timing samples in seconds, and their number ``n``."""
+    if not samples:
+        raise ValueError("summarize needs at least one sample")
+    ordered = sorted(float(s) for s in samples)
+    q1, median, q3 = (_quantile(ordered, q) for q in (0.25, 0.5, 0.75))
+    return {"median_s": median, "min_s": ordered[0], "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1, "n": len(ordered)}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int,
+            flush: torch.Tensor | None = None) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls (method: module docstring).
+
+    ``flush`` (CUDA): a buffer overwritten before each timed call, outside the timed region, to evict the L2 cache.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            if flush is not None:
+                flush.zero_()
+            # Idle GPU at the start event: queued work would otherwise hide the host's launch time of fn.
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - begin)
+    return samples
+
+
+class PeakMemory:
+    """The peak memory of a region: :meth:`reset` before it, :meth:`peak_bytes` after.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (everything torch allocated on the device: data, θ, states, graphs).
+    CPU: the process's peak resident set size (``VmHWM``), reset by writing ``5`` to ``/proc/self/clear_refs``; it
+    includes the interpreter, torch and the datasets. Where that file is refused (not Linux), the lifetime peak
+    ``ru_maxrss``, which a region can only raise. No psutil needed.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.method = "torch.cuda.max_memory_allocated"
+        elif self._reset_hwm():
+            self.method = "peak RSS (VmHWM, reset through /proc/self/clear_refs)"
+        else:
+            self.method = "lifetime peak RSS (ru_maxrss)"
+
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.method.startswith("peak RSS"):
+            self._reset_hwm()
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.method.startswith("peak RSS"):
+            status = Path("/proc/self/status").read_text()
+            return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int, warmup: int) -> dict[str, Any]:
+    """Device-to-device copy bandwidth: ``dst.copy_(src)`` of ``nbytes``, counting bytes read plus bytes written."""
+    src = torch.rand(nbytes // FLOAT_BYTES, device=device)  # random: zeros can copy faster than data
+    dst = torch.empty_like(src)
+    samples = measure(lambda: dst.copy_(src), device, repeats, warmup)
+    stats = summarize(samples)
+    moved = 2 * src.numel() * FLOAT_BYTES
+    return {"buffer_bytes": nbytes, "bytes_moved": moved, "time_s": stats,
+            "bytes_per_s": moved / stats["median_s"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The byte model behind the roofline
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteModel:
+    """The fewest float32 values one optimizer step must move per learner coordinate.
+
+    A step reads each parameter and its gradient and writes the parameter (3 floats), reads and writes each of the
+    ``state`` floats of per-coordinate state the algorithm needs (2 · state), and reads ``reductions`` floats in a
+    pass of its own when the update needs a reduction over all coordinates first (a norm, a dot product): that pass
+    cannot be fused into the update that depends on its result. So bytes per step = (3 + 2·state + reductions) ·
+    num_params · 4, and the roofline is those bytes over the measured copy bandwidth. What an implementation stores
+    beyond the algorithm's needs (``stored_state_floats`` in a report) is not in the model: it shows in the ratio.
+    """
+
+    state: float
+    reductions: float
+    basis: str
+
+    @property
+    def floats_per_coordinate(self) -> float:
+        return 3 + 2 * self.state + self.reductions
+
+    def bytes_per_step(self, num_params: int) -> float:
+        return self.floats_per_coordinate * num_params * FLOAT_BYTES
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"state_floats": self.state, "reduction_floats": self.reductions,
+                "floats_per_coordinate": self.floats_per_coordinate, "basis": self.basis}
+
+
+# The hand-designed optimizers at their registered defaults (no weight decay; RMSprop not centered, no momentum).
+HAND_DESIGNED_BYTES: dict[str, ByteModel] = {
+    "sgd": ByteModel(0, 0, "no state"),
+    "momentum": ByteModel(1, 0, "momentum buffer"),
+    "nesterov": ByteModel(1, 0, "momentum buffer"),
+    "adam": ByteModel(2, 0, "m, v"),
+    "rmsprop": ByteModel(1, 0, "square average"),
+    "adagrad": ByteModel(1, 0, "sum of squares"),
+    "adadelta": ByteModel(2, 0, "square average, accumulated delta"),
+    "sgd-hd": ByteModel(1, 2, "previous direction; reads g, d_prev for <g, d_prev> before the update"),
+    "sgdn-hd": ByteModel(2, 2, "momentum buffer, previous direction; reads g, d_prev for <g, d_prev>"),
+    "adam-hd": ByteModel(2, 3, "m, v; reads g, m, v for <g, d_prev> (d_prev recomputed from m, v)"),
+    "cam-hd-sgd": ByteModel(2, 2, "per-parameter rate, previous direction; reads g, d_prev for the level "
+                                  "hypergradients"),
+    "cam-hd-sgdn": ByteModel(3, 2, "per-parameter rate, momentum buffer, previous direction; reads g, d_prev"),
+    "cam-hd-adam": ByteModel(3, 3, "per-parameter rate, m, v; reads g, m, v for the level hypergradients"),
+    "tlr": ByteModel(1, 2, "previous gradient; reads g, g_prev for <g, g_prev> and |g|^2 before the update"),
+    "tlr-pl": ByteModel(1, 2, "previous gradient; reads g, g_prev for the per-tensor <g, g_prev> and |g|^2"),
+    "torch-adam-foreach": ByteModel(2, 0, "m, v"),
+    "torch-adam-fused": ByteModel(2, 0, "m, v"),
+}
+
+
+def learned_byte_model(lopt: LearnedOptimizer) -> ByteModel | None:
+    """The byte model of a coordinatewise learned optimizer at its configuration (None for other classes)."""
+    if isinstance(lopt, HyperAdam):
+        J, width = lopt.num_candidates, lopt.state_width
+        # 6J at the defaults; the reduction pass reads g (for rms(g)) and m_{t-1} (for rms(m), J per coordinate).
+        return ByteModel(2 * width + 4 * J, 1 + J,
+                         f"s, c ({width} each), m, v, beta_hat, gamma_hat ({J} each); reads g and m for rms(g), rms(m)")
+    if isinstance(lopt, RNNprop):
+        LH = lopt.num_layers * lopt.hidden_size
+        # b1_hat, b2_hat are the same for every coordinate (1 - beta^t): one number per step, not state to move.
+        return ByteModel(2 * LH + 2, 0, f"h, c ({LH} each), m, v")
+    if isinstance(lopt, DMOptimizer):
+        LH = lopt.num_layers * lopt.hidden_size
+        return ByteModel(2 * LH, 0, f"h, c ({LH} each)")
+    return None
+
+
+def roofline_seconds(bytes_per_step: float, bytes_per_s: float) -> float:
+    """The memory roofline: the time to move ``bytes_per_step`` at the measured copy bandwidth."""
+    return bytes_per_step / bytes_per_s
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Targets and anchors (issue "Performance")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A goal from the issue: ``metric`` (a dotted path into the row ``key``) compared with ``limit``."""
+
+    key: str
+    metric: str
+    comparison: str  # "<=" or ">="
+    limit: float
+    text: str
+
+
+def _learned_step_targets() -> list[Target]:
+    targets = []
+    for name in FRESH_LEARNED:
+        targets.append(Target(f"step:{name}:resnet18", "ratio_to_roofline", "<=", 2.0, "≤ 2× roofline"))
+        targets.append(Target(f"step:{name}:mlp-9x20", "time_s.median_s", "<=", 1e-4, "≤ 0.1 ms"))
+    return targets
+
+
+TARGETS: tuple[Target, ...] = (
+    *_learned_step_targets(),
+    Target("iteration:hyperadam:resnet18", "ratio_to_adam", "<=", 1.8, "≤ 1.8× Adam"),
+    *(Target(f"iteration:{name}:resnet18", "ratio_to_base", "<=", 1.05, "≤ 1.05× base")
+      for name in ("sgd-hd", "sgdn-hd", "adam-hd", "cam-hd-sgd", "cam-hd-sgdn", "cam-hd-adam", "tlr", "tlr-pl")),
+    *(Target(f"iteration:{name}:resnet18", "ratio_to_base", "<=", 3.0, "≤ 3× base") for name in ("marthe", "rtho")),
+    Target("meta:K=128", "inner_steps_per_s", ">=", 20_000, "≥ 20,000 inner steps/s"),
+    Target("meta:K=128", "peak_memory_bytes", "<=", 16e9, "≤ 16 GB"),
+    Target("table1:100-seeds", "time_s.median_s", "<=", 60.0, "≤ 60 s"),
+)
+
+ANCHORS: dict[str, Any] = {
+    "source": "issue 'Performance': the eager implementation on one NVIDIA H100",
+    "values": [
+        {"key": "step:hyperadam:resnet18", "metric": "time_s.median_s", "value": 59e-3, "text": "eager HyperAdam"},
+        {"key": "step:hyperadam:mlp-9x20", "metric": "time_s.median_s", "value": 16.4e-3, "text": "eager HyperAdam"},
+        {"key": "step:torch-adam-fused:resnet18", "metric": "time_s.median_s", "value": 0.40e-3, "text": "Adam fused"},
+        {"key": "step:torch-adam-fused:mlp-9x20", "metric": "time_s.median_s", "value": 0.16e-3, "text": "Adam fused"},
+        {"key": "meta:K=1", "metric": "inner_steps_per_s", "value": 76, "text": "meta-training, 1 task"},
+        {"key": "meta:K=32", "metric": "inner_steps_per_s", "value": 1641, "text": "meta-training, 32 tasks"},
+    ],
+}
+
+
+def _lookup(row: dict[str, Any], metric: str) -> Any:
+    value: Any = row
+    for part in metric.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _rows_by_key(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    rows = {}
+    for section in report.get("sections", {}).values():
+        for row in section.get("rows", []):
+            rows[row["key"]] = row
+    return rows
+
+
+def judge_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every :data:`TARGETS` entry with its measured value (None when not measured) and ``passed`` (None off CUDA)."""
+    rows = _rows_by_key(report)
+    on_cuda = report["environment"]["device"] == "cuda"
+    judged = []
+    for target in TARGETS:
+        value = _lookup(rows[target.key], target.metric) if target.key in rows else None
+        passed = None
+        if on_cuda and value is not None:
+            passed = value <= target.limit if target.comparison == "<=" else value >= target.limit
+        judged.append({**dataclasses.asdict(target), "measured": value, "passed": passed})
+    return judged
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What to measure and how often; every field is a ``python -m metaopt.bench`` flag. ``None`` counts take the
+    full-run default, or the quick one with ``quick``."""
+
+    device: str = "auto"
+    quick: bool = False
+    sections: tuple[str, ...] = SECTIONS
+    repeats: int | None = None
+    warmup: int | None = None
+    table1_seeds: int | None = None
+    table1_repeats: int = 1
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sections if s not in SECTIONS]
+        if unknown or not self.sections:
+            raise ValueError(f"Invalid sections: {list(self.sections)} (expected some of {', '.join(SECTIONS)})")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"Invalid device: {self.device!r} (expected auto, cpu or cuda)")
+        for name in ("repeats", "table1_seeds", "table1_repeats", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"Invalid {name}: {value} (expected >= 1)")
+        if self.warmup is not None and self.warmup < 0:
+            raise ValueError(f"Invalid warmup: {self.warmup} (expected >= 0)")
+
+    # Sizes: the issue's for a full run, toy ones for --quick.
+    @property
+    def num_repeats(self) -> int:
+        return self.repeats if self.repeats is not None else (2 if self.quick else 20)
+
+    @property
+    def num_warmup(self) -> int:
+        return self.warmup if self.warmup is not None else (1 if self.quick else 3)
+
+    @property
+    def num_threads(self) -> int | None:
+        """CPU threads for torch (None: torch's default). Quick mode uses 1: CI machines are small and shared, and
+        two intra-op threads contending for a busy 2-core machine made a 0.5 ms Adam step take 80 ms (measured)."""
+        return self.threads if self.threads is not None else (1 if self.quick else None)
+
+    @property
+    def learners(self) -> tuple[str, ...]:
+        return ("mlp-9x20",) if self.quick else ("mlp-9x20", "cnn-2", "resnet18")
+
+    @property
+    def iteration_model(self) -> str:
+        return "mlp-9x20" if self.quick else "resnet18"
+
+    @property
+    def batch_size(self) -> int:
+        return 32 if self.quick else 128
+
+    @property
+    def meta_batches(self) -> tuple[int, ...]:
+        return (1, 2) if self.quick else (1, 8, 32, 128)
+
+    @property
+    def meta_overrides(self) -> dict[str, int]:
+        """Preset overrides: quick mode shortens the truncations (5 steps, horizon 10) so a meta-step takes well under a second."""
+        return dict(truncation=5, horizon=10) if self.quick else {}
+
+    @property
+    def memory_meta_batch(self) -> int:
+        return 1 if self.quick else 8
+
+    @property
+    def memory_truncations(self) -> int:
+        return 3 if self.quick else 10  # 10 = two horizons of the preset: slots are reset along the way
+
+    @property
+    def num_table1_seeds(self) -> int:
+        return self.table1_seeds if self.table1_seeds is not None else (2 if self.quick else 100)
+
+    @property
+    def table1_steps(self) -> int | None:
+        return 5 if self.quick else None  # None: the suite's 100
+
+    @property
+    def bandwidth_bytes(self) -> int:
+        return (64 if self.quick else 1024) * 2**20
+
+    def settings(self) -> dict[str, Any]:
+        return {"quick": self.quick, "sections": list(self.sections), "repeats": self.num_repeats,
+                "warmup": self.num_warmup, "learners": list(self.learners), "batch_size": self.batch_size,
+                "meta_batches": list(self.meta_batches), "meta_overrides": self.meta_overrides,
+                "iteration_model": self.iteration_model, "table1_seeds": self.num_table1_seeds,
+                "table1_repeats": self.table1_repeats, "threads": self.num_threads, "seed": self.seed,
+                "dtype": "float32"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Learners and optimizers
+
+
+@dataclasses.dataclass(frozen=True)
+class Learner:
+    """A learner of the benchmarks: how to build it (module, where its shapes came from) and its input geometry."""
+
+    name: str
+    build: Callable[[], tuple[nn.Module, str]]
+    input_shape: tuple[int, int, int]
+    num_classes: int = 10
+
+
+def _task_learner(task: str, fallback: Callable[[], nn.Module], fallback_text: str,
+                  **options: Any) -> Callable[[], tuple[nn.Module, str]]:
+    """The learner of ``get_task(task)`` (Fashion-MNIST geometry); without the dataset, the same module built
+    directly, so the step section needs no data."""
+
+    def build() -> tuple[nn.Module, str]:
+        args = ", ".join([repr(task)] + [f"{k}={v!r}" for k, v in options.items()])
+        try:
+            return copy.deepcopy(meta_tasks.get_task(task, **options).learner), f"meta_tasks.get_task({args}).learner"
+        except DatasetNotFoundError:
+            return fallback(), f"{fallback_text} (Fashion-MNIST not found: the same module as get_task({args}))"
+
+    return build
+
+
+LEARNERS: dict[str, Learner] = {
+    "mlp-9x20": Learner("mlp-9x20", _task_learner("mlp-deep", lambda: models.MLP(784, 20, 9, 10, "sigmoid"),
+                                                  "meta_tasks.models.MLP(784, 20, 9, 10, 'sigmoid')", depth=9),
+                        (1, 28, 28)),
+    "cnn-2": Learner("cnn-2", _task_learner("cnn-2", lambda: models.CNN2(1, 28, 10),
+                                            "meta_tasks.models.CNN2(1, 28, 10)"), (1, 28, 28)),
+    "resnet18": Learner("resnet18", lambda: (models.resnet18(10, 3), "meta_tasks.models.resnet18(10, 3)"),
+                        (3, 32, 32)),
+}
+
+
+def optimizer_names(device: torch.device) -> tuple[list[str], dict[str, str]]:
+    """The optimizers to benchmark on ``device``, and the registered ones left out with the reason."""
+    learned = list(FRESH_LEARNED)
+    hand = [n for n in metaopt.OPTIMIZERS if n not in LEARNED_NAMES]
+    skipped = {n: "learned optimizer without a fresh-instance recipe here (needs a checkpoint)"
+               for n in metaopt.OPTIMIZERS if n in LEARNED_NAMES and n not in FRESH_LEARNED}
+    torch_adam = [ADAM_REFERENCE] + (["torch-adam-fused"] if device.type == "cuda" else [])
+    return learned + hand + torch_adam, skipped
+
+
+def _kind(name: str) -> str:
+    if name in FRESH_LEARNED:
+        return "learned (fresh θ, frozen)"
+    return "torch.optim" if name in TORCH_ADAM else "hand-designed"
+
+
+def build_optimizer(name: str, named_params: list[tuple[str, nn.Parameter]]) -> tuple[torch.optim.Optimizer,
+                                                                                       ByteModel | None]:
+    """The optimizer ``name`` over ``named_params`` at its defaults, and its byte model (None if it has none)."""
+    if name in FRESH_LEARNED:
+        lopt = FRESH_LEARNED[name]()
+        return lopt.frozen(named_params), learned_byte_model(lopt)
+    if name in TORCH_ADAM:
+        params = [p for _, p in named_params]
+        opt = torch.optim.Adam(params, fused=True) if name == "torch-adam-fused" else torch.optim.Adam(params,
+                                                                                                        foreach=True)
+        return opt, HAND_DESIGNED_BYTES[name]
+    return metaopt.make_optimizer(name, named_params), HAND_DESIGNED_BYTES.get(name)
+
+
+def _stored_state_floats(opt: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
+    """Floats of per-coordinate state ``opt`` holds for ``params`` (0-d tensors such as step counters left out)."""
+    return sum(v.numel() for p in params for v in opt.state.get(p, {}).values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def _random_batch(learner: Learner, batch_size: int, generator: torch.Generator,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(batch_size, *learner.input_shape, generator=generator, device=device)
+    y = torch.randint(learner.num_classes, (batch_size,), generator=generator, device=device)
+    return x, y
+
+
+def _step_fn(opt: torch.optim.Optimizer, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+             val_batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], Any]:
+    """One ``opt.step(closure)`` on ``batch`` for an optimizer that takes a closure (with a validation closure
+    where it accepts one, as ``metaopt.evaluate`` gives it)."""
+
+    def closure() -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    kwargs = {}
+    if "val_closure" in inspect.signature(opt.step).parameters:
+        kwargs["val_closure"] = lambda: F.cross_entropy(model(val_batch[0]), val_batch[1])
+    return lambda: opt.step(closure, **kwargs)
+
+
+def _release(device: torch.device) -> None:
+    """Return a finished case's memory before the next one (CUDA: collect cycles and empty torch's cache, so that one
+    large case does not leave the next short of memory; on the CPU reference counting suffices and a full collection
+    per case would dominate a quick run)."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _guard(row: dict[str, Any], device: torch.device, case: Callable[..., dict[str, Any]],
+           *args: Any) -> dict[str, Any]:
+    """``row`` updated with ``case(*args)``; a CUDA out-of-memory error is recorded in the row instead and the run goes
+    on to the next case (any other error propagates)."""
+    try:
+        row.update(case(*args))
+    except torch.cuda.OutOfMemoryError as err:
+        row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+    _release(device)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+class Bench:
+    """One benchmark run on one device: the sections share the timing settings, the measured bandwidth and, on CUDA,
+    the buffer that evicts L2 between timed calls of the step and iteration sections."""
+
+    def __init__(self, config: BenchConfig, device: torch.device, log: Callable[[str], None] = lambda s: None):
+        self.config, self.device, self.log = config, device, log
+        self.repeats, self.warmup = config.num_repeats, config.num_warmup
+        self.names, self.skipped = optimizer_names(device)
+        self.bandwidth: dict[str, Any] | None = None
+        self._flush: torch.Tensor | None = None
+
+    def time(self, fn: Callable[[], Any], repeats: int | None = None, warmup: int | None = None,
+             flush_cache: bool = True) -> dict[str, float]:
+        """:func:`measure` with this run's settings; ``flush_cache`` evicts L2 before each call on CUDA."""
+        flush = None
+        if flush_cache and self.device.type == "cuda":
+            if self._flush is None:
+                self._flush = torch.empty(CACHE_FLUSH_BYTES, dtype=torch.uint8, device=self.device)
+            flush = self._flush
+        return summarize(measure(fn, self.device, self.repeats if repeats is None else repeats,
+                                 self.warmup if warmup is None else warmup, flush))
+
+    def drop_flush_buffer(self) -> None:
+        self._flush = None
+        _release(self.device)
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self.config.seed + offset)
+
+    # -- bandwidth -------------------------------------------------------------------------------------------------
+
+    def measure_bandwidth(self) -> dict[str, Any]:
+        self.log("bandwidth: device-to-device copy")
+        self.bandwidth = copy_bandwidth(self.device, self.config.bandwidth_bytes, max(self.repeats, 5), self.warmup)
+        return self.bandwidth
+
+    # -- 1. frozen step against the roofline -----------------------------------------------------------------------
+
+    def step_section(self) -> dict[str, Any]:
+        bandwidth = self.bandwidth or self.measure_bandwidth()
+        learners, rows = {}, []
+        for learner_name in self.config.learners:
+            learner = LEARNERS[learner_name]
+            base, source = learner.build()
+            num_params = sum(p.numel() for p in base.parameters())
+            learners[learner_name] = {"num_params": num_params, "num_tensors": len(list(base.parameters())),
+                                      "source": source}
+            for name in self.names:
+                self.log(f"step: {name} on {learner_name}")
+                row = {"key": f"step:{name}:{learner_name}", "optimizer": name, "learner": learner_name,
+                       "kind": _kind(name), "num_params": num_params}
+                rows.append(_guard(row, self.device, self._step_case, name, learner, base, num_params,
+                                   bandwidth["bytes_per_s"]))
+            del base
+            _release(self.device)
+        return {"learners": learners, "grad_scale": GRAD_SCALE, "rows": rows}
+
+    def _step_case(self, name: str, learner: Learner, base: nn.Module, num_params: int,
+                   bytes_per_s: float) -> dict[str, Any]:
+        model = copy.deepcopy(base).to(self.device)
+        named = list(model.named_parameters())
+        opt, byte_model = build_optimizer(name, named)
+        closure = bool(getattr(opt, "requires_closure", False))
+        if closure:
+            gen = self.generator(1)
+            step = _step_fn(opt, model, _random_batch(learner, self.config.batch_size, gen, self.device),
+                            _random_batch(learner, self.config.batch_size, gen, self.device))
+        else:
+            gen = self.generator(2)  # the same gradients for every optimizer
+            for _, p in named:
+                p.grad = torch.randn(p.shape, generator=gen, device=self.device) * GRAD_SCALE
+            step = opt.step
+        stats = self.time(step)
+        result: dict[str, Any] = {"includes_closure": closure, "time_s": stats,
+                                  "stored_state_floats": _stored_state_floats(opt, [p for _, p in named]) / num_params}
+        if closure:
+            result["note"] = "whole opt.step(closure): forward/backward passes included, so no memory roofline"
+        elif byte_model is not None:
+            nbytes = byte_model.bytes_per_step(num_params)
+            roofline = roofline_seconds(nbytes, bytes_per_s)
+            result.update(byte_model=byte_model.as_dict(), bytes_per_step=nbytes, roofline_s=roofline,
+                          ratio_to_roofline=stats["median_s"] / roofline)
+        else:
+            result["note"] = "no byte model declared for this optimizer"
+        return result
+
+    # -- 2. training iteration -------------------------------------------------------------------------------------
+
+    def iteration_section(self) -> dict[str, Any]:
+        learner = LEARNERS[self.config.iteration_model]
+        base, source = learner.build()
+        base = base.to(self.device)
+        batch = _random_batch(learner, self.config.batch_size, self.generator(3), self.device)
+        val_batch = _random_batch(learner, self.config.batch_size, self.generator(4), self.device)
+        rows = []
+        for name in self.names:
+            self.log(f"iteration: {name} on {learner.name}")
+            row = {"key": f"iteration:{name}:{learner.name}", "optimizer": name, "model": learner.name,
+                   "kind": _kind(name)}
+            rows.append(_guard(row, self.device, self._iteration_case, name, base, batch, val_batch))
+        medians = {r["optimizer"]: r["time_s"]["median_s"] for r in rows if "time_s" in r}
+        for row in rows:
+            if row["optimizer"] not in medians:
+                continue
+            if ADAM_REFERENCE in medians:
+                row["ratio_to_adam"] = medians[row["optimizer"]] / medians[ADAM_REFERENCE]
+            base_name = BASE_OPTIMIZER.get(row["optimizer"])
+            if base_name in medians:
+                row["base"] = base_name
+                row["ratio_to_base"] = medians[row["optimizer"]] / medians[base_name]
+        del base
+        _release(self.device)
+        return {"model": learner.name, "source": source, "batch_size": self.config.batch_size,
+                "input_shape": list(learner.input_shape), "adam_reference": ADAM_REFERENCE, "rows": rows}
+
+    def _iteration_case(self, name: str, base: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+                        val_batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+        model = copy.deepcopy(base)  # every optimizer starts from the same weights
+        opt, _ = build_optimizer(name, list(model.named_parameters()))
+        closure = bool(getattr(opt, "requires_closure", False))
+        if closure:
+            step = _step_fn(opt, model, batch, val_batch)
+        else:
+            def step() -> None:
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(batch[0]), batch[1]).backward()
+                opt.step()
+        return {"includes_closure": closure, "time_s": self.time(step)}
+
+    # -- 3. meta-training ------------------------------------------------------------------------------------------
+
+    def meta_section(self) -> dict[str, Any]:
+        # A meta-step moves far more than L2 holds, and the peak must not count the benchmark's own flush buffer.
+        self.drop_flush_buffer()
+        peak = PeakMemory(self.device)
+        rows = []
+        for k in self.config.meta_batches:
+            self.log(f"meta: hyperadam-paper, K = {k}")
+            config = preset("hyperadam-paper", meta_batch=k, seed=self.config.seed, **self.config.meta_overrides)
+            row = {"key": f"meta:K={k}", "meta_batch": k, "truncation": config.truncation}
+            rows.append(_guard(row, self.device, self._meta_case, config, peak))
+        self.log("meta: memory across truncations")
+        k, n = self.config.memory_meta_batch, self.config.memory_truncations
+        config = preset("hyperadam-paper", meta_batch=k, seed=self.config.seed, **self.config.meta_overrides)
+        row = {"key": f"meta-truncations:K={k}", "meta_batch": k, "truncations": n}
+        rows.append(_guard(row, self.device, self._truncations_case, config, n, peak))
+        return {"preset": "hyperadam-paper", "overrides": self.config.meta_overrides, "memory_method": peak.method,
+                "rows": rows}
+
+    def _meta_case(self, config: MetaConfig, peak: PeakMemory) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="metaopt-bench-") as run_dir:
+            trainer = MetaTrainer(config, run_dir, device=self.device)
+            for _ in range(self.warmup):
+                trainer.meta_step_once()
+            peak.reset()
+            stats = self.time(trainer.meta_step_once, warmup=0, flush_cache=False)
+            peak_bytes = peak.peak_bytes()
+            del trainer
+        inner_steps = config.meta_batch * config.truncation
+        return {"time_s": stats, "inner_steps_per_s": inner_steps / stats["median_s"], "peak_memory_bytes": peak_bytes}
+
+    def _truncations_case(self, config: MetaConfig, n: int, peak: PeakMemory) -> dict[str, Any]:
+        peaks = []
+        with tempfile.TemporaryDirectory(prefix="metaopt-bench-") as run_dir:
+            trainer = MetaTrainer(config, run_dir, device=self.device)
+            for _ in range(n):
+                peak.reset()
+                trainer.meta_step_once()
+                peaks.append(peak.peak_bytes())
+            del trainer
+        return {"peak_memory_bytes": peaks, "first_peak_bytes": peaks[0], "last_peak_bytes": peaks[-1],
+                "last_over_first": peaks[-1] / peaks[0]}
+
+    # -- 4. Table 1 ------------------------------------------------------------------------------------------------
+
+    def table1_section(self) -> dict[str, Any]:
+        self.drop_flush_buffer()
+        suite = SUITES["hyperadam-table1"]
+        # The suite's optimizers with their rates (no learning-rate tuning: evaluate_suite runs the given rates) and
+        # HyperAdam; the learned labels get fresh instances through ``sources`` (no checkpoints are committed).
+        optimizers = {**suite.optimizers, "hyperadam": suite.optimizers.get("hyperadam", {})}
+        sources = {label: FRESH_LEARNED[label]() for label in optimizers if label in FRESH_LEARNED}
+        seeds, steps = self.config.num_table1_seeds, self.config.table1_steps
+        device = str(self.device)
+
+        def run(seed_list: range, num_steps: int | None) -> list[Any]:
+            runs = evaluate_suite(suite, optimizers, seed_list, num_steps, device=device, progress=False,
+                                  sources=sources)
+            synchronize(self.device)
+            return runs
+
+        self.log(f"table1: {seeds} seeds")
+        run(range(1), 1)  # warm-up: loads the datasets onto the device, initializes the kernels
+        runs: list[Any] = []
+        samples = []
+        for _ in range(self.config.table1_repeats):
+            begin = time.perf_counter()
+            runs = run(range(seeds), steps)
+            samples.append(time.perf_counter() - begin)
+        per_update = {}
+        for label in optimizers:
+            own = [r.seconds_per_step for r in runs if r.optimizer == label]
+            if own:
+                per_update[label] = sum(own) / len(own)
+        row = {"key": f"table1:{seeds}-seeds", "seeds": seeds, "steps": steps or suite.steps,
+               "tasks": [getattr(t, "label", t) for t in suite.tasks], "optimizers": list(optimizers),
+               "time_s": summarize(samples), "seconds_per_update": per_update}
+        return {"suite": suite.name, "learned_sources": sorted(sources), "rows": [row]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> dict[str, Any]:
+    """The checkout's commit and whether tracked files differ from it (None outside a git checkout).
+    ``--no-optional-locks`` keeps ``git status`` from writing the index."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("--no-optional-locks", "status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def _cpu_name() -> str:
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    git = git_commit()
+    return {"device": device.type,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "torch": torch.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "python": platform.python_version(), "metaopt": metaopt.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": git["commit"], "git_dirty": git["dirty"], "cpu_threads": torch.get_num_threads()}
+
+
+def run_benchmarks(config: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Run the sections ``config`` names and return the report (the JSON ``python -m metaopt.bench`` writes)."""
+    device = resolve_device(config.device)
+    bench = Bench(config, device, log)
+    report: dict[str, Any] = {"format_version": FORMAT_VERSION, "environment": environment(device),
+                              "settings": config.settings(), "bandwidth": bench.measure_bandwidth(),
+                              "skipped_optimizers": bench.skipped, "sections": {}}
+    runners = {"step": bench.step_section, "iteration": bench.iteration_section, "meta": bench.meta_section,
+               "table1": bench.table1_section}
+    for section in (s for s in SECTIONS if s in config.sections):  # in this order, whatever the order of --only
+        begin = time.perf_counter()
+        try:
+            report["sections"][section] = runners[section]()
+        except DatasetNotFoundError as err:  # the real data is not on this machine: say so, measure the rest
+            report["sections"][section] = {"skipped": str(err), "rows": []}
+        report["sections"][section]["wall_s"] = time.perf_counter() - begin  # to plan runs on a lent GPU
+    report["targets"] = judge_targets(report)
+    report["anchors"] = ANCHORS
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.3g} GB"
+
+
+def _format(metric: str, value: float) -> str:
+    if metric == "inner_steps_per_s":
+        return f"{value:,.0f} inner steps/s"
+    if metric.endswith("bytes"):
+        return _gb(value)
+    if metric.startswith("ratio") or metric == "last_over_first":
+        return f"{value:.3g}×"
+    return _ms(value)
+
+
+def _target_cell(targets: list[dict[str, Any]], key: str) -> str:
+    cells = []
+    for t in targets:
+        if t["key"] == key:
+            status = {True: ": pass", False: ": FAIL", None: ""}[t["passed"]]
+            cells.append(f"{t['text']}{status}")
+    return "; ".join(cells) or "–"
+
+
+def _anchor_cell(anchors: dict[str, Any], key: str) -> str:
+    cells = [f"{_format(a['metric'], a['value'])} ({a['text']})" for a in anchors.get("values", []) if a["key"] == key]
+    return "; ".join(cells) or "–"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The report as Markdown for the README: a header line, then per section a table with the columns
+    measurement | measured | roofline | ratio | target | anchor (targets marked pass / FAIL when judged on CUDA)."""
+    env, targets, anchors = report["environment"], report.get("targets", []), report.get("anchors", {})
+    commit = (env.get("git_commit") or "unknown")[:12] + (" (modified)" if env.get("git_dirty") else "")
+    lines = [f"Measured on {env['device_name']} ({env['device']}), torch {env['torch']}, {env['date']}, "
+             f"commit {commit}."]
+    bandwidth = report.get("bandwidth")
+    if bandwidth:
+        lines.append(f"Copy bandwidth (read + write): {bandwidth['bytes_per_s'] / 1e9:,.0f} GB/s.")
+    header = ["", "| measurement | measured | roofline | ratio | target | anchor |", "|---|---|---|---|---|---|"]
+
+    def row(key: str, label: str, measured: str, roofline: str = "–", ratio: str = "–") -> str:
+        return (f"| {label} | {measured} | {roofline} | {ratio} | {_target_cell(targets, key)} | "
+                f"{_anchor_cell(anchors, key)} |")
+
+    titles = {"step": "Optimizer step (median; ratio = measured / memory roofline)",
+              "iteration": "Training iteration: forward + backward + step",
+              "meta": "Meta-training, hyperadam-paper preset",
+              "table1": "hyperadam-table1 suite, end to end"}
+    for name, section in report.get("sections", {}).items():
+        lines += ["", f"**{titles.get(name, name)}**"]
+        if section.get("skipped"):
+            lines.append(f"Skipped: {section['skipped'].splitlines()[0]}")
+            continue
+        lines += header
+        for r in section.get("rows", []):
+            key = r["key"]
+            if "error" in r:
+                lines.append(row(key, key, r["error"]))
+            elif name == "step":
+                label = f"{r['optimizer']} step on {r['learner']}" + (" (with closure)" if r.get("includes_closure")
+                                                                      else "")
+                roofline = _ms(r["roofline_s"]) if "roofline_s" in r else "–"
+                ratio = f"{r['ratio_to_roofline']:.3g}×" if "ratio_to_roofline" in r else "–"
+                lines.append(row(key, label, _ms(r["time_s"]["median_s"]), roofline, ratio))
+            elif name == "iteration":
+                ratios = []
+                if "ratio_to_adam" in r:
+                    ratios.append(f"{r['ratio_to_adam']:.3g}× Adam")
+                if "ratio_to_base" in r:
+                    ratios.append(f"{r['ratio_to_base']:.3g}× {r['base']}")
+                lines.append(row(key, f"{r['optimizer']} on {r['model']}", _ms(r["time_s"]["median_s"]),
+                                 ratio="; ".join(ratios) or "–"))
+            elif name == "meta" and "truncations" in r:
+                lines.append(row(key, f"peak memory, truncation 1 vs {r['truncations']} (K = {r['meta_batch']})",
+                                 f"{_gb(r['first_peak_bytes'])} → {_gb(r['last_peak_bytes'])}",
+                                 ratio=f"{r['last_over_first']:.3g}× (last / first)"))
+            elif name == "meta":
+                lines.append(row(key, f"K = {r['meta_batch']} tasks",
+                                 f"{r['inner_steps_per_s']:,.0f} inner steps/s, peak {_gb(r['peak_memory_bytes'])}"))
+            else:
+                lines.append(row(key, f"{r['seeds']} seeds × {r['steps']} steps", _ms(r["time_s"]["median_s"])))
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m metaopt.bench", description=__doc__.split("\n\n")[0],
+        epilog="Image tasks read Fashion-MNIST from $METAOPT_DATA, ~/.cache/metaopt or /usr/share/datasets; without "
+               "it the meta and table1 sections are recorded as skipped.")
+    parser.add_argument("--quick", action="store_true",
+                        help="toy sizes that run in seconds on a CPU (MLP-9x20 only, 2 repeats, K in {1, 2}, "
+                             "2 seeds x 5 steps); what CI runs")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto (default) = cuda when available, else cpu")
+    parser.add_argument("--out", default=None, metavar="FILE.json", help="write the report as JSON here")
+    parser.add_argument("--markdown", default=None, metavar="FILE.md", help="also write the Markdown table here")
+    parser.add_argument("--only", default=",".join(SECTIONS), metavar="SECTION,...",
+                        help=f"comma-separated sections to run (default: all), of: {', '.join(SECTIONS)}")
+    parser.add_argument("--repeats", type=int, default=None, metavar="N",
+                        help="timed calls per measurement (default: 20; 2 with --quick)")
+    parser.add_argument("--warmup", type=int, default=None, metavar="N",
+                        help="untimed calls before each measurement (default: 3; 1 with --quick)")
+    parser.add_argument("--table1-seeds", type=int, default=None, metavar="N",
+                        help="seeds of the table1 section (default: 100, the target's; 2 with --quick)")
+    parser.add_argument("--table1-repeats", type=int, default=1, metavar="N",
+                        help="timed runs of the whole table1 suite (default: 1; each is minutes at 100 seeds)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: torch's own; 1 with --quick)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, gradients and inputs (default: 0)")
+    parser.add_argument("--render", default=None, metavar="FILE.json",
+                        help="print the Markdown table of an earlier report and exit (runs nothing)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render:
+        print(markdown_report(json.loads(Path(args.render).read_text())), end="")
+        return 0
+    try:
+        config = BenchConfig(device=args.device, quick=args.quick,
+                             sections=tuple(s.strip() for s in args.only.split(",") if s.strip()),
+                             repeats=args.repeats, warmup=args.warmup, table1_seeds=args.table1_seeds,
+                             table1_repeats=args.table1_repeats, threads=args.threads, seed=args.seed)
+        resolve_device(config.device)
+    except ValueError as err:
+        raise SystemExit(f"python -m metaopt.bench: {err}") from None
+    torch.manual_seed(config.seed)  # the entry point seeds: model weights and fresh θ come from the global RNG
+    threads = torch.get_num_threads()
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    try:
+        report = run_benchmarks(config, log=lambda s: print(s, file=sys.stderr, flush=True))
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another process (the tests)
+    text = json.dumps(report, indent=2, allow_nan=False)  # a NaN or inf here is a bug: refuse to write it
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    table = markdown_report(report)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

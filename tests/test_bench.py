@@ -1,0 +1,238 @@
+"""The benchmark harness: its statistics, the roofline arithmetic, the byte models against the optimizers' own state,
+the quick run's report (what CI runs), and the Markdown table for the README."""
+
+import json
+import math
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+import metaopt
+from meta_tasks import datasets
+from metaopt import bench
+from metaopt.learned import LEARNED_NAMES, DMOptimizer, HyperAdam, RNNprop
+
+HAS_FMNIST = datasets.find_dataset("fashion-mnist") is not None
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    threads = torch.get_num_threads()
+    assert bench.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # main() restores what --quick changed
+    return json.loads(out.read_text())
+
+
+def _numbers(tree, path=()):
+    """Every (path, number) in a JSON tree; booleans are not numbers here."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _numbers(value, path + (key,))
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from _numbers(value, path + (i,))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield path, tree
+
+
+# -- statistics -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", [[3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0], [0.2, 0.7, 0.1, 0.4, 0.3],
+                                  [2.0, 1.0]])
+def test_summarize_matches_statistics_and_numpy(data):
+    summary = bench.summarize(data)
+    assert summary["median_s"] == pytest.approx(statistics.median(data), rel=1e-12)
+    q1, _, q3 = statistics.quantiles(data, n=4, method="inclusive")
+    assert (summary["q1_s"], summary["q3_s"]) == pytest.approx((q1, q3), rel=1e-12)
+    assert (summary["q1_s"], summary["q3_s"]) == pytest.approx(tuple(np.percentile(data, [25, 75])), rel=1e-12)
+    assert summary["iqr_s"] == pytest.approx(q3 - q1, rel=1e-12)
+    assert summary["min_s"] == min(data) and summary["n"] == len(data)
+
+
+def test_summarize_known_values_and_edge_cases():
+    assert bench.summarize([1.0, 2.0, 3.0, 4.0]) == {"median_s": 2.5, "min_s": 1.0, "q1_s": 1.75, "q3_s": 3.25,
+                                                     "iqr_s": 1.5, "n": 4}
+    assert bench.summarize([0.5]) == {"median_s": 0.5, "min_s": 0.5, "q1_s": 0.5, "q3_s": 0.5, "iqr_s": 0.0, "n": 1}
+    with pytest.raises(ValueError):
+        bench.summarize([])
+
+
+# -- byte models ----------------------------------------------------------------------------------------------------
+
+
+def test_learned_byte_models_count_the_state_of_the_papers():
+    hyperadam = bench.learned_byte_model(HyperAdam(num_candidates=20))
+    assert hyperadam.state == 6 * 20 and hyperadam.reductions == 1 + 20  # 6J floats; rms(g), rms(m) pre-pass
+    assert hyperadam.floats_per_coordinate == 3 + 2 * 120 + 21
+    assert bench.learned_byte_model(DMOptimizer()).state == 2 * 2 * 20
+    assert bench.learned_byte_model(RNNprop()).state == 2 * 2 * 20 + 2
+    assert bench.ByteModel(2, 0, "m, v").bytes_per_step(1000) == 7 * 1000 * 4
+
+
+def test_every_registered_optimizer_without_closure_has_a_byte_model():
+    param = torch.nn.Parameter(torch.zeros(3))
+    for name in metaopt.OPTIMIZERS:
+        if name in LEARNED_NAMES:
+            continue
+        opt = metaopt.make_optimizer(name, [("w", param)])
+        if not getattr(opt, "requires_closure", False):
+            assert name in bench.HAND_DESIGNED_BYTES, f"declare the byte model of {name!r} in HAND_DESIGNED_BYTES"
+
+
+def test_config_validates_its_fields():
+    with pytest.raises(ValueError, match="Invalid sections"):
+        bench.BenchConfig(sections=("step", "nope"))
+    with pytest.raises(ValueError, match="Invalid repeats"):
+        bench.BenchConfig(repeats=0)
+    with pytest.raises(SystemExit, match="Invalid sections"):
+        bench.main(["--only", "steps", "--device", "cpu"])
+
+
+# -- the quick run --------------------------------------------------------------------------------------------------
+
+
+def test_quick_report_structure(quick_report):
+    env = quick_report["environment"]
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["device_name"]
+    assert env["date"] and "git_commit" in env
+    assert set(quick_report["sections"]) == set(bench.SECTIONS)
+    assert quick_report["settings"]["quick"] and quick_report["settings"]["repeats"] == 2
+    names, _ = bench.optimizer_names(torch.device("cpu"))
+    assert {"hyperadam", "dm", "rnnprop", "torch-adam-foreach"} <= set(names)
+    step_rows = {r["key"]: r for r in quick_report["sections"]["step"]["rows"]}
+    assert set(step_rows) == {f"step:{n}:mlp-9x20" for n in names}
+    for row in step_rows.values():
+        assert "error" not in row and row["time_s"]["n"] == 2
+        if row["includes_closure"]:
+            assert "roofline_s" not in row  # a whole step with its forward/backward passes has no memory roofline
+        else:
+            assert row["ratio_to_roofline"] > 0
+    assert {r["optimizer"] for r in step_rows.values() if r["includes_closure"]} >= {"marthe", "rtho", "tlr-naive"}
+    iteration = {r["optimizer"]: r for r in quick_report["sections"]["iteration"]["rows"]}
+    assert set(iteration) == set(names)
+    assert iteration["torch-adam-foreach"]["ratio_to_adam"] == 1.0
+    for name, row in iteration.items():
+        assert row["ratio_to_adam"] == pytest.approx(
+            row["time_s"]["median_s"] / iteration["torch-adam-foreach"]["time_s"]["median_s"])
+        if name in bench.BASE_OPTIMIZER:
+            base = bench.BASE_OPTIMIZER[name]
+            assert row["base"] == base and row["ratio_to_base"] == pytest.approx(
+                row["time_s"]["median_s"] / iteration[base]["time_s"]["median_s"])
+    assert {t["key"] for t in quick_report["targets"]} == {t.key for t in bench.TARGETS}
+    assert all(t["passed"] is None for t in quick_report["targets"])  # judged on CUDA only
+    measured = {t["key"]: t["measured"] for t in quick_report["targets"]}
+    assert measured["step:hyperadam:mlp-9x20"] == step_rows["step:hyperadam:mlp-9x20"]["time_s"]["median_s"]
+    assert measured["step:hyperadam:resnet18"] is None  # not at quick sizes
+    assert quick_report["anchors"] == bench.ANCHORS
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="real Fashion-MNIST not installed (bash .ci/setup)")
+def test_quick_report_measures_meta_training_and_table1(quick_report):
+    meta = {r["key"]: r for r in quick_report["sections"]["meta"]["rows"]}
+    assert set(meta) == {"meta:K=1", "meta:K=2", "meta-truncations:K=1"}
+    for k in (1, 2):
+        row = meta[f"meta:K={k}"]
+        assert row["inner_steps_per_s"] == pytest.approx(k * row["truncation"] / row["time_s"]["median_s"])
+    truncations = meta["meta-truncations:K=1"]
+    assert len(truncations["peak_memory_bytes"]) == truncations["truncations"] == 3
+    assert truncations["last_over_first"] == truncations["last_peak_bytes"] / truncations["first_peak_bytes"]
+    (table1,) = quick_report["sections"]["table1"]["rows"]
+    assert table1["key"] == "table1:2-seeds" and table1["steps"] == 5 and "hyperadam" in table1["optimizers"]
+
+
+def test_every_number_in_the_report_is_finite_and_positive(quick_report):
+    numbers = list(_numbers(quick_report))
+    assert len(numbers) > 100
+    for path, value in numbers:
+        assert math.isfinite(value), path
+        if bench.NONNEGATIVE_FIELDS.intersection(p for p in path if isinstance(p, str)):
+            assert value >= 0, path
+        else:
+            assert value > 0, path
+
+
+def test_roofline_is_bytes_over_bandwidth(quick_report):
+    row = next(r for r in quick_report["sections"]["step"]["rows"] if r["key"] == "step:hyperadam:mlp-9x20")
+    bandwidth = quick_report["bandwidth"]
+    assert bandwidth["bytes_moved"] == 2 * bandwidth["buffer_bytes"]  # a copy reads and writes every byte
+    assert bandwidth["bytes_per_s"] == pytest.approx(bandwidth["bytes_moved"] / bandwidth["time_s"]["median_s"])
+    model = row["byte_model"]
+    assert (model["state_floats"], model["reduction_floats"]) == (120, 21)
+    assert row["bytes_per_step"] == (3 + 2 * 120 + 21) * row["num_params"] * 4
+    assert row["roofline_s"] == pytest.approx(row["bytes_per_step"] / bandwidth["bytes_per_s"], rel=1e-12)
+    assert row["ratio_to_roofline"] == pytest.approx(row["time_s"]["median_s"] / row["roofline_s"], rel=1e-12)
+    assert row["stored_state_floats"] == 120  # the frozen face holds exactly the modelled state
+
+
+# -- Markdown -------------------------------------------------------------------------------------------------------
+
+
+def _hand_made_report():
+    report = {
+        "environment": {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "torch": "2.14.1",
+                        "date": "2026-11-22", "git_commit": "0123456789abcdef", "git_dirty": False},
+        "bandwidth": {"bytes_per_s": 3.0e12},
+        "sections": {
+            "step": {"rows": [
+                {"key": "step:hyperadam:resnet18", "optimizer": "hyperadam", "learner": "resnet18",
+                 "includes_closure": False, "time_s": {"median_s": 0.059}, "roofline_s": 0.0118,
+                 "ratio_to_roofline": 5.0},
+                {"key": "step:marthe:resnet18", "optimizer": "marthe", "learner": "resnet18", "includes_closure": True,
+                 "time_s": {"median_s": 0.1}},
+                {"key": "step:dm:resnet18", "error": "out of memory: CUDA out of memory"}]},
+            "iteration": {"rows": [
+                {"key": "iteration:sgd-hd:resnet18", "optimizer": "sgd-hd", "model": "resnet18",
+                 "time_s": {"median_s": 0.0302}, "ratio_to_adam": 0.98, "ratio_to_base": 1.02, "base": "sgd"}]},
+            "meta": {"rows": [
+                {"key": "meta:K=1", "meta_batch": 1, "inner_steps_per_s": 76.0, "peak_memory_bytes": 2.5e9},
+                {"key": "meta-truncations:K=8", "meta_batch": 8, "truncations": 10, "first_peak_bytes": 4e9,
+                 "last_peak_bytes": 4e9, "last_over_first": 1.0}]},
+            "table1": {"skipped": "fashion-mnist not found\nlooked in: /nowhere", "rows": []},
+        },
+        "anchors": bench.ANCHORS,
+    }
+    report["targets"] = bench.judge_targets(report)
+    return report
+
+
+def test_markdown_of_a_hand_made_report():
+    report = _hand_made_report()
+    judged = {(t["key"], t["metric"]): t for t in report["targets"]}
+    assert judged[("step:hyperadam:resnet18", "ratio_to_roofline")]["passed"] is False  # 5× > 2×
+    assert judged[("iteration:sgd-hd:resnet18", "ratio_to_base")]["passed"] is True  # 1.02× <= 1.05×
+    assert judged[("step:hyperadam:mlp-9x20", "time_s.median_s")]["measured"] is None
+    lines = bench.markdown_report(report).splitlines()
+    assert lines[0] == ("Measured on NVIDIA H100 80GB HBM3 (cuda), torch 2.14.1, 2026-11-22, commit 0123456789ab.")
+    assert lines[1] == "Copy bandwidth (read + write): 3,000 GB/s."
+    assert "| measurement | measured | roofline | ratio | target | anchor |" in lines
+    assert ("| hyperadam step on resnet18 | 59 ms | 11.8 ms | 5× | ≤ 2× roofline: FAIL | 59 ms (eager HyperAdam) |"
+            in lines)
+    assert "| marthe step on resnet18 (with closure) | 100 ms | – | – | – | – |" in lines
+    assert "| step:dm:resnet18 | out of memory: CUDA out of memory | – | – | ≤ 2× roofline | – |" in lines
+    assert "| sgd-hd on resnet18 | 30.2 ms | – | 0.98× Adam; 1.02× sgd | ≤ 1.05× base: pass | – |" in lines
+    assert ("| K = 1 tasks | 76 inner steps/s, peak 2.5 GB | – | – | – | "
+            "76 inner steps/s (meta-training, 1 task) |") in lines
+    assert "| peak memory, truncation 1 vs 10 (K = 8) | 4 GB → 4 GB | – | 1× (last / first) | – | – |" in lines
+    assert "Skipped: fashion-mnist not found" in lines
+
+
+def test_render_prints_the_table_of_a_saved_report(tmp_path, capsys):
+    report = _hand_made_report()
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(report))
+    assert bench.main(["--render", str(path)]) == 0
+    assert capsys.readouterr().out == bench.markdown_report(report)
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--quick", "--device", "--out", "--only", "--repeats", "--warmup", "--markdown", "--render",
+                 "--table1-seeds", "--table1-repeats", "--threads", "--seed"):
+        assert flag in text
