@@ -1,12 +1,19 @@
-"""The evaluation harness: identical starts and data for every optimizer, determinism, and its outputs."""
+"""The evaluation harness: identical starts and data for every optimizer, determinism, batched learned optimizers equal
+to the per-seed loop, tuning on separate seeds, the statistics and files it writes, and every suite in reduced form."""
 
+import csv
 import json
+import math
 
 import pytest
+import scipy.stats
+import torch
 
 import meta_tasks
 from meta_tasks import datasets
 from metaopt import evaluate
+from metaopt.evaluate import report, suites
+from metaopt.learned import DMOptimizer, HyperAdam, RNNprop
 
 needs_fmnist = pytest.mark.skipif(datasets.find_dataset("fashion-mnist") is None,
                                   reason="real Fashion-MNIST not installed (bash .ci/setup)")
@@ -47,3 +54,319 @@ def test_cli_writes_results_and_table(tmp_path, capsys):
 def test_cli_rejects_unknown_optimizer():
     with pytest.raises(SystemExit, match="Valid names"):
         evaluate.main(["--optimizers", "adamw-typo", "--seeds", "1", "--steps", "1"])
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--suite", "--optimizers", "--seeds", "--steps", "--device", "--dataset", "--out", "--reference",
+                 "--tune", "--quick", "--checkpoints", "--skip-missing", "--tasks", "--eval-size"):
+        assert flag in text
+    assert all(name in text for name in evaluate.SUITES)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# All seeds of a learned optimizer at once == the per-seed loop through its torch.optim face
+
+
+def _learned_rules():
+    return pytest.importorskip("metaopt.learned.rules")
+
+
+LEARNED_FACTORIES = {
+    "hyperadam": lambda: HyperAdam(num_candidates=2),
+    "dm": DMOptimizer,
+    "rnnprop": RNNprop,
+    "cam-hd-learned-gamma": lambda: _learned_rules().LearnedGammaCAMHD(),         # Adam base: static step counts
+    "cam-hd-learned-gamma-sgd": lambda: _learned_rules().LearnedGammaCAMHD(base="sgd", hypergrad_lr=1e-5),
+}
+
+
+def _assert_same_runs(batched, looped):
+    for b, loop in zip(batched, looped, strict=True):
+        assert b.batched and not loop.batched and b.seed == loop.seed
+        torch.testing.assert_close(torch.tensor(b.losses), torch.tensor(loop.losses), rtol=1e-5, atol=1e-7)
+        assert b.test.keys() == loop.test.keys()
+        for key in b.test:
+            assert b.test[key] == pytest.approx(loop.test[key], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", LEARNED_FACTORIES)
+def test_batched_learned_optimizer_equals_the_per_seed_loop(name):
+    task = meta_tasks.get_task("quadratic", dim=6, seed=1)
+    lopt = LEARNED_FACTORIES[name]()
+    assert evaluate.can_batch(task, lopt, {})
+    seeds = [0, 1, 2]
+    batched = evaluate.train_batched(task, name, lopt, {"lr": 0.01}, seeds, 6)
+    looped = [evaluate.train(task, name, {"lr": 0.01}, s, 6, lopt) for s in seeds]
+    _assert_same_runs(batched, looped)
+    assert batched[0].losses[0] != batched[1].losses[0]  # different seeds, different starts
+
+
+class SometimesNaNTask(meta_tasks.Task):
+    """f(θ) = log(x)·‖θ‖² with x ~ N(0, 1) per batch: about half the steps have a NaN gradient."""
+
+    name = "sometimes-nan"
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def param_shapes(self):
+        return {"theta": torch.Size([3])}
+
+    def init(self, generator):
+        return {"theta": torch.randn(3, generator=generator)}
+
+    def sample_batch(self, generator, split="train", batch_size=None):
+        return meta_tasks.Batch(torch.randn(1, generator=generator), torch.zeros(1))
+
+    def loss(self, params, batch, buffers=None):
+        return torch.log(batch.x).sum() * (params["theta"] ** 2).sum()
+
+    def evaluate(self, params, split="test", buffers=None):
+        return {"loss": float((params["theta"] ** 2).sum())}
+
+
+class RecordingTask(SometimesNaNTask):
+    """A smooth loss, ‖θ‖²·(1 + x²), that records the training minibatches it is given."""
+
+    def __init__(self):
+        self.seen = []
+
+    def loss(self, params, batch, buffers=None):
+        if batch.y.shape == (1,):
+            self.seen.append(float(batch.x))
+        return ((params["theta"] ** 2).sum() * (1 + batch.x ** 2)).sum()
+
+    def sample_batch(self, generator, split="train", batch_size=None):
+        batch = super().sample_batch(generator, split, batch_size)
+        return batch._replace(y=torch.zeros(1 if split == "train" else 2))
+
+
+def test_optimizers_with_a_validation_objective_see_the_same_training_batches():
+    seen = {}
+    for name in ("sgd", "hd-val", "marthe"):  # MARTHE and HD-val also draw validation batches, from their own stream
+        task = RecordingTask()
+        evaluate.train(task, name, {"lr": 0.01, **({"base": "sgd"} if name != "sgd" else {})}, 3, 4)
+        seen[name] = task.seen
+    assert len(seen["sgd"]) == 4 and seen["hd-val"] == seen["sgd"] == seen["marthe"]
+
+
+@pytest.mark.filterwarnings("ignore:.*non-finite:RuntimeWarning")
+def test_batched_seeds_skip_nonfinite_steps_like_the_face():
+    task = SometimesNaNTask()
+    lopt = HyperAdam(num_candidates=2)
+    batched = evaluate.train_batched(task, "hyperadam", lopt, {}, [0, 1, 2, 3], 8)
+    looped = [evaluate.train(task, "hyperadam", {}, s, 8, lopt) for s in range(4)]
+    skipped = [[math.isnan(v) for v in r.losses] for r in looped]
+    assert any(map(any, skipped)) and not all(map(all, skipped)) and len(set(map(tuple, skipped))) > 1
+    for b, loop in zip(batched, looped):
+        torch.testing.assert_close(torch.tensor(b.losses), torch.tensor(loop.losses), rtol=1e-5, atol=1e-7,
+                                   equal_nan=True)
+        assert b.test["loss"] == pytest.approx(loop.test["loss"], rel=1e-5)
+
+
+@needs_fmnist
+def test_batched_learned_optimizer_equals_the_loop_on_an_mlp():
+    task = meta_tasks.get_task("mlp-sigmoid")
+    lopt = HyperAdam(num_candidates=2)
+    batched = evaluate.train_batched(task, "hyperadam", lopt, {}, [0, 1], 4, splits=("test", "val"))
+    looped = [evaluate.train(task, "hyperadam", {}, s, 4, lopt, splits=("test", "val")) for s in (0, 1)]
+    _assert_same_runs(batched, looped)
+    assert batched[0].val["top1"] == pytest.approx(looped[0].val["top1"], abs=1e-4)
+
+
+@needs_fmnist
+def test_what_cannot_be_batched_runs_per_seed():
+    lopt = HyperAdam(num_candidates=2)
+    assert not evaluate.can_batch(meta_tasks.get_task("cnn-1-bn"), lopt, {})       # BatchNorm buffers
+    assert not evaluate.can_batch(meta_tasks.get_task("cnn-2-dropout"), lopt, {})  # per-batch dropout masks
+    mlp = meta_tasks.get_task("mlp-sigmoid")
+    assert not evaluate.can_batch(mlp, lopt, {"nonfinite": "raise"})               # only lr maps onto update()
+    assert not evaluate.can_batch(mlp, None, {})                                   # hand-designed
+    assert not evaluate.can_batch(mlp, _learned_rules().LearnedMuMARTHE(), {})     # needs H·Z and ∇E oracles
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tables, significance, files: numbers against hand computations from the written JSON
+
+QUADRATIC_SUITE = evaluate.Suite(
+    "quadratic-test", ("quadratic",), 25,
+    {"adam": dict(lr=0.05), "sgd": dict(lr=0.01), "adam-hd": dict(lr=0.05, hypergrad_lr=1e-4)},
+    reference="adam", tune={"sgd": (1e-3, 1e-2, 3e-2)}, eval_every=10, record_lr=True)
+
+
+def test_results_files_match_hand_computations(tmp_path):
+    result = evaluate.run_suite(QUADRATIC_SUITE, seeds=6, tune=False, out=tmp_path, progress=False)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [f.name for f in result.files] == ["results.json", "table.md", "steps.csv", "finals.csv", "evals.csv",
+                                              "curves.png", "schedules.png"]
+    assert all(f.stat().st_size > 0 for f in result.files)
+    assert data["meta"]["seeds"] == list(range(6)) and data["meta"]["reference"] == "adam"
+    table = (tmp_path / "table.md").read_text()
+    finals = {}
+    for label in ("adam", "sgd", "adam-hd"):
+        runs = sorted((r for r in data["runs"] if r["optimizer"] == label), key=lambda r: r["seed"])
+        finals[label] = [r["losses"][-1] for r in runs]
+        n = len(finals[label])
+        mean = sum(finals[label]) / n
+        se = math.sqrt(sum((v - mean) ** 2 for v in finals[label]) / (n - 1) / n)
+        assert f"| quadratic | {label} | {mean:.4f} ± {se:.4f} |" in table
+    for label in ("sgd", "adam-hd"):
+        p = scipy.stats.wilcoxon(finals[label], finals["adam"]).pvalue
+        row = next(s for s in data["significance"] if s["optimizer"] == label)
+        assert row["reference"] == "adam" and row["n"] == 6 and row["p"] == pytest.approx(p, rel=1e-12)
+        assert f"| {p:.3g} (adam) |" in table
+    assert "| quadratic | adam |" in table and "| reference |" in table
+
+    # steps.csv and finals.csv hold exactly the JSON's numbers
+    with open(tmp_path / "steps.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 6 * 25
+    by_run = {(r["optimizer"], r["seed"]): r for r in data["runs"]}
+    for row in rows:
+        run = by_run[(row["optimizer"], int(row["seed"]))]
+        assert float(row["loss"]) == run["losses"][int(row["step"])]
+        assert float(row["lr"]) == run["lrs"][int(row["step"])]
+    with open(tmp_path / "finals.csv") as f:
+        for row in csv.DictReader(f):
+            run = by_run[(row["optimizer"], int(row["seed"]))]
+            assert float(row["final_train_loss"]) == run["losses"][-1]
+            assert float(row["test_loss"]) == run["test"]["loss"]
+            assert float(row["seconds_per_step"]) == run["seconds_per_step"]
+    with open(tmp_path / "evals.csv") as f:
+        evals = list(csv.DictReader(f))
+    assert len(evals) == 3 * 6 * 2  # steps 10 and 20
+    for row in evals:
+        point = by_run[(row["optimizer"], int(row["seed"]))]["curve"][int(row["step"]) // 10 - 1]
+        assert float(row["test_loss"]) == point["test_loss"]
+    # adam-hd adapts its rate, adam does not
+    assert len(set(by_run[("adam", 0)]["lrs"])) == 1 and len(set(by_run[("adam-hd", 0)]["lrs"])) > 1
+
+
+def test_mean_se_and_wilcoxon_edge_cases():
+    assert evaluate.mean_se([1.0, 2.0, 3.0]) == (2.0, pytest.approx(math.sqrt(1 / 3)), 3)
+    mean, se, n = evaluate.mean_se([1.0, float("nan"), float("inf"), 3.0])  # diverged runs are left out and counted
+    assert (mean, n) == (2.0, 2) and se == pytest.approx(1.0)
+    assert evaluate.paired_wilcoxon([1.0, 2.0], [1.0, 2.0]) == 1.0
+    a, b = [0.3, 0.5, 0.2, 0.9, 0.4], [0.1, 0.6, 0.1, 0.5, 0.2]
+    assert evaluate.paired_wilcoxon(a, b) == scipy.stats.wilcoxon(a, b).pvalue
+    assert evaluate.paired_wilcoxon(a + [float("nan")], b + [0.0]) == scipy.stats.wilcoxon(a, b).pvalue
+    run = evaluate.Run("x", "t", 0, [1.0, float("nan")], 0.1, {})
+    assert "| diverged (1/1) |" in report.markdown_table([run])
+    assert "(1/2 diverged)" in report.markdown_table([run, evaluate.Run("x", "t", 1, [1.0, 0.5], 0.1, {})])
+
+
+def test_tuning_picks_the_best_rate_on_separate_seeds(tmp_path):
+    result = evaluate.run_suite(QUADRATIC_SUITE, optimizers=["sgd", "adam"], seeds=2, tune_seeds=2, out=tmp_path,
+                                progress=False)
+    task = meta_tasks.get_task("quadratic")
+    grid = QUADRATIC_SUITE.tune["sgd"]
+    objective = [sum(evaluate.train(task, "sgd", {"lr": lr}, evaluate.TUNE_SEED_OFFSET + i, 25, splits=()).losses[-1]
+                     for i in range(2)) / 2 for lr in grid]
+    chosen = grid[min(range(len(grid)), key=objective.__getitem__)]
+    tuned = result.tuned["quadratic"]["sgd"]
+    assert tuned["lr"] == chosen and tuned["objective"] == pytest.approx(objective, rel=1e-12)
+    assert all(r.hparams["lr"] == chosen and r.seed in (0, 1) for r in result.runs if r.optimizer == "sgd")
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["tuned"]["quadratic"]["sgd"]["lr"] == chosen and data["meta"]["tuned_on_seeds"] == [10_000, 10_001]
+    assert f"| quadratic | sgd | {chosen:g} |" in (tmp_path / "table.md").read_text()
+
+
+def test_missing_checkpoints_are_listed_together(tmp_path):
+    with pytest.raises(evaluate.MissingCheckpoints) as err:
+        evaluate.run_suite("hyperadam-ablation", checkpoints=tmp_path, seeds=1, steps=1, progress=False)
+    assert set(err.value.missing) == set(suites.ABLATION_CHECKPOINTS)
+    assert all(f"{label}: no config.json" in str(err.value) for label in suites.ABLATION_CHECKPOINTS)
+    with pytest.raises(SystemExit, match="hyperadam-no-lstm-no-preprocess"):
+        evaluate.main(["--suite", "hyperadam-ablation", "--checkpoints", str(tmp_path), "--seeds", "1"])
+
+
+@needs_fmnist
+def test_checkpoints_are_loaded_by_label_and_missing_ones_can_be_skipped(tmp_path):
+    lopt = HyperAdam(num_candidates=2)
+    lopt.save_pretrained(tmp_path / "hyperadam")
+    result = evaluate.run_suite("hyperadam-ablation", checkpoints=tmp_path, skip_missing=True, seeds=2, steps=2,
+                                tasks=["mlp-3"], progress=False)
+    assert {r.optimizer for r in result.runs} == {"hyperadam"}
+    assert set(result.skipped) == set(suites.ABLATION_CHECKPOINTS) - {"hyperadam"}
+    assert result.meta["sources"]["hyperadam"] == str(tmp_path / "hyperadam")
+    fresh = evaluate.train(meta_tasks.get_task("mlp-deep", depth=3), "x", {}, 1, 2, lopt)
+    assert result.runs[1].losses == pytest.approx(fresh.losses, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Every suite, reduced
+
+
+def _instances(suite):
+    """Fresh learned optimizers for the suite's learned labels (no checkpoints are committed)."""
+    made = {}
+    for label in suite.learned:
+        if label.startswith("hyperadam"):
+            made[label] = HyperAdam(num_candidates=2, use_lstm="no-lstm" not in label,
+                                    preprocess="no-preprocess" not in label)
+        elif label in ("dm", "rnnprop"):
+            made[label] = {"dm": DMOptimizer, "rnnprop": RNNprop}[label]()
+        elif label == "cam-hd-learned-gamma":
+            made[label] = _learned_rules().LearnedGammaCAMHD()
+        elif label == "marthe-learned-mu":
+            made[label] = _learned_rules().LearnedMuMARTHE()
+    return made
+
+
+CHEAP_TO_TUNE = ("hyperadam-table1", "hyperadam-table2")
+
+
+@pytest.mark.parametrize("name", list(evaluate.SUITES))
+def test_every_suite_runs_in_reduced_form(name, tmp_path):
+    suite = evaluate.SUITES[name]
+    if name != "hyperadam-table2" and datasets.find_dataset("fashion-mnist") is None:
+        pytest.skip("real Fashion-MNIST not installed (bash .ci/setup)")
+    result = evaluate.run_suite(suite, seeds=2, steps=2, quick=True, tune=name in CHEAP_TO_TUNE, tune_seeds=1,
+                                eval_size=64, sources=_instances(suite), out=tmp_path, progress=False)
+    labels = suite.quick_optimizers or tuple(suite.optimizers)
+    tasks = suite.quick_tasks or tuple(s.label for s in suite.task_specs)
+    lrs_runs = len(tasks) * min(2, suite.lrs_opt.seeds) if suite.lrs_opt else 0
+    assert len(result.runs) == len(labels) * len(tasks) * 2 + lrs_runs
+    assert all(len(r.losses) == 2 and r.test for r in result.runs)
+    for r in result.runs:  # identical initial weights and first batch for every optimizer of a task and seed
+        first = next(q for q in result.runs if q.task == r.task and q.seed == r.seed)
+        assert r.losses[0] == pytest.approx(first.losses[0], rel=1e-6)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["suite"] == name and len(data["runs"]) == len(result.runs)
+    assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "table.md").read_text().startswith("## ")
+    if suite.sweep is not None:
+        assert result.sweep and (tmp_path / "sweep.png").is_file()
+    if name in CHEAP_TO_TUNE:
+        assert set(result.tuned[tasks[0]]) == set(suite.tune) & set(labels)
+    default, pairs = evaluate.experiment.reference_map(suite, labels, None)
+    for row in result.significance:
+        assert row["reference"] == pairs.get(row["optimizer"], default) and row["metric"] == suite.compare
+    _check_suite_specifics(name, result)
+
+
+def _check_suite_specifics(name, result):
+    if name == "hypergrad-combination":  # CAM-HD's levels follow the task (Sec. 4.1)
+        levels = {r.task: tuple(r.hparams["levels"]) for r in result.runs}
+        assert levels == {"ffnn-100x3": ("layer", "global"), "lenet5": ("unit", "global")}
+    if name == "tlr-robustness":  # TLR's window is a third of this task's epoch; pairs at the same initial rate
+        for r in result.runs:
+            if r.optimizer.startswith("tlr"):
+                bs = int(r.task.split("bs")[1])
+                assert r.hparams["steps_per_epoch"] == math.ceil(55_000 / bs)
+        assert all(row["reference"] == "tlr lr=" + row["optimizer"].split("lr=")[1].split()[0]
+                   for row in result.significance)
+    if name == "marthe-schedules":  # LRS-OPT starts from the online methods' weights and sees their batches
+        task = evaluate.build_task(evaluate.SUITES[name].task_specs[0])
+        assert (len(task.data.train), len(task.data.val)) == (7000, 700)
+        lrs = [r for r in result.runs if r.optimizer == "lrs-opt"]
+        sgd = {r.seed: r for r in result.runs if r.optimizer == "sgd"}
+        assert lrs and all(r.losses[0] == sgd[r.seed].losses[0] for r in lrs)
+        for r, record in zip(lrs, result.lrs_opt):
+            assert r.lrs == record["schedule"] and min(r.lrs) >= 0 and len(record["val_losses"]) == 2
+        assert (result.files[-1].name == "schedules.png") and all(r.lrs for r in result.runs)
+    if name in ("hyperadam-table1", "hyperadam-depth"):  # learned optimizers ran all seeds at once
+        assert all(r.batched == (r.optimizer == "hyperadam") for r in result.runs)

@@ -1,0 +1,300 @@
+"""One suite end to end: choose its optimizers and tasks, find the learned optimizers' checkpoints, tune the
+hand-designed baselines' learning rates on separate seeds, run every optimizer × task × seed, run LRS-OPT where the
+suite asks for it, and write the results::
+
+    from metaopt import evaluate
+    from metaopt.learned import HyperAdam
+    result = evaluate.run_suite("hyperadam-table1", seeds=10, sources={"hyperadam": HyperAdam()}, out="runs/eval")
+    print(result.report)
+
+A learned label (:attr:`Suite.learned`, or any label whose registered name is a learned optimizer) is built from
+``sources[label]`` (a ``LearnedOptimizer`` instance or a checkpoint directory) or else from ``<checkpoints>/<label>/``
+(default ``checkpoints/``, or ``$METAOPT_CHECKPOINTS``); a label with neither is reported with every other missing
+one in a single :class:`MissingCheckpoints` error, or dropped and recorded with ``skip_missing=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import metaopt
+from metaopt.evaluate import report
+from metaopt.evaluate.runner import (TUNE_SEED_OFFSET, Run, RunConfig, build_tasks, run_grid, run_lrs_opt,
+                                     tune_learning_rates)
+from metaopt.evaluate.suites import SUITES, Suite, TaskSpec
+from metaopt.learned import LEARNED_NAMES
+from metaopt.learned.base import CHECKPOINT_ROOT, CONFIG_FILE, WEIGHTS_FILE
+
+QUICK_LRS_OUTER_STEPS = 2
+
+
+class SelectionError(ValueError):
+    """An optimizer, task or reference that the suite cannot resolve; the message lists the valid choices."""
+
+
+class MissingCheckpoints(SelectionError):
+    """Learned optimizers without a checkpoint or instance; ``missing`` maps each label to the directory looked at."""
+
+    def __init__(self, suite: Suite, missing: Mapping[str, Path]):
+        self.missing = dict(missing)
+        lines = "\n".join(f"  {label}: no {CONFIG_FILE} + {WEIGHTS_FILE} in {path}" for label, path in missing.items())
+        super().__init__(
+            f"Suite {suite.name!r} needs checkpoints for {len(missing)} learned optimizer(s):\n{lines}\n"
+            "Each label is loaded from <checkpoints>/<label>/ (--checkpoints DIR, default checkpoints/ or "
+            "$METAOPT_CHECKPOINTS); meta-train them with train_meta.py and save_pretrained there, pass instances "
+            "through the API (run_suite(..., sources={label: LearnedOptimizer})), leave them out with --optimizers, "
+            "or run the rest with --skip-missing.")
+
+
+@dataclasses.dataclass
+class SuiteResult:
+    """Everything a suite run produced; ``report`` is the Markdown printed and written to ``table.md``."""
+
+    suite: Suite
+    runs: list[Run]
+    meta: dict[str, Any]
+    tuned: dict[str, dict[str, dict[str, Any]]]
+    significance: list[dict[str, Any]]
+    sweep: list[dict[str, Any]]
+    lrs_opt: list[dict[str, Any]]
+    skipped: dict[str, str]
+    report: str
+    files: list[Path] = dataclasses.field(default_factory=list)
+
+
+def checkpoint_root() -> Path:
+    return Path(os.environ.get("METAOPT_CHECKPOINTS", CHECKPOINT_ROOT))
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Selection
+
+
+def select_optimizers(suite: Suite, names: Sequence[str] | Mapping[str, Mapping[str, Any]] | None, quick: bool = False
+                      ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The labels to run with their hyper-parameters, and the sources they imply. ``names``: None (the suite's,
+    thinned to ``quick_optimizers`` with ``quick``), a mapping label → hyper-parameters (used as given), or labels:
+    the suite's, registered names (with the suite's hyper-parameters where it has them) or checkpoint directories."""
+    if names is None:
+        keep = suite.quick_optimizers if quick and suite.quick_optimizers else tuple(suite.optimizers)
+        return {label: dict(suite.optimizers[label]) for label in keep}, {}
+    if isinstance(names, Mapping):
+        return {label: dict(h) for label, h in names.items()}, {}
+    optimizers, sources, unknown = {}, {}, []
+    for name in names:
+        if name in suite.optimizers:
+            optimizers[name] = dict(suite.optimizers[name])
+        elif name in metaopt.OPTIMIZERS:
+            optimizers[name] = {}
+        elif Path(name).is_dir():
+            optimizers[name], sources[name] = {}, name
+        else:
+            unknown.append(name)
+    if unknown:
+        raise SelectionError(f"Unknown optimizer(s) {unknown} for suite {suite.name!r}. Valid names: the suite's "
+                             f"{', '.join(suite.optimizers)}; any of {', '.join(metaopt.OPTIMIZERS)}; or a checkpoint "
+                             "directory")
+    return optimizers, sources
+
+
+def select_tasks(suite: Suite, names: Sequence[str] | None, quick: bool = False) -> list[TaskSpec]:
+    """The suite's tasks (thinned to ``quick_tasks`` with ``quick``), or ``names``: suite task labels or any
+    ``meta_tasks`` task name with its default options."""
+    import meta_tasks
+
+    specs = {spec.label: spec for spec in suite.task_specs}
+    if names is None:
+        keep = suite.quick_tasks if quick and suite.quick_tasks else tuple(specs)
+        return [specs[label] for label in keep]
+    unknown = [n for n in names if n not in specs and n not in meta_tasks.TASKS]
+    if unknown:
+        raise SelectionError(f"Unknown task(s) {unknown} for suite {suite.name!r}. Valid names: the suite's "
+                             f"{', '.join(specs)}; any of {', '.join(meta_tasks.TASKS)}")
+    return [specs.get(n, TaskSpec(n, n)) for n in names]
+
+
+def resolve_learned(suite: Suite, labels: Sequence[str], sources: Mapping[str, Any], checkpoints: Path | None,
+                    skip_missing: bool) -> tuple[dict[str, Any], dict[str, str]]:
+    """Sources for the learned labels (``<checkpoints>/<label>`` where no source is given) and the skipped ones."""
+    root = checkpoint_root() if checkpoints is None else Path(checkpoints)
+    resolved, missing = dict(sources), {}
+    for label in labels:
+        if label in resolved or not (label in suite.learned or suite.source_of(label) in LEARNED_NAMES):
+            continue
+        path = root / label
+        if _is_checkpoint(path):
+            resolved[label] = str(path)
+        else:
+            missing[label] = path
+    if missing and not skip_missing:
+        raise MissingCheckpoints(suite, missing)
+    return resolved, {label: f"no checkpoint in {path}" for label, path in missing.items()}
+
+
+def reference_map(suite: Suite, labels: Sequence[str], reference: str | None) -> tuple[str, dict[str, str]]:
+    """The global reference (``reference``, else the suite's, else the first label present) and each label's (its
+    suite pair where present, else the global one)."""
+    labels = list(labels)
+    if reference is not None and reference not in labels:
+        raise SelectionError(f"Reference {reference!r} is not among the optimizers run: {', '.join(labels)}")
+    default = reference or (suite.reference if suite.reference in labels else labels[0])
+    pairs = {label: (suite.references[label] if reference is None and suite.references.get(label) in labels
+                     else default) for label in labels}
+    return default, pairs
+
+
+def _describe(source: Any) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__} instance>"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
+              tasks: Sequence[str] | None = None, seeds: int | Sequence[int] | None = None, steps: int | None = None,
+              device: str = "cpu", dataset: str = "fashion-mnist", sources: Mapping[str, Any] | None = None,
+              checkpoints: str | Path | None = None, skip_missing: bool = False, tune: bool | None = None,
+              tune_seeds: int = 3, quick: bool = False, reference: str | None = None, batched: bool = True,
+              eval_every: int | None = None, eval_size: int | None = None, lrs_outer_steps: int | None = None,
+              lrs_outer_lr: float | None = None, out: str | Path | None = None, progress: bool = True,
+              command: Sequence[str] | None = None) -> SuiteResult:
+    """Run ``suite`` (a :class:`Suite` or a name in :data:`SUITES`) and, with ``out``, write its files.
+
+    Args:
+        optimizers, tasks: see :func:`select_optimizers` and :func:`select_tasks`.
+        seeds: a count (seeds 0 … N−1; default the suite's) or the seeds themselves.
+        steps: steps per run (default the suite's; also LRS-OPT's horizon T and the tuning runs' length).
+        sources: label → ``LearnedOptimizer`` instance, checkpoint directory or registered name.
+        checkpoints, skip_missing: where learned labels are looked for, and whether missing ones are dropped.
+        tune: tune the suite's baselines' learning rates (default: where the suite has a grid) on ``tune_seeds``
+            seeds ``10_000 …``; the chosen rates are used for every evaluation seed of that task.
+        quick: the suite's reduced optimizer and task lists, two rates per tuning grid, two LRS-OPT iterations.
+        reference: the optimizer every other is tested against (default: the suite's pairs and reference).
+        batched: run all seeds of a learned optimizer in one vmapped loop where possible.
+        eval_every, eval_size: periodic held-out evaluation (default the suite's) and held-out subset size.
+        lrs_outer_steps, lrs_outer_lr: override LRS-OPT's iterations and step size.
+        out: directory for results.json, table.md, steps.csv, finals.csv, evals.csv and the PNG figures.
+        command: the command line, recorded in the results.
+    """
+    suite = SUITES[suite] if isinstance(suite, str) else suite
+    seed_list = list(range(suite.seeds if seeds is None else seeds)) if not isinstance(seeds, Sequence) \
+        else list(seeds)
+    if not seed_list:
+        raise SelectionError("at least one seed is needed")
+    steps = steps or suite.steps
+    chosen, implied = select_optimizers(suite, optimizers, quick)
+    specs = select_tasks(suite, tasks, quick)
+    explicit = implied | dict(sources or {})
+    learned_sources, skipped = resolve_learned(suite, list(chosen), explicit, checkpoints, skip_missing)
+    chosen = {label: h for label, h in chosen.items() if label not in skipped}
+    if not chosen:
+        raise SelectionError(f"No optimizer left to run in suite {suite.name!r} (skipped: {sorted(skipped)})")
+    all_sources = {label: suite.source_of(label) for label in chosen} | learned_sources
+    default_ref, pairs = reference_map(suite, list(chosen), reference)
+
+    built = build_tasks(specs, dataset, device, eval_size)
+    tuned: dict[str, dict[str, dict[str, Any]]] = {}
+    tune_seed_list = [TUNE_SEED_OFFSET + i for i in range(tune_seeds)]
+    grids = {label: (grid[1::2] if quick else grid) for label, grid in suite.tune.items() if label in chosen}
+    if (bool(suite.tune) if tune is None else tune) and grids:
+        tuned = tune_learning_rates(built, chosen, all_sources, grids, tune_seed_list, steps, progress)
+    config = RunConfig(steps, suite.splits, suite.eval_every if eval_every is None else eval_every, suite.record_lr,
+                       batched, progress)
+    runs = run_grid(built, chosen, all_sources, seed_list, config,
+                    {t: {label: {"lr": v["lr"]} for label, v in labels.items()} for t, labels in tuned.items()})
+
+    lrs_records: list[dict[str, Any]] = []
+    if suite.lrs_opt is not None:
+        overrides = {"outer_steps": QUICK_LRS_OUTER_STEPS} if quick else {}
+        overrides.update({k: v for k, v in (("outer_steps", lrs_outer_steps), ("outer_lr", lrs_outer_lr))
+                          if v is not None})
+        lrs = dataclasses.replace(suite.lrs_opt, **overrides)
+        for label, (spec, task) in built.items():
+            lrs_runs, records = run_lrs_opt(label, spec, task, lrs, seed_list, steps, suite.splits, progress)
+            runs.extend(lrs_runs)
+            lrs_records.extend(records)
+        pairs["lrs-opt"] = default_ref
+
+    sweep = report.sweep_points(runs, suite.sweep, {s.label: s.x for s in specs}) if suite.sweep else []
+    meta = {"suite": suite.name, "description": suite.description, "steps": steps, "seeds": seed_list,
+            "device": device, "device_name": (torch.cuda.get_device_name(device) if device.startswith("cuda")
+                                              else platform.processor() or "cpu"),
+            "torch": torch.__version__, "metaopt": metaopt.__version__, "dataset": dataset,
+            "tasks": {s.label: {"name": s.name, "options": dict(s.options), "train_size": s.train_size}
+                      for s in specs},
+            "optimizers": chosen, "sources": {label: _describe(all_sources[label]) for label in chosen},
+            "reference": default_ref, "references": pairs, "compare": suite.compare,
+            "tuned_on_seeds": tune_seed_list if tuned else [],
+            "quick": quick, "eval_size": eval_size, "batched": batched, "date": time.strftime("%Y-%m-%d"),
+            "command": list(command) if command is not None else None}
+    text = _report(suite, runs, default_ref, pairs, sweep, tuned, lrs_records, skipped, seed_list, steps)
+    result = SuiteResult(suite, runs, meta, tuned, report.significance(runs, pairs.get, suite.compare), sweep,
+                         lrs_records, skipped, text)
+    if out is not None:
+        result.files = write_outputs(result, Path(out))
+    return result
+
+
+def _report(suite: Suite, runs: Sequence[Run], reference: str, pairs: Mapping[str, str],
+            sweep: Sequence[Mapping[str, Any]], tuned: Mapping[str, Any], lrs_records: Sequence[Mapping[str, Any]],
+            skipped: Mapping[str, str], seeds: Sequence[int], steps: int) -> str:
+    parts = [f"## {suite.name}: {len(seeds)} seed{'s' * (len(seeds) != 1)}, {steps} steps (mean ± standard error "
+             f"over seeds; Wilcoxon signed-rank test of the final {suite.compare} against the reference, paired by "
+             "seed)",
+             report.markdown_table(runs, reference, pairs, suite.compare)]
+    if sweep:
+        parts += [f"### Sweep over {suite.sweep.axis}: {suite.sweep.metric}", report.sweep_table(sweep, suite.sweep)]
+    if tuned:
+        parts += ["### Learning rates tuned on separate seeds", report.tuned_table(tuned)]
+    if lrs_records:
+        parts += ["### LRS-OPT", report.lrs_opt_table(lrs_records, runs)]
+    if skipped:
+        parts += ["### Skipped", "\n".join(f"- {label}: {why}" for label, why in skipped.items())]
+    return "\n\n".join(parts)
+
+
+def write_outputs(result: SuiteResult, out: Path) -> list[Path]:
+    """results.json, table.md, the CSV files and the figures (curves.png; sweep.png and schedules.png where the
+    suite has them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(out / "results.json", {
+        "meta": result.meta, "runs": report.runs_to_json(result.runs), "significance": result.significance,
+        "tuned": result.tuned, "sweep": result.sweep, "lrs_opt": result.lrs_opt, "skipped": result.skipped})
+    (out / "table.md").write_text(result.report + "\n")
+    files = [out / "results.json", out / "table.md", *report.write_csvs(out, result.runs)]
+    files.append(report.plot_curves(result.runs, out / "curves.png", result.suite.name))
+    if result.sweep:
+        files.append(report.plot_sweep(result.sweep, result.suite.sweep, out / "sweep.png"))
+    if any(r.lrs is not None for r in result.runs):
+        files.append(report.plot_schedules(result.runs, _schedule_labels(result), out / "schedules.png"))
+    return files
+
+
+def _schedule_labels(result: SuiteResult) -> list[str]:
+    """Per sweep series, the label with the best sweep metric (MARTHE Fig. 2: "the value of β that achieves the best
+    average final validation accuracy"), plus the runs outside the sweep and LRS-OPT."""
+    labels = {r.optimizer for r in result.runs if r.lrs is not None}
+    sweep = result.suite.sweep
+    if not result.sweep or sweep is None:
+        return sorted(labels)
+    best: dict[str, tuple[float, str]] = {}
+    sign = -1.0 if report.higher_is_better(sweep.metric) else 1.0
+    for p in result.sweep:
+        score = sign * p["mean"] if p["mean"] == p["mean"] else float("inf")
+        if p["series"] not in best or score < best[p["series"]][0]:
+            best[p["series"]] = (score, p["optimizer"])
+    in_sweep = {p["optimizer"] for p in result.sweep}
+    return sorted({label for _, label in best.values()} | (labels - in_sweep))
