@@ -16,6 +16,7 @@ meta-gradients are averaged with an all-reduce and rank 0 logs and writes.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -173,26 +174,21 @@ class MetaTrainer:
 
     # -- validation --------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def validate(self) -> float:
-        """Mean final training loss of frozen θ over ``val_tasks`` held-out instances (validation-split batches,
-        plain tasks without the training tricks, seeds disjoint from training). Lower is better."""
+        """Mean final training loss of θ, frozen, over ``val_tasks`` held-out instances: plain tasks without the
+        training tricks, seeds disjoint from training, each run for ``horizon`` steps through the optimizer's
+        ``torch.optim`` face exactly as users run it (so a rule that needs closures, like marthe-learned-mu, is
+        validated with its real oracles). Lower is better; a diverged run scores +inf."""
+        from metaopt.evaluate import train
+
+        frozen = copy.deepcopy(self.lopt)  # the face freezes the module it is given; θ itself keeps training
         finals = []
         for i in range(self.config.val_tasks):
-            seed = instance_seed(self.config.seed + 1_000_000_007, i, 0)
-            gen = torch.Generator().manual_seed(seed)
-            task: Task = self.val_family.sample(gen)
-            params, batch_gen = task.init(gen), torch.Generator(device=self.device).manual_seed(seed + 1)
-            state = self.lopt.init(params)
-            for _ in range(self.config.horizon):
-                batch = task.sample_batch(batch_gen, "val", self.config.batch_size)
-                with torch.enable_grad():
-                    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
-                    loss = task.loss(leaves, batch)
-                    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
-                updates, state = self.lopt.update(grads, state, params, lr=self.config.lr)
-                params = {n: params[n] + updates[n] for n in params}
-            finals.append(float(task.loss(params, task.sample_batch(batch_gen, "val", self.config.batch_size))))
+            seed = instance_seed(self.config.seed + 1_000_000_007, i, 0) % 2**31  # small: train() scales it
+            task: Task = self.val_family.sample(torch.Generator().manual_seed(seed))
+            run = train(task, "validation", {"lr": self.config.lr}, seed, self.config.horizon, source=frozen,
+                        splits=())
+            finals.append(run.losses[-1])
         score = sum(finals) / len(finals)
         return score if math.isfinite(score) else math.inf
 
