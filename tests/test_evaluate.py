@@ -370,3 +370,14 @@ def _check_suite_specifics(name, result):
         assert (result.files[-1].name == "schedules.png") and all(r.lrs for r in result.runs)
     if name in ("hyperadam-table1", "hyperadam-depth"):  # learned optimizers ran all seeds at once
         assert all(r.batched == (r.optimizer == "hyperadam") for r in result.runs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_table1_runs_on_cuda_with_batched_learned_seeds(tmp_path):
+    if datasets.find_dataset("fashion-mnist") is None:
+        pytest.skip("real Fashion-MNIST not installed (bash .ci/setup)")
+    suite = evaluate.SUITES["hyperadam-table1"]
+    result = evaluate.run_suite(suite, seeds=3, steps=5, quick=True, tune=False, device="cuda",
+                                sources=_instances(suite), out=tmp_path, progress=False)
+    assert any(r.batched for r in result.runs)
+    assert all(math.isfinite(r.losses[-1]) for r in result.runs)

@@ -596,3 +596,25 @@ def test_the_presets_meta_train_on_quadratics_and_resume_exactly(tmp_path):
             for field_a, field_b in zip(a.opt_state, b.opt_state):
                 assert all(torch.equal(field_a[n], field_b[n]) and field_a[n].dtype == field_b[n].dtype
                            for n in field_a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_frozen_rules_step_on_cuda():
+    from metaopt.learned import LearnedGammaCAMHD, LearnedMuMARTHE
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).cuda()
+    x, y = torch.randn(16, 5, device="cuda"), torch.randn(16, 3, device="cuda")
+    for lopt in (LearnedGammaCAMHD(), LearnedMuMARTHE()):
+        opt = lopt.frozen(model.named_parameters())
+        for _ in range(3):
+            def closure():
+                return torch.nn.functional.mse_loss(model(x), y)
+
+            if getattr(opt, "requires_closure", False):
+                opt.step(closure)
+            else:
+                opt.zero_grad()
+                closure().backward()
+                opt.step()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
