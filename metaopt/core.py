@@ -108,6 +108,7 @@ class CoreOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid nonfinite: {nonfinite!r} (expected one of {NONFINITE_MODES})")
         self.nonfinite = nonfinite
         self._warned_nonfinite = False
+        self._layouts: dict[int, tuple[type, list[tuple[str, bool, Any]]]] = {}  # id(group) -> the rule's state layout
         super().__init__(params, dict(defaults, nonfinite_skipped=0))
 
     # -- what subclasses provide ------------------------------------------------------------------------------------
@@ -195,19 +196,29 @@ class CoreOptimizer(torch.optim.Optimizer):
         return False
 
     def load_rule_state(self, group: dict[str, Any], rule: FunctionalOptimizer, params: Params) -> NamedTuple:
-        """Rebuild the rule's NamedTuple state from ``self.state`` and the group (``rule.init`` where missing)."""
+        """Rebuild the rule's NamedTuple state from ``self.state`` and the group (``rule.init`` where missing).
+
+        ``rule.init`` runs only when some parameter has no state yet (or the group's state layout is not known): on
+        the hot path the state is reassembled from what the last step stored, without allocating a fresh one."""
         missing = {n: p for n, p in params.items() if not self.state[p]}
-        fresh = rule.init(missing if missing else params)
+        layout = self._layouts.get(id(group))
+        fresh = None
+        if missing or layout is None:
+            fresh = rule.init(missing if missing else params)
+            layout = (type(fresh), [(f, isinstance(v, dict), None if isinstance(v, dict) else v)
+                                    for f, v in zip(fresh._fields, fresh)])
+            self._layouts[id(group)] = layout
+        state_type, fields = layout
         values = {}
-        for field, init_value in zip(fresh._fields, fresh):
-            if isinstance(init_value, dict):
-                values[field] = {n: (init_value[n] if n in missing else self.state[p][field])
+        for field, per_parameter, like in fields:
+            if per_parameter:
+                values[field] = {n: (getattr(fresh, field)[n] if n in missing else self.state[p][field])
                                  for n, p in params.items()}
             elif field in group:  # stored by an earlier step, or a hyper-parameter such as lr
-                values[field] = self._from_group_value(group[field], init_value)
+                values[field] = self._from_group_value(group[field], like)
             else:
-                values[field] = init_value
-        return type(fresh)(**values)
+                values[field] = getattr(fresh, field) if fresh is not None else like
+        return state_type(**values)
 
     def store_rule_state(self, group: dict[str, Any], params: Params, state: NamedTuple) -> None:
         """Write a rule's state back: per-parameter fields to ``self.state``, the rest into the group."""
