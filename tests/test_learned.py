@@ -405,3 +405,20 @@ def test_functional_call_of_a_learner_with_the_frozen_update():
     opt.step()
     for n, p in model.named_parameters():
         assert torch.allclose(p, params[n] + updates[n], rtol=0, atol=1e-7)
+
+
+def test_frozen_face_param_groups_each_run_the_cell_with_their_own_lr():
+    lopt = HyperAdam(num_candidates=3)
+    model = small_model()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    opt = lopt.frozen([{"params": first, "lr": 0.01}, {"params": second}], lr=0.002)
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    x, y = torch.randn(8, 5), torch.randn(8, 3)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    grads = {id(p): p.grad.clone() for p in model.parameters()}
+    opt.step()
+    for group, lr in ((first, 0.01), (second, 0.002)):  # each group is its own call of the cell (own normalization)
+        params = {str(i): before[id(p)] for i, p in enumerate(group)}
+        updates, _ = lopt.update({str(i): grads[id(p)] for i, p in enumerate(group)}, lopt.init(params), params, lr=lr)
+        for i, p in enumerate(group):
+            assert torch.allclose(p.detach(), params[str(i)] + updates[str(i)], atol=1e-7)
