@@ -610,3 +610,24 @@ def test_frozen_rules_step_on_cuda():
                 closure().backward()
                 opt.step()
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_recompute_keeps_the_rules_meta_gradient_with_oracles(second_order):
+    """recompute=True checkpoints the update, which here also consumes the H·v and ∇E oracles (double backward)."""
+    task = quadratic()
+    lopts = {"gamma": gamma_rule(hypergrad_lr=1e-4),
+             "mu": mu_rule(base="sgd", lr=0.005, hypergrad_lr=1e-5, adapt_hypergrad_lr=None)}
+    for name, lopt in lopts.items():
+        lopt.double()
+        _perturb(lopt)
+        kw = dict(lr=0.005, meta_loss="val" if name == "mu" else "mean", second_order=second_order)
+        plain = unroll(lopt, [slot(lopt, task, 0), slot(lopt, task, 1)], 4, **kw)
+        saved = unroll(lopt, [slot(lopt, task, 0), slot(lopt, task, 1)], 4, recompute=True, **kw)
+        assert torch.equal(plain.meta_losses, saved.meta_losses), name
+        ref, ours = meta_grads(lopt, plain.meta_losses.sum()), meta_grads(lopt, saved.meta_losses.sum())
+        for key in ref:
+            if ref[key] is None:
+                assert ours[key] is None, (name, key)
+            else:
+                assert torch.allclose(ref[key], ours[key], rtol=1e-10, atol=1e-14), (name, key)

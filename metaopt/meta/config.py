@@ -36,6 +36,9 @@ class MetaConfig:
     meta_loss: str = dataclasses.field(default="mean", metadata={"help": f"one of {META_LOSSES}"})
     loss_clip: float = dataclasses.field(default=0.0, metadata={"help": "clip each inner loss term at this (0: off)"})
     second_order: bool = dataclasses.field(default=False, metadata={"help": "backpropagate through inner gradients"})
+    recompute: bool = dataclasses.field(
+        default=False, metadata={"help": "recompute each inner update in the backward instead of storing its "
+                                         "intermediates (less memory, same meta-gradient)"})
     val_every: int = dataclasses.field(default=100, metadata={"help": "validate theta every N meta-steps (0: off)"})
     val_tasks: int = dataclasses.field(default=4, metadata={"help": "held-out task instances per validation"})
     checkpoint_every: int = dataclasses.field(default=25, metadata={"help": "write the training state every N steps"})

@@ -133,7 +133,7 @@ class MetaTrainer:
         for indices in groups.values():
             out = unroll(self.lopt, [self.slots[i] for i in indices], config.truncation, lr=config.lr,
                          batch_size=config.batch_size, meta_loss=config.meta_loss, second_order=config.second_order,
-                         loss_clip=config.loss_clip or None)
+                         loss_clip=config.loss_clip or None, recompute=config.recompute)
             meta_losses.append(out.meta_losses)
             inner_losses.append(out.inner_loss * len(indices))
             for j, i in enumerate(indices):

@@ -10,6 +10,14 @@ after each update; ``meta_loss="last"`` keeps only L_K(w_K), and ``"val"`` evalu
 instead. The loss computed at w_t is also where step t+1's gradient comes from, so a truncation costs K + 1 forward
 passes. ``second_order=False`` (default, as learning-to-learn) treats the inner gradients as constants.
 
+Memory. Backpropagating through a truncation keeps, per inner step, everything the optimizer's update computed on the
+way (for HyperAdam J = 20: some thirty (n, J) tensors per instance, about 26 GB for 32 instances of the paper's MLP
+over 20 steps). ``recompute=True`` wraps each step's update in a non-reentrant activation checkpoint
+(``torch.utils.checkpoint``): the forward keeps only the update's inputs (gradient, state, parameters: the carried
+state is stored anyway, as the next step's input) and the backward recomputes the cell's intermediates one step at a
+time. The update is deterministic, so the meta-gradient is the same (tested); the price is one more cell forward per
+inner step, which is cheap next to the learner's forward and backward.
+
 **Optional protocol for learned optimizers that need more than gradients** (all attributes are looked up with
 ``getattr``; an optimizer that defines none of them is unrolled exactly as before). It serves the learned
 hypergradient rules of :mod:`metaopt.learned.rules`:
@@ -39,6 +47,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 from torch.func import vmap
+from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import tree_map
 
 from meta_tasks.base import Batch, Task
@@ -105,11 +114,13 @@ def _merge(results: list[tuple[list[int], UnrollResult]], k: int) -> UnrollResul
 
 def unroll(lopt: LearnedOptimizer, slots: list[Slot], steps: int, *, lr: float | None = None,
            batch_size: int | None = None, meta_loss: str = "mean", second_order: bool = False,
-           loss_clip: float | None = None, vectorized: bool = True) -> UnrollResult:
+           loss_clip: float | None = None, recompute: bool = False, vectorized: bool = True) -> UnrollResult:
     """Run ``steps`` inner steps on ``slots`` (instances of one task configuration) and return their meta-losses.
 
     ``vectorized=False`` runs the same maths instance by instance in a Python loop (the reference that the vmapped
     path is tested against). The slots are not modified; the caller stores the returned parameters and states.
+    ``recompute=True`` trades one more update forward per inner step for not storing the update's intermediates
+    (module docstring).
     Optimizers with the protocol of the module docstring get their static step count and oracles.
     """
     if meta_loss not in META_LOSSES:
@@ -117,7 +128,8 @@ def unroll(lopt: LearnedOptimizer, slots: list[Slot], steps: int, *, lr: float |
     base = slots[0].task.base()
     if any(s.task.base() is not base for s in slots):
         raise ValueError("unroll() needs instances of one task configuration; group slots by task.base()")
-    options = dict(lr=lr, batch_size=batch_size, meta_loss=meta_loss, second_order=second_order, loss_clip=loss_clip)
+    options = dict(lr=lr, batch_size=batch_size, meta_loss=meta_loss, second_order=second_order, loss_clip=loss_clip,
+                   recompute=recompute)
     if not vectorized:
         results = [unroll(lopt, [s], steps, **options, vectorized=True) for s in slots]
         return UnrollResult(torch.cat([r.meta_losses for r in results]),
@@ -156,8 +168,11 @@ def unroll(lopt: LearnedOptimizer, slots: list[Slot], steps: int, *, lr: float |
                                second_order)
             if not second_order:
                 grads = tuple(g.detach() for g in grads)
-        update_fn = vmap(lambda g, s, p, o: lopt.update(g, s, p, lr=lr, **extra, **o))
-        updates, opt_state = update_fn(dict(zip(names, grads)), opt_state, params, batched)
+        # ``extra`` is bound now: with recompute=True the function runs again during the backward, after the loop
+        update_fn = vmap(lambda g, s, p, o, extra=extra: lopt.update(g, s, p, lr=lr, **extra, **o))
+        inputs = (dict(zip(names, grads)), opt_state, params, batched)
+        updates, opt_state = (checkpoint(update_fn, *inputs, use_reentrant=False) if recompute
+                              else update_fn(*inputs))
         params = {n: params[n] + updates[n] for n in names}
         loss = loss_fn(params, _batches(slots, "train", batch_size), draws)  # L_{t+1}(w_{t+1})
         inner_losses.append(loss.detach())
