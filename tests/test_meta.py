@@ -318,6 +318,22 @@ def test_config_validation_names_the_field():
         MetaConfig(optimizer_kwargs="{not json")
 
 
+def test_theta_before_training_is_validated_and_is_a_best_candidate(tmp_path):
+    cfg = tiny_config(meta_steps=3, val_every=3)
+    fresh = MetaTrainer(cfg, tmp_path / "fresh").validate()
+    trainer = MetaTrainer(cfg, tmp_path / "run")
+    trainer.run(progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert lines[0]["initial_val_score"] == fresh
+    assert lines[-1]["best_val_score"] == min(fresh, lines[-1]["val_score"])
+    assert all("initial_val_score" not in line for line in lines[1:])
+    if lines[-1]["val_score"] >= fresh:  # training did not beat θ0 on validation: best/ holds θ0
+        from metaopt.learned.base import from_pretrained
+        best = from_pretrained(tmp_path / "run" / "best")
+        init = MetaTrainer(cfg, tmp_path / "again").lopt
+        assert all(torch.equal(a, b) for a, b in zip(best.state_dict().values(), init.state_dict().values()))
+
+
 def test_meta_training_lowers_the_meta_loss_on_quadratics(tmp_path):
     """Learning to optimize works end to end: the mean meta-loss of the last steps is below the first steps'."""
     cfg = tiny_config(meta_steps=120, meta_batch=4, horizon=10, truncation=5, val_every=0, outer_lr=3e-2,

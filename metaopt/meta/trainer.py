@@ -210,11 +210,20 @@ class MetaTrainer:
             from tqdm import tqdm
             bar = tqdm(total=config.meta_steps, initial=self.meta_step, desc="meta-training", dynamic_ncols=True)
         metrics: dict[str, Any] = {}
+        initial: dict[str, Any] = {}
+        if config.val_every and self.meta_step == 0 and self.best_score == math.inf:
+            # θ before any meta-step is a candidate too: a learned rule that starts at its hand-designed version
+            # (cam-hd-learned-gamma, marthe-learned-mu) exports that start unless training beats it on validation.
+            self.best_score = self.validate()
+            if self.rank == 0:
+                self.lopt.save_pretrained(self.run_dir / "best")
+            initial = {"initial_val_score": self.best_score}
         try:
             while self.meta_step < config.meta_steps and self._stop_signal is None:
                 if deadline is not None and time.monotonic() > deadline:
                     break
-                metrics = self.meta_step_once()
+                metrics = {**self.meta_step_once(), **initial}
+                initial = {}
                 if config.val_every and self.meta_step % config.val_every == 0:
                     metrics["val_score"] = self.validate()
                     if metrics["val_score"] < self.best_score and self.rank == 0:
