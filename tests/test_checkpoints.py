@@ -1,6 +1,8 @@
-"""Committed checkpoints: each loads by name with no other argument and reproduces its golden loss."""
+"""Committed checkpoints: each loads by name with no other argument and reproduces its golden loss; a model card
+is generated from the meta-training run directory, its golden test and its frozen evaluation."""
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,61 @@ def test_golden_loss_is_deterministic_and_detects_a_changed_weight(tmp_path):
     lopt.save_pretrained(directory)
     assert golden_loss(str(directory)) != record["final_loss"]
     assert json.loads(Path(directory, GOLDEN_FILE).read_text())["final_loss"] == record["final_loss"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model cards
+
+TINY_RUN = ["--preset", "hyperadam-paper", "--optimizer-kwargs", '{"num_candidates": 2}', "--family", "quadratic",
+            "--horizon", "4", "--truncation", "2", "--meta-batch", "2", "--meta-steps", "3", "--val-every", "3",
+            "--val-tasks", "2", "--lr", "0.05", "--batch-size", "4", "--outer-lr", "0.01", "--rs-learner", "1",
+            "--convex-k", "3", "--log-every", "1", "--device", "cpu", "--export", "best"]
+
+
+def test_model_card_is_generated_from_the_run_directory(tmp_path, capsys):
+    from metaopt import checkpoint, evaluate
+    from metaopt.meta import cli
+
+    run, ckpt, eval_dir = tmp_path / "run", tmp_path / "ckpt", tmp_path / "eval"
+    argv = [*TINY_RUN, "--run-dir", str(run), "--out", str(ckpt)]
+    assert cli.main(argv) == 0
+    evaluate.run_suite("hyperadam-table1", optimizers=["hyperadam", "adam"], tasks=["quadratic"], seeds=2, steps=3,
+                       sources={"hyperadam": str(ckpt)}, tune=False, out=eval_dir, progress=False,
+                       command=["python", "-m", "metaopt.evaluate", "--tasks", "quadratic"])
+    notes = tmp_path / "notes.md"
+    notes.write_text("Why this recipe: a test.\n")
+    command = "python train_meta.py " + " ".join(shlex.quote(a) for a in argv)
+    assert checkpoint.main([str(ckpt), "--card", "--run-dir", str(run), "--command", command, "--device-note",
+                            "a test CPU", "--eval-dir", str(eval_dir), "--notes-file", str(notes)]) == 0
+
+    card = (ckpt / "README.md").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    losses = [line["meta_loss"] for line in log]
+    assert summary["meta_step"] == len(log) == 3 and summary["meta_loss"] == losses[-1]
+    assert card.startswith("# ckpt — HyperAdam meta-trained on `quadratic`\n\nWhy this recipe: a test.\n")
+    assert "task family `quadratic`" in card and "meta-batch 2, seed 0" in card and "| `seed` | `0` |" in card
+    assert (f"3 meta-steps (12 inner steps; 0 skipped as non-finite) in {summary['wall_seconds']:.1f} s of wall "
+            "time on cpu (a test CPU)") in card
+    mean = sum(losses) / 3  # fewer than 50 meta-steps: the first and the last windows are the whole run
+    assert (f"mean {mean:.4g} over the first 3 meta-steps, {mean:.4g} over the last 3; final "
+            f"{losses[-1]:.5g}") in card
+    assert f"lower is better): {log[2]['val_score']:.4f} at meta-step 3, the only validation." in card
+    assert "identical to the run's `best/` and `last/` checkpoint" in card
+    assert f"```bash\n{command}\n```" in card
+    golden = json.loads((ckpt / GOLDEN_FILE).read_text())
+    assert golden["final_loss"] == golden_loss(str(ckpt)) and f"final training loss {golden['final_loss']:.6g}" in card
+    table = (eval_dir / "table.md").read_text()
+    assert [line for line in table.splitlines() if line.startswith("| quadratic |")] and \
+        all(line in card for line in table.splitlines() if line.startswith("|"))
+    assert "\n### hyperadam-table1: 2 seeds, 3 steps" in card  # table.md's heading, one level down
+    assert "files in [`../eval/`](../eval/). Command: `python -m metaopt.evaluate --tasks quadratic`" in card
+    assert (ckpt / "train-log.jsonl").read_bytes() == (run / "log.jsonl").read_bytes()
+    assert (ckpt / "train-summary.json").read_bytes() == (run / "summary.json").read_bytes()
+
+    (ckpt / GOLDEN_FILE).unlink()
+    assert checkpoint.main([str(ckpt)]) == 0  # a plain DIR: golden.json only, as before
+    assert json.loads((ckpt / GOLDEN_FILE).read_text()) == golden
+    with pytest.raises(SystemExit):
+        checkpoint.main([str(ckpt), "--card", "--command", command])
+    assert "--card needs --run-dir" in capsys.readouterr().err

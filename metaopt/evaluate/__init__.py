@@ -7,7 +7,9 @@ This package owns
 * :mod:`~metaopt.evaluate.runner` — :func:`train` (one seed), :func:`train_batched` (all seeds of a learned optimizer
   in one vmapped loop), :func:`evaluate_suite`, learning-rate tuning on separate seeds and LRS-OPT;
 * :mod:`~metaopt.evaluate.report` — mean ± s.e., the Wilcoxon test, :func:`markdown_table`, JSON / CSV and PNGs;
-* :mod:`~metaopt.evaluate.experiment` — :func:`run_suite`, one suite end to end; and
+* :mod:`~metaopt.evaluate.experiment` — :func:`run_suite`, one suite end to end;
+* :mod:`~metaopt.evaluate.results` — the README's Results section rendered from the committed results
+  (``python -m metaopt.evaluate.results --help``; not imported here, so that ``-m`` runs it cleanly); and
 * :mod:`~metaopt.evaluate.cli` — ``python -m metaopt.evaluate --help``::
 
     python -m metaopt.evaluate --suite hyperadam-table1 --optimizers hyperadam,adam --seeds 10 --out runs/table1
