@@ -43,13 +43,23 @@ def golden_loss(source: Any, run: dict[str, Any] | None = None) -> float:
     run = dict(GOLDEN_RUN if run is None else run)
     task = meta_tasks.get_task(run["task"], dim=run["dim"], seed=run["task_seed"])
     with torch.random.fork_rng(devices=[]):
-        return train(task, "golden", {}, run["seed"], run["steps"], source=source, splits=()).losses[-1]
+        return train(task, "golden", run.get("hparams", {}), run["seed"], run["steps"], source=source,
+                     splits=()).losses[-1]
 
 
-def write_golden(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Compute and store ``golden.json`` for the checkpoint in ``directory``."""
+def write_golden(directory: str | os.PathLike[str], lr: float | None = None) -> dict[str, Any]:
+    """Compute and store ``golden.json`` for the checkpoint in ``directory``.
+
+    ``lr`` overrides the checkpoint's step size for the golden run (recorded as ``hparams``): a rule meta-trained at
+    a rate that diverges on the golden quadratic (marthe-learned-mu at η_0 = 0.1) would fingerprint as NaN, which
+    detects nothing. A non-finite golden loss is refused."""
     directory = Path(directory)
-    record = {**GOLDEN_RUN, "final_loss": golden_loss(str(directory)), "torch": torch.__version__}
+    run = {**GOLDEN_RUN, **({"hparams": {"lr": lr}} if lr is not None else {})}
+    loss = golden_loss(str(directory), run)
+    if not math.isfinite(loss):
+        raise ValueError(f"{directory}: the golden run ends at a non-finite loss ({loss}), which fingerprints "
+                         "nothing; pass a smaller step size (--golden-lr)")
+    record = {**run, "final_loss": loss, "torch": torch.__version__}
     (directory / GOLDEN_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -222,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval-dir", metavar="E", help="the frozen evaluation: an --out directory of python -m metaopt.evaluate")
     add("--notes-file", metavar="F", help="a Markdown file whose text goes under the card's title")
     add("--title", help="the card's heading (default: name, class and task family)")
+    add("--golden-lr", type=float, default=None,
+        help="step size of the golden run (default: the checkpoint's; for rules whose rate diverges there)")
     return parser
 
 
@@ -235,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if missing:
             parser.error(f"--card needs {' and '.join(missing)}")
     for path in args.directories:
-        print(path, write_golden(path))
+        print(path, write_golden(path, lr=args.golden_lr))
     if args.card:
         notes = Path(args.notes_file).read_text() if args.notes_file else ""
         card = write_card(args.directories[0], args.run_dir, command=args.command, device_note=args.device_note,

@@ -97,3 +97,14 @@ def test_model_card_is_generated_from_the_run_directory(tmp_path, capsys):
     with pytest.raises(SystemExit):
         checkpoint.main([str(ckpt), "--card", "--command", command])
     assert "--card needs --run-dir" in capsys.readouterr().err
+
+
+def test_golden_run_takes_a_step_size_and_refuses_a_non_finite_fingerprint(tmp_path):
+    lopt = HyperAdam(num_candidates=3)
+    directory = lopt.save_pretrained(tmp_path / "ckpt")
+    record = write_golden(directory, lr=1e-3)
+    assert record["hparams"] == {"lr": 1e-3}
+    assert golden_loss(str(directory), record) == record["final_loss"]
+    assert record["final_loss"] != write_golden(directory)["final_loss"]  # the default rate gives another loss
+    with pytest.raises(ValueError, match="non-finite.*--golden-lr"):
+        write_golden(directory, lr=1e20)  # the quadratic overflows to inf
