@@ -10,10 +10,11 @@ from metaopt.registry import register_optimizer
 
 
 def _pretrained_factory(name: str):
-    def make(params, lr: float | None = None, *, nonfinite: str = "skip"):
-        return from_pretrained(name).frozen(params, lr=lr, nonfinite=nonfinite)
+    def make(params, lr: float | None = None, *, nonfinite: str = "skip", **face_options):
+        return from_pretrained(name).frozen(params, lr=lr, nonfinite=nonfinite, **face_options)
 
-    make.__doc__ = f"The pretrained {name!r} from checkpoints/{name}, frozen, as a torch.optim.Optimizer."
+    make.__doc__ = (f"The pretrained {name!r} from checkpoints/{name}, frozen, as a torch.optim.Optimizer; "
+                    "face_options go to its frozen() (fast=, compile= for HyperAdam, DMoptimizer, RNNprop).")
     return make
 
 

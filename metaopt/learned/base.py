@@ -7,7 +7,9 @@ update used by meta-training (and working under ``torch.func.vmap``)::
     updates, state = lopt.update(grads, state, params)          # new params = params + updates
 
 :meth:`LearnedOptimizer.frozen` wraps it as an ordinary ``torch.optim.Optimizer`` (no graph, state in ``opt.state``,
-exact ``state_dict`` resume), so evaluation never cares whether an optimizer was learned.
+exact ``state_dict`` resume), so evaluation never cares whether an optimizer was learned. For coordinatewise optimizers
+that face steps through the flat-state fast path of :mod:`metaopt.learned.fast` by default (bit for bit the
+functional update; ``compile=`` adds ``torch.compile``).
 
 Checkpoints (``DESIGN.md``): a directory with ``config.json`` (class name, constructor arguments, metaopt version,
 format version), ``model.safetensors`` (θ only — never a pickle) and a ``README.md`` model card. Loading rebuilds the
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 
 from metaopt.core import CoreOptimizer, FunctionalOptimizer, check_range
 from metaopt.learned.cells import flatten, unflatten
+from metaopt.learned.fast import FlatGroupState, compile_flat_step, flat_step
 
 Params = dict[str, Tensor]
 
@@ -85,9 +88,11 @@ class LearnedOptimizer(nn.Module, abc.ABC):
 
     # -- the frozen face ---------------------------------------------------------------------------------------------
 
-    def frozen(self, params, lr: float | None = None, *, nonfinite: str = "skip") -> torch.optim.Optimizer:
-        """This optimizer with θ frozen, as a ``torch.optim.Optimizer`` over ``params``."""
-        return FrozenLearnedOptimizer(params, self, lr=lr, nonfinite=nonfinite)
+    def frozen(self, params, lr: float | None = None, *, nonfinite: str = "skip", fast: bool = True,
+               compile: bool | str = False) -> torch.optim.Optimizer:
+        """This optimizer with θ frozen, as a ``torch.optim.Optimizer`` over ``params`` (``fast`` and ``compile``: see
+        :class:`FrozenLearnedOptimizer`)."""
+        return FrozenLearnedOptimizer(params, self, lr=lr, nonfinite=nonfinite, fast=fast, compile=compile)
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
 
@@ -254,16 +259,102 @@ class FrozenLearnedOptimizer(CoreOptimizer):
     parameter, shaped like it plus the state width) and resume exactly through ``state_dict()``; ``lr`` is the step
     size α (default: the checkpoint's), so LR schedulers work; param groups are normalized separately (each group is
     one call of the cell). Non-finite gradients skip the step (``nonfinite="skip"``, counted) or raise.
+
+    Args:
+        params, lopt, lr, nonfinite: the parameters, the learned optimizer, its step size α (default ``lopt.lr``) and
+            the non-finite policy (:class:`~metaopt.core.CoreOptimizer`).
+        fast: for a :class:`CoordinatewiseOptimizer` (default True), keep each param group's state as one flat
+            (n, k) buffer per field, with ``opt.state[p][field]`` views into it, and step it with one call of the cell
+            and one ``torch._foreach_add_`` (:mod:`metaopt.learned.fast`). Bit for bit the reference path (``False``:
+            the functional ``update`` on dicts, which concatenates and splits the state every step), with the same
+            ``state_dict()``; either path resumes from the other's. Other learned optimizers always take the
+            reference path. One difference to know: the state is updated in place, as ``torch.optim.Adam``'s is, so a
+            ``state_dict()`` kept across steps must be deep-copied to stay a snapshot.
+        compile: ``True`` runs the fast step through ``torch.compile(dynamic=False, fullgraph=True)``; a string picks
+            the compile mode (``"reduce-overhead"``: CUDA graphs). Needs ``fast`` and a coordinatewise optimizer.
+            Compiles on the first step of each param group, and again only when its number of coordinates, dtype or
+            device changes (``lr`` is a tensor input); equal to the reference within float32 rounding (fused kernels
+            reorder reductions), not bit for bit.
     """
 
-    def __init__(self, params, lopt: LearnedOptimizer, lr: float | None = None, *, nonfinite: str = "skip"):
+    def __init__(self, params, lopt: LearnedOptimizer, lr: float | None = None, *, nonfinite: str = "skip",
+                 fast: bool = True, compile: bool | str = False):
         lr = lopt.lr if lr is None else lr
         check_range("learning rate", lr)
+        if not isinstance(compile, (bool, str)):
+            raise ValueError(f"Invalid compile: {compile!r} (expected True, False or a torch.compile mode)")
+        coordinatewise = isinstance(lopt, CoordinatewiseOptimizer)
+        if compile is not False and not (fast and coordinatewise):
+            raise ValueError(f"Invalid compile: {compile!r} (compiling needs fast=True and a coordinatewise learned "
+                             f"optimizer; {type(lopt).__name__} with fast={fast!r})")
         self.lopt = lopt.eval().requires_grad_(False)
+        self.fast = bool(fast) and coordinatewise
+        self.compile = compile
+        self._flat_step = compile_flat_step(compile) if compile is not False else flat_step
+        self._flat_groups: dict[int, FlatGroupState] = {}  # id(param group) -> its flat state
         super().__init__(params, dict(lr=lr), nonfinite=nonfinite)
 
     def rule(self, group: dict[str, Any]) -> FunctionalOptimizer:
-        device = group["params"][0].device
-        if next(self.lopt.parameters(), torch.empty(0, device=device)).device != device:
-            self.lopt.to(device)
+        self._lopt_on(group["params"][0].device)
         return _FrozenRule(self.lopt, group["lr"])
+
+    def _lopt_on(self, device: torch.device) -> None:
+        theta = next(self.lopt.parameters(), None)
+        if theta is not None and theta.device != device:
+            self.lopt.to(device)
+
+    def step_group(self, group: dict[str, Any], grads: Params | None = None) -> bool:
+        """Apply the rule to one group (``grads`` defaults to ``p.grad``); False if the step was skipped.
+        With ``fast``, the flat path of :mod:`metaopt.learned.fast`; otherwise the reference path."""
+        if not self.fast:
+            return super().step_group(group, grads)
+        params = group["params"]
+        if grads is None:
+            live = [p for p in params if p.grad is not None]
+            live_grads = [p.grad for p in live]
+        else:
+            names, _ = self.named_params(group)
+            live = [p for n, p in zip(names, params) if n in grads]
+            live_grads = [grads[n] for n, p in zip(names, params) if n in grads]
+        if not live:
+            return False
+        for p, g in zip(live, live_grads):
+            if g.is_sparse:
+                name = next(n for n, q in zip(*self.named_params(group)) if q is p)
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {name!r})")
+        flat_state = self._flat_groups.get(id(group))
+        current = flat_state is not None and flat_state.matches(live, self.state)
+        parts = [g.reshape(-1) for g in live_grads]
+        grad = torch.cat(parts, out=flat_state.grad) if current else torch.cat(parts)
+        # One reduction and one host sync for the whole group, before anything is written (the reference checks
+        # every tensor and syncs once too).
+        if not bool(torch.isfinite(grad).all()):
+            return self.skip_nonfinite(group, "gradient (NaN or inf)")
+        self._lopt_on(grad.device)
+        if not current:
+            flat_state = self._rebuild(group, live, grad, flat_state)
+        lr = group["lr"]
+        neg_lr = flat_state.neg_lr_tensor(lr) if self.compile is not False else -lr
+        self._flat_step(self.lopt, flat_state.state_type, flat_state.grad, neg_lr, flat_state.update,
+                        *flat_state.fields)
+        torch._foreach_add_(flat_state.params, flat_state.update_views)
+        return True
+
+    def _rebuild(self, group: dict[str, Any], live: list[Tensor], grad: Tensor,
+                 old: FlatGroupState | None) -> FlatGroupState:
+        """New flat buffers for the group's parameters with a gradient, from ``self.state`` (the source of truth)."""
+        names, params = self.named_params(group)
+        live_ids = {id(p) for p in live}
+        live_names = [n for n, p in zip(names, params) if id(p) in live_ids]
+        flat_state = FlatGroupState.build(self.lopt, self.state, live_names, live, grad)
+        if old is not None:
+            old.release(self.state, keep=live)
+        if self.compile is not False:
+            flat_state.mark_static()
+        self._flat_groups[id(group)] = flat_state
+        return flat_state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The loaded per-parameter state replaces the views: the flat buffers are rebuilt from it on the next step.
+        self._flat_groups.clear()
+        super().load_state_dict(state_dict)
