@@ -26,20 +26,31 @@ Sections (``--only``):
   their rates (no tuning), the learned ones (HyperAdam, and DMoptimizer / RNNprop where the suite lists them) as fresh
   instances passed through ``sources=``.
 
+In the ``step`` and ``iteration`` sections, learned optimizers are timed in each variant of their frozen face
+(:data:`LEARNED_VARIANTS`, ``--variants``), one row each, named ``hyperadam[flat]``: ``reference`` (``fast=False``,
+the functional update on dicts), ``flat`` (the flat-state fast path, eager), ``compiled`` (``compile=True``) and, on
+CUDA, ``compiled-cudagraphs`` (``compile="reduce-overhead"``). Before a fast variant is timed it runs 3 steps next to
+the reference on the same gradients; the largest differences of parameters and state are recorded in the row
+(``check``) and a difference beyond :data:`VARIANT_RTOL` stops the run (:class:`VariantMismatchError`): a fast path
+that is wrong is not timed. The issue's targets for a learned optimizer judge its best variant (``variant`` in the
+judged target).
+
 Method: every timing is the median, with min and interquartile range, of ``--repeats`` timed calls after ``--warmup``
 untimed ones. On CUDA each call is timed with CUDA events after a
 ``torch.cuda.synchronize()``, so the GPU starts idle and the host's launch overhead counts as an eager user sees it,
 and after overwriting a 256 MiB buffer, so that a state that fits in L2 is not timed from the cache (as
 ``triton.testing.do_bench``). On the CPU ``time.perf_counter`` brackets each call. Peak memory is
 ``torch.cuda.max_memory_allocated`` on CUDA and the process's peak resident set on the CPU (see :class:`PeakMemory`).
-Everything is float32 and eager, with PyTorch's default backend settings.
+Everything is float32 with PyTorch's default backend settings, and eager but for the compiled variants, which are
+compiled by their first (untimed) steps.
 
 ``--quick`` runs every section at toy sizes (MLP-9×20 only, also for the iteration, batch 32; K ∈ {1, 2} with 5-step
-truncations; 2 seeds × 5 steps; one CPU thread) in seconds on a CPU; CI runs it. Targets are judged (``passed``) only
-on CUDA; on a CPU they are listed, not judged. A full run on one GPU takes several minutes per section (``wall_s`` in
-the report; the table1 section is the longest): run sections separately with ``--only`` under a time limit. A CUDA
-out-of-memory error in one case is recorded in its row and the run goes on; a missing Fashion-MNIST marks the meta and
-table1 sections skipped.
+truncations; 2 seeds × 5 steps; one CPU thread; the ``reference`` and ``flat`` variants only, since compiling the
+three learned optimizers costs 20–30 s of a CPU with a cold inductor cache, more than the rest of the quick run) in
+seconds on a CPU; CI runs it. Targets are judged (``passed``) only on CUDA; on a CPU they are listed, not judged. A
+full run on one GPU takes several minutes per section (``wall_s`` in the report; the table1 section is the longest):
+run sections separately with ``--only`` under a time limit. A CUDA out-of-memory error in one case is recorded in its
+row and the run goes on; a missing Fashion-MNIST marks the meta and table1 sections skipped.
 """
 
 from __future__ import annotations
@@ -85,7 +96,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Numbers in a report that may legitimately be 0 (a spread, a count of floats, a seed, a warm-up count); every other
 # number in a report is finite and positive.
-NONNEGATIVE_FIELDS = frozenset({"iqr_s", "state_floats", "reduction_floats", "stored_state_floats", "seed", "warmup"})
+NONNEGATIVE_FIELDS = frozenset({"iqr_s", "state_floats", "reduction_floats", "stored_state_floats", "seed", "warmup",
+                                "max_abs_diff_params", "max_abs_diff_state", "max_rel_diff"})
 
 # The learned optimizers, fresh (no checkpoints are committed): θ at its initialization, used frozen.
 FRESH_LEARNED: dict[str, Callable[[], LearnedOptimizer]] = {
@@ -93,6 +105,23 @@ FRESH_LEARNED: dict[str, Callable[[], LearnedOptimizer]] = {
     "dm": DMOptimizer,
     "rnnprop": RNNprop,
 }
+# The variants of a learned optimizer's frozen face that the step and iteration sections time, as keyword arguments of
+# ``LearnedOptimizer.frozen``; CUDA graphs need a CUDA device.
+LEARNED_VARIANTS: dict[str, dict[str, Any]] = {
+    "reference": {"fast": False},
+    "flat": {"fast": True},
+    "compiled": {"fast": True, "compile": True},
+    "compiled-cudagraphs": {"fast": True, "compile": "reduce-overhead"},
+}
+CUDA_VARIANTS = frozenset({"compiled-cudagraphs"})
+QUICK_VARIANTS = ("reference", "flat")  # compiling would take longer than the rest of a quick run (module docstring)
+VARIANT_CHECK_STEPS = 3
+# How far a fast variant may be from the reference after VARIANT_CHECK_STEPS steps, per tensor, relative to the
+# largest entry of the reference's state field or to how far the reference moved the parameter. The eager flat path
+# is the reference bit for bit (tests/test_learned_fast.py); compiled kernels round differently (reordered reductions,
+# other exp / tanh code): measured up to 3e-6 in float32 (HyperAdam J = 20 on MLP-9×20, CPU inductor). 1e-4 leaves a
+# margin of 30 for longer reductions (ResNet-18) and still stops a wrong fast path, whose errors are O(1e-2) and up.
+VARIANT_RTOL = 1e-4
 TORCH_ADAM = ("torch-adam-foreach", "torch-adam-fused")  # fused only on CUDA
 ADAM_REFERENCE = "torch-adam-foreach"  # "Adam's iteration": torch.optim.Adam as it runs by default on CUDA
 
@@ -334,8 +363,10 @@ TARGETS: tuple[Target, ...] = (
 ANCHORS: dict[str, Any] = {
     "source": "issue 'Performance': the eager implementation on one NVIDIA H100",
     "values": [
-        {"key": "step:hyperadam:resnet18", "metric": "time_s.median_s", "value": 59e-3, "text": "eager HyperAdam"},
-        {"key": "step:hyperadam:mlp-9x20", "metric": "time_s.median_s", "value": 16.4e-3, "text": "eager HyperAdam"},
+        {"key": "step:hyperadam[reference]:resnet18", "metric": "time_s.median_s", "value": 59e-3,
+         "text": "eager HyperAdam"},
+        {"key": "step:hyperadam[reference]:mlp-9x20", "metric": "time_s.median_s", "value": 16.4e-3,
+         "text": "eager HyperAdam"},
         {"key": "step:torch-adam-fused:resnet18", "metric": "time_s.median_s", "value": 0.40e-3, "text": "Adam fused"},
         {"key": "step:torch-adam-fused:mlp-9x20", "metric": "time_s.median_s", "value": 0.16e-3, "text": "Adam fused"},
         {"key": "meta:K=1", "metric": "inner_steps_per_s", "value": 76, "text": "meta-training, 1 task"},
@@ -362,16 +393,28 @@ def _rows_by_key(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def judge_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every :data:`TARGETS` entry with its measured value (None when not measured) and ``passed`` (None off CUDA)."""
+    """Every :data:`TARGETS` entry with its measured value (None when not measured) and ``passed`` (None off CUDA).
+
+    A target whose key names a learned optimizer (``step:hyperadam:resnet18``) is met by its best variant: the rows
+    of that ``family`` (``step:hyperadam[flat]:resnet18``, ...) compete, and the judged entry names the winner's
+    ``row`` and ``variant``."""
     rows = _rows_by_key(report)
     on_cuda = report["environment"]["device"] == "cuda"
     judged = []
     for target in TARGETS:
-        value = _lookup(rows[target.key], target.metric) if target.key in rows else None
-        passed = None
-        if on_cuda and value is not None:
-            passed = value <= target.limit if target.comparison == "<=" else value >= target.limit
-        judged.append({**dataclasses.asdict(target), "measured": value, "passed": passed})
+        candidates = [rows[target.key]] if target.key in rows else [r for r in rows.values()
+                                                                     if r.get("family") == target.key]
+        measured = [(value, row) for row in candidates if (value := _lookup(row, target.metric)) is not None]
+        entry: dict[str, Any] = {**dataclasses.asdict(target), "measured": None, "passed": None}
+        if measured:
+            pick = min if target.comparison == "<=" else max
+            value, row = pick(measured, key=lambda pair: pair[0])
+            entry.update(measured=value, row=row["key"])
+            if "variant" in row:
+                entry["variant"] = row["variant"]
+            if on_cuda:
+                entry["passed"] = value <= target.limit if target.comparison == "<=" else value >= target.limit
+        judged.append(entry)
     return judged
 
 
@@ -393,11 +436,15 @@ class BenchConfig:
     table1_repeats: int = 1
     threads: int | None = None
     seed: int = 0
+    variants: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.sections if s not in SECTIONS]
         if unknown or not self.sections:
             raise ValueError(f"Invalid sections: {list(self.sections)} (expected some of {', '.join(SECTIONS)})")
+        if self.variants is not None and (not self.variants or any(v not in LEARNED_VARIANTS for v in self.variants)):
+            raise ValueError(f"Invalid variants: {list(self.variants)} (expected some of "
+                             f"{', '.join(LEARNED_VARIANTS)})")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"Invalid device: {self.device!r} (expected auto, cpu or cuda)")
         for name in ("repeats", "table1_seeds", "table1_repeats", "threads"):
@@ -421,6 +468,13 @@ class BenchConfig:
         """CPU threads for torch (None: torch's default). Quick mode uses 1: CI machines are small and shared, and
         two intra-op threads contending for a busy 2-core machine made a 0.5 ms Adam step take 80 ms (measured)."""
         return self.threads if self.threads is not None else (1 if self.quick else None)
+
+    @property
+    def learned_variants(self) -> tuple[str, ...]:
+        """The frozen-face variants timed for each learned optimizer (CUDA-only ones are dropped on a CPU)."""
+        if self.variants is not None:
+            return self.variants
+        return QUICK_VARIANTS if self.quick else tuple(LEARNED_VARIANTS)
 
     @property
     def learners(self) -> tuple[str, ...]:
@@ -469,7 +523,7 @@ class BenchConfig:
                 "meta_batches": list(self.meta_batches), "meta_overrides": self.meta_overrides,
                 "iteration_model": self.iteration_model, "table1_seeds": self.num_table1_seeds,
                 "table1_repeats": self.table1_repeats, "threads": self.num_threads, "seed": self.seed,
-                "dtype": "float32"}
+                "variants": list(self.learned_variants), "variant_rtol": VARIANT_RTOL, "dtype": "float32"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -530,16 +584,62 @@ def _kind(name: str) -> str:
 
 def build_optimizer(name: str, named_params: list[tuple[str, nn.Parameter]]) -> tuple[torch.optim.Optimizer,
                                                                                        ByteModel | None]:
-    """The optimizer ``name`` over ``named_params`` at its defaults, and its byte model (None if it has none)."""
-    if name in FRESH_LEARNED:
-        lopt = FRESH_LEARNED[name]()
-        return lopt.frozen(named_params), learned_byte_model(lopt)
+    """The hand-designed or ``torch.optim`` optimizer ``name`` over ``named_params`` at its defaults, and its byte
+    model (None if it has none). Learned optimizers are built per variant by :meth:`Bench.learned_face`."""
     if name in TORCH_ADAM:
         params = [p for _, p in named_params]
         opt = torch.optim.Adam(params, fused=True) if name == "torch-adam-fused" else torch.optim.Adam(params,
                                                                                                         foreach=True)
         return opt, HAND_DESIGNED_BYTES[name]
     return metaopt.make_optimizer(name, named_params), HAND_DESIGNED_BYTES.get(name)
+
+
+class VariantMismatchError(RuntimeError):
+    """A fast variant of a learned optimizer's face disagrees with its reference path: the benchmark stops."""
+
+
+def _relative(diff: float, scale: float) -> float:
+    return 0.0 if diff == 0 else (diff / scale if scale > 0 else math.inf)
+
+
+@torch.no_grad()
+def compare_with_reference(opt: torch.optim.Optimizer, model: nn.Module, reference: torch.optim.Optimizer,
+                           reference_model: nn.Module, generator: torch.Generator, label: str,
+                           steps: int = VARIANT_CHECK_STEPS, rtol: float = VARIANT_RTOL) -> dict[str, Any]:
+    """Step ``opt`` (a fast variant over ``model``) and ``reference`` (the reference face over ``reference_model``,
+    a copy of ``model`` with the same weights) ``steps`` times on the same random gradients (N(0, GRAD_SCALE²)),
+    and compare.
+
+    Returns the largest absolute differences of the parameters and of the state, and the largest relative one
+    (per tensor: to the largest entry of the reference's state field, or to how far the reference moved the
+    parameter). Raises :class:`VariantMismatchError`, naming ``label`` and the tensor, when that exceeds ``rtol``.
+    """
+    params, ref_params = list(model.parameters()), list(reference_model.parameters())
+    initial = [q.detach().clone() for q in ref_params]
+    device = params[0].device
+    for _ in range(steps):
+        for p, q in zip(params, ref_params):
+            p.grad = q.grad = torch.randn(p.shape, generator=generator, device=device) * GRAD_SCALE
+        opt.step()
+        reference.step()
+    worst: tuple[float, str] = (0.0, "")
+    abs_params = abs_state = 0.0
+    for i, (p, q, q0) in enumerate(zip(params, ref_params, initial)):
+        diff = float((p - q).abs().max())
+        abs_params = max(abs_params, diff)
+        worst = max(worst, (_relative(diff, float((q - q0).abs().max())), f"parameter {i}"))
+        for field, value in reference.state[q].items():
+            diff = float((opt.state[p][field] - value).abs().max())
+            abs_state = max(abs_state, diff)
+            worst = max(worst, (_relative(diff, float(value.abs().max())), f"state {field!r} of parameter {i}"))
+    for p in params:
+        p.grad = None
+    if worst[0] > rtol:
+        raise VariantMismatchError(
+            f"{label}: after {steps} steps the {worst[1]} differs from the reference path by {worst[0]:.3g} of its "
+            f"scale (tolerance {rtol:g}); a fast path that disagrees with the reference is not timed")
+    return {"steps": steps, "max_abs_diff_params": abs_params, "max_abs_diff_state": abs_state,
+            "max_rel_diff": worst[0], "rtol": rtol}
 
 
 def _stored_state_floats(opt: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
@@ -602,6 +702,11 @@ class Bench:
         self.config, self.device, self.log = config, device, log
         self.repeats, self.warmup = config.num_repeats, config.num_warmup
         self.names, self.skipped = optimizer_names(device)
+        self.variants = [v for v in config.learned_variants if device.type == "cuda" or v not in CUDA_VARIANTS]
+        for variant in config.learned_variants:
+            if variant not in self.variants:
+                self.skipped.update({f"{name}[{variant}]": "CUDA graphs need a CUDA device"
+                                     for name in self.names if name in FRESH_LEARNED})
         self.bandwidth: dict[str, Any] | None = None
         self._flush: torch.Tensor | None = None
 
@@ -623,6 +728,37 @@ class Bench:
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(self.config.seed + offset)
 
+    def cases(self) -> list[tuple[str, str, str | None]]:
+        """(row name, optimizer, variant) of each timed case: a learned optimizer once per face variant, as
+        ``hyperadam[flat]``; the others once, with variant None."""
+        cases: list[tuple[str, str, str | None]] = []
+        for name in self.names:
+            if name in FRESH_LEARNED:
+                cases += [(f"{name}[{variant}]", name, variant) for variant in self.variants]
+            else:
+                cases.append((name, name, None))
+        return cases
+
+    def learned_face(self, name: str, variant: str, model: nn.Module, check_offset: int
+                     ) -> tuple[torch.optim.Optimizer, LearnedOptimizer, dict[str, Any]]:
+        """A fresh learned optimizer ``name`` frozen over ``model`` in ``variant``, and what the row records about it:
+        its variant and, for a fast variant, its :func:`compare_with_reference` check (3 steps already taken; the
+        weights are restored afterwards, so every case still starts from the same ones)."""
+        lopt = FRESH_LEARNED[name]()
+        named = list(model.named_parameters())
+        opt = lopt.frozen(named, **LEARNED_VARIANTS[variant])
+        record: dict[str, Any] = {"learned": name, "variant": variant}
+        if variant != "reference":
+            weights = copy.deepcopy(model.state_dict())
+            reference_model = copy.deepcopy(model)
+            reference = lopt.frozen(list(reference_model.named_parameters()), **LEARNED_VARIANTS["reference"])
+            record["check"] = compare_with_reference(opt, model, reference, reference_model,
+                                                     self.generator(check_offset), f"{name}[{variant}]")
+            del reference, reference_model
+            model.load_state_dict(weights)
+            _release(self.device)
+        return opt, lopt, record
+
     # -- bandwidth -------------------------------------------------------------------------------------------------
 
     def measure_bandwidth(self) -> dict[str, Any]:
@@ -641,21 +777,28 @@ class Bench:
             num_params = sum(p.numel() for p in base.parameters())
             learners[learner_name] = {"num_params": num_params, "num_tensors": len(list(base.parameters())),
                                       "source": source}
-            for name in self.names:
-                self.log(f"step: {name} on {learner_name}")
-                row = {"key": f"step:{name}:{learner_name}", "optimizer": name, "learner": learner_name,
+            for row_name, name, variant in self.cases():
+                self.log(f"step: {row_name} on {learner_name}")
+                row = {"key": f"step:{row_name}:{learner_name}", "optimizer": row_name, "learner": learner_name,
                        "kind": _kind(name), "num_params": num_params}
-                rows.append(_guard(row, self.device, self._step_case, name, learner, base, num_params,
+                if variant is not None:
+                    row["family"] = f"step:{name}:{learner_name}"
+                rows.append(_guard(row, self.device, self._step_case, name, variant, learner, base, num_params,
                                    bandwidth["bytes_per_s"]))
             del base
             _release(self.device)
         return {"learners": learners, "grad_scale": GRAD_SCALE, "rows": rows}
 
-    def _step_case(self, name: str, learner: Learner, base: nn.Module, num_params: int,
+    def _step_case(self, name: str, variant: str | None, learner: Learner, base: nn.Module, num_params: int,
                    bytes_per_s: float) -> dict[str, Any]:
         model = copy.deepcopy(base).to(self.device)
         named = list(model.named_parameters())
-        opt, byte_model = build_optimizer(name, named)
+        result: dict[str, Any] = {}
+        if variant is None:
+            opt, byte_model = build_optimizer(name, named)
+        else:
+            opt, lopt, result = self.learned_face(name, variant, model, check_offset=5)
+            byte_model = learned_byte_model(lopt)
         closure = bool(getattr(opt, "requires_closure", False))
         if closure:
             gen = self.generator(1)
@@ -667,8 +810,8 @@ class Bench:
                 p.grad = torch.randn(p.shape, generator=gen, device=self.device) * GRAD_SCALE
             step = opt.step
         stats = self.time(step)
-        result: dict[str, Any] = {"includes_closure": closure, "time_s": stats,
-                                  "stored_state_floats": _stored_state_floats(opt, [p for _, p in named]) / num_params}
+        result.update(includes_closure=closure, time_s=stats,
+                      stored_state_floats=_stored_state_floats(opt, [p for _, p in named]) / num_params)
         if closure:
             result["note"] = "whole opt.step(closure): forward/backward passes included, so no memory roofline"
         elif byte_model is not None:
@@ -689,11 +832,13 @@ class Bench:
         batch = _random_batch(learner, self.config.batch_size, self.generator(3), self.device)
         val_batch = _random_batch(learner, self.config.batch_size, self.generator(4), self.device)
         rows = []
-        for name in self.names:
-            self.log(f"iteration: {name} on {learner.name}")
-            row = {"key": f"iteration:{name}:{learner.name}", "optimizer": name, "model": learner.name,
+        for row_name, name, variant in self.cases():
+            self.log(f"iteration: {row_name} on {learner.name}")
+            row = {"key": f"iteration:{row_name}:{learner.name}", "optimizer": row_name, "model": learner.name,
                    "kind": _kind(name)}
-            rows.append(_guard(row, self.device, self._iteration_case, name, base, batch, val_batch))
+            if variant is not None:
+                row["family"] = f"iteration:{name}:{learner.name}"
+            rows.append(_guard(row, self.device, self._iteration_case, name, variant, base, batch, val_batch))
         medians = {r["optimizer"]: r["time_s"]["median_s"] for r in rows if "time_s" in r}
         for row in rows:
             if row["optimizer"] not in medians:
@@ -709,10 +854,15 @@ class Bench:
         return {"model": learner.name, "source": source, "batch_size": self.config.batch_size,
                 "input_shape": list(learner.input_shape), "adam_reference": ADAM_REFERENCE, "rows": rows}
 
-    def _iteration_case(self, name: str, base: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+    def _iteration_case(self, name: str, variant: str | None, base: nn.Module,
+                        batch: tuple[torch.Tensor, torch.Tensor],
                         val_batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
         model = copy.deepcopy(base)  # every optimizer starts from the same weights
-        opt, _ = build_optimizer(name, list(model.named_parameters()))
+        result: dict[str, Any] = {}
+        if variant is None:
+            opt, _ = build_optimizer(name, list(model.named_parameters()))
+        else:
+            opt, _, result = self.learned_face(name, variant, model, check_offset=6)
         closure = bool(getattr(opt, "requires_closure", False))
         if closure:
             step = _step_fn(opt, model, batch, val_batch)
@@ -721,7 +871,7 @@ class Bench:
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(model(batch[0]), batch[1]).backward()
                 opt.step()
-        return {"includes_closure": closure, "time_s": self.time(step)}
+        return {**result, "includes_closure": closure, "time_s": self.time(step)}
 
     # -- 3. meta-training ------------------------------------------------------------------------------------------
 
@@ -887,10 +1037,12 @@ def _format(metric: str, value: float) -> str:
     return _ms(value)
 
 
-def _target_cell(targets: list[dict[str, Any]], key: str) -> str:
+def _target_cell(targets: list[dict[str, Any]], key: str, family: str | None = None) -> str:
+    """The targets of the row ``key``: a judged target shows on the row it was measured on (the best variant of a
+    learned optimizer), an unmeasured one on the row of its key or on every row of its family."""
     cells = []
     for t in targets:
-        if t["key"] == key:
+        if t.get("row", key) == key and t["key"] in (key, family):
             status = {True: ": pass", False: ": FAIL", None: ""}[t["passed"]]
             cells.append(f"{t['text']}{status}")
     return "; ".join(cells) or "–"
@@ -913,9 +1065,13 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines.append(f"Copy bandwidth (read + write): {bandwidth['bytes_per_s'] / 1e9:,.0f} GB/s.")
     header = ["", "| measurement | measured | roofline | ratio | target | anchor |", "|---|---|---|---|---|---|"]
 
-    def row(key: str, label: str, measured: str, roofline: str = "–", ratio: str = "–") -> str:
-        return (f"| {label} | {measured} | {roofline} | {ratio} | {_target_cell(targets, key)} | "
+    def row(key: str, label: str, measured: str, roofline: str = "–", ratio: str = "–",
+            family: str | None = None) -> str:
+        return (f"| {label} | {measured} | {roofline} | {ratio} | {_target_cell(targets, key, family)} | "
                 f"{_anchor_cell(anchors, key)} |")
+
+    def checked(r: dict[str, Any]) -> str:  # a fast variant's agreement with the reference path
+        return f" (Δ vs reference {r['check']['max_rel_diff']:.2g})" if "check" in r else ""
 
     titles = {"step": "Optimizer step (median; ratio = measured / memory roofline)",
               "iteration": "Training iteration: forward + backward + step",
@@ -929,22 +1085,23 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines += header
         for r in section.get("rows", []):
             key = r["key"]
+            family = r.get("family")
             if "error" in r:
-                lines.append(row(key, key, r["error"]))
+                lines.append(row(key, key, r["error"], family=family))
             elif name == "step":
-                label = f"{r['optimizer']} step on {r['learner']}" + (" (with closure)" if r.get("includes_closure")
-                                                                      else "")
+                label = (f"{r['optimizer']} step on {r['learner']}" + (" (with closure)" if r.get("includes_closure")
+                                                                       else "") + checked(r))
                 roofline = _ms(r["roofline_s"]) if "roofline_s" in r else "–"
                 ratio = f"{r['ratio_to_roofline']:.3g}×" if "ratio_to_roofline" in r else "–"
-                lines.append(row(key, label, _ms(r["time_s"]["median_s"]), roofline, ratio))
+                lines.append(row(key, label, _ms(r["time_s"]["median_s"]), roofline, ratio, family))
             elif name == "iteration":
                 ratios = []
                 if "ratio_to_adam" in r:
                     ratios.append(f"{r['ratio_to_adam']:.3g}× Adam")
                 if "ratio_to_base" in r:
                     ratios.append(f"{r['ratio_to_base']:.3g}× {r['base']}")
-                lines.append(row(key, f"{r['optimizer']} on {r['model']}", _ms(r["time_s"]["median_s"]),
-                                 ratio="; ".join(ratios) or "–"))
+                lines.append(row(key, f"{r['optimizer']} on {r['model']}{checked(r)}", _ms(r["time_s"]["median_s"]),
+                                 ratio="; ".join(ratios) or "–", family=family))
             elif name == "meta" and "truncations" in r:
                 lines.append(row(key, f"peak memory, truncation 1 vs {r['truncations']} (K = {r['meta_batch']})",
                                  f"{_gb(r['first_peak_bytes'])} → {_gb(r['last_peak_bytes'])}",
@@ -986,6 +1143,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for torch (default: torch's own; 1 with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, gradients and inputs (default: 0)")
+    parser.add_argument("--variants", default=None, metavar="VARIANT,...",
+                        help="variants of the learned optimizers' frozen face to time, of: "
+                             f"{', '.join(LEARNED_VARIANTS)} (default: all; {','.join(QUICK_VARIANTS)} with --quick, "
+                             "as compiling takes longer than the rest of a quick run; compiled-cudagraphs only on "
+                             "CUDA)")
     parser.add_argument("--render", default=None, metavar="FILE.json",
                         help="print the Markdown table of an earlier report and exit (runs nothing)")
     return parser.parse_args(argv)
@@ -1000,7 +1162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = BenchConfig(device=args.device, quick=args.quick,
                              sections=tuple(s.strip() for s in args.only.split(",") if s.strip()),
                              repeats=args.repeats, warmup=args.warmup, table1_seeds=args.table1_seeds,
-                             table1_repeats=args.table1_repeats, threads=args.threads, seed=args.seed)
+                             table1_repeats=args.table1_repeats, threads=args.threads, seed=args.seed,
+                             variants=None if args.variants is None else tuple(
+                                 v.strip() for v in args.variants.split(",") if v.strip()))
         resolve_device(config.device)
     except ValueError as err:
         raise SystemExit(f"python -m metaopt.bench: {err}") from None
