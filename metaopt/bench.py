@@ -29,7 +29,8 @@ Sections (``--only``):
 In the ``step`` and ``iteration`` sections, learned optimizers are timed in each variant of their frozen face
 (:data:`LEARNED_VARIANTS`, ``--variants``), one row each, named ``hyperadam[flat]``: ``reference`` (``fast=False``,
 the functional update on dicts), ``flat`` (the flat-state fast path, eager), ``compiled`` (``compile=True``) and, on
-CUDA, ``compiled-cudagraphs`` (``compile="reduce-overhead"``). Before a fast variant is timed it runs 3 steps next to
+CUDA, ``compiled-cudagraphs`` (``compile="reduce-overhead"``) and ``triton`` (``kernel=True``: one fused Triton kernel
+per step, :mod:`metaopt.learned.kernels`). Before a fast variant is timed it runs 3 steps next to
 the reference on the same gradients; the largest differences of parameters and state are recorded in the row
 (``check``) and a difference beyond :data:`VARIANT_RTOL` stops the run (:class:`VariantMismatchError`): a fast path
 that is wrong is not timed. The issue's targets for a learned optimizer judge its best variant (``variant`` in the
@@ -106,14 +107,15 @@ FRESH_LEARNED: dict[str, Callable[[], LearnedOptimizer]] = {
     "rnnprop": RNNprop,
 }
 # The variants of a learned optimizer's frozen face that the step and iteration sections time, as keyword arguments of
-# ``LearnedOptimizer.frozen``; CUDA graphs need a CUDA device.
+# ``LearnedOptimizer.frozen``; CUDA graphs and the compiled Triton kernels need a CUDA device.
 LEARNED_VARIANTS: dict[str, dict[str, Any]] = {
     "reference": {"fast": False},
     "flat": {"fast": True},
     "compiled": {"fast": True, "compile": True},
     "compiled-cudagraphs": {"fast": True, "compile": "reduce-overhead"},
+    "triton": {"fast": True, "kernel": True},
 }
-CUDA_VARIANTS = frozenset({"compiled-cudagraphs"})
+CUDA_VARIANTS = frozenset({"compiled-cudagraphs", "triton"})  # (the kernels run on a CPU only when interpreted)
 QUICK_VARIANTS = ("reference", "flat")  # compiling would take longer than the rest of a quick run (module docstring)
 VARIANT_CHECK_STEPS = 3
 # How far a fast variant may be from the reference after VARIANT_CHECK_STEPS steps, per tensor, relative to the
@@ -681,11 +683,19 @@ def _release(device: torch.device) -> None:
 def _guard(row: dict[str, Any], device: torch.device, case: Callable[..., dict[str, Any]],
            *args: Any) -> dict[str, Any]:
     """``row`` updated with ``case(*args)``; a CUDA out-of-memory error is recorded in the row instead and the run goes
-    on to the next case (any other error propagates)."""
+    on to the next case. So is any error of a fast variant of a learned face (a Triton kernel or a torch.compile graph
+    that fails to build on this machine): its row says why, and the other variants are still measured. A variant that
+    disagrees with the reference (:class:`VariantMismatchError`) and every other error propagate."""
     try:
         row.update(case(*args))
     except torch.cuda.OutOfMemoryError as err:
         row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+    except VariantMismatchError:
+        raise
+    except Exception as err:  # noqa: BLE001 - recorded, see the docstring
+        if row.get("variant") in (None, "reference"):
+            raise
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     _release(device)
     return row
 
@@ -705,7 +715,7 @@ class Bench:
         self.variants = [v for v in config.learned_variants if device.type == "cuda" or v not in CUDA_VARIANTS]
         for variant in config.learned_variants:
             if variant not in self.variants:
-                self.skipped.update({f"{name}[{variant}]": "CUDA graphs need a CUDA device"
+                self.skipped.update({f"{name}[{variant}]": "needs a CUDA device"
                                      for name in self.names if name in FRESH_LEARNED})
         self.bandwidth: dict[str, Any] | None = None
         self._flush: torch.Tensor | None = None
@@ -782,7 +792,7 @@ class Bench:
                 row = {"key": f"step:{row_name}:{learner_name}", "optimizer": row_name, "learner": learner_name,
                        "kind": _kind(name), "num_params": num_params}
                 if variant is not None:
-                    row["family"] = f"step:{name}:{learner_name}"
+                    row.update(family=f"step:{name}:{learner_name}", variant=variant)
                 rows.append(_guard(row, self.device, self._step_case, name, variant, learner, base, num_params,
                                    bandwidth["bytes_per_s"]))
             del base
@@ -837,7 +847,7 @@ class Bench:
             row = {"key": f"iteration:{row_name}:{learner.name}", "optimizer": row_name, "model": learner.name,
                    "kind": _kind(name)}
             if variant is not None:
-                row["family"] = f"iteration:{name}:{learner.name}"
+                row.update(family=f"iteration:{name}:{learner.name}", variant=variant)
             rows.append(_guard(row, self.device, self._iteration_case, name, variant, base, batch, val_batch))
         medians = {r["optimizer"]: r["time_s"]["median_s"] for r in rows if "time_s" in r}
         for row in rows:

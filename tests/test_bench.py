@@ -294,3 +294,22 @@ def test_help_documents_every_flag(capsys):
     for flag in ("--quick", "--device", "--out", "--only", "--repeats", "--warmup", "--markdown", "--render",
                  "--table1-seeds", "--table1-repeats", "--threads", "--seed", "--variants"):
         assert flag in text
+
+
+def test_a_failing_fast_variant_is_recorded_and_the_run_goes_on():
+    def broken():
+        raise RuntimeError("triton: compilation failed\nlong log")
+
+    device = torch.device("cpu")
+    row = bench._guard({"key": "step:hyperadam[triton]:mlp-9x20", "variant": "triton"}, device, broken)
+    assert row["error"] == "RuntimeError: triton: compilation failed"
+    with pytest.raises(RuntimeError, match="compilation failed"):  # the reference and non-learned rows still fail
+        bench._guard({"key": "step:hyperadam[reference]:mlp-9x20", "variant": "reference"}, device, broken)
+    with pytest.raises(RuntimeError, match="compilation failed"):
+        bench._guard({"key": "step:adam:mlp-9x20"}, device, broken)
+
+    def mismatch():
+        raise bench.VariantMismatchError("hyperadam[triton]: differs")
+
+    with pytest.raises(bench.VariantMismatchError):  # a wrong fast path always stops the run
+        bench._guard({"key": "step:hyperadam[triton]:mlp-9x20", "variant": "triton"}, device, mismatch)

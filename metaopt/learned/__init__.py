@@ -14,7 +14,7 @@ def _pretrained_factory(name: str):
         return from_pretrained(name).frozen(params, lr=lr, nonfinite=nonfinite, **face_options)
 
     make.__doc__ = (f"The pretrained {name!r} from checkpoints/{name}, frozen, as a torch.optim.Optimizer; "
-                    "face_options go to its frozen() (fast=, compile= for HyperAdam, DMoptimizer, RNNprop).")
+                    "face_options go to its frozen() (fast=, compile=, kernel= for HyperAdam, DMoptimizer, RNNprop).")
     return make
 
 

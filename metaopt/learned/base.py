@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from metaopt.core import CoreOptimizer, FunctionalOptimizer, check_range
 from metaopt.learned.cells import flatten, unflatten
+from metaopt.learned import kernels
 from metaopt.learned.fast import FlatGroupState, compile_flat_step, flat_step
 
 Params = dict[str, Tensor]
@@ -89,10 +90,11 @@ class LearnedOptimizer(nn.Module, abc.ABC):
     # -- the frozen face ---------------------------------------------------------------------------------------------
 
     def frozen(self, params, lr: float | None = None, *, nonfinite: str = "skip", fast: bool = True,
-               compile: bool | str = False) -> torch.optim.Optimizer:
-        """This optimizer with θ frozen, as a ``torch.optim.Optimizer`` over ``params`` (``fast`` and ``compile``: see
-        :class:`FrozenLearnedOptimizer`)."""
-        return FrozenLearnedOptimizer(params, self, lr=lr, nonfinite=nonfinite, fast=fast, compile=compile)
+               compile: bool | str = False, kernel: bool = False) -> torch.optim.Optimizer:
+        """This optimizer with θ frozen, as a ``torch.optim.Optimizer`` over ``params`` (``fast``, ``compile`` and
+        ``kernel``: see :class:`FrozenLearnedOptimizer`)."""
+        return FrozenLearnedOptimizer(params, self, lr=lr, nonfinite=nonfinite, fast=fast, compile=compile,
+                                      kernel=kernel)
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
 
@@ -275,10 +277,13 @@ class FrozenLearnedOptimizer(CoreOptimizer):
             Compiles on the first step of each param group, and again only when its number of coordinates, dtype or
             device changes (``lr`` is a tensor input); equal to the reference within float32 rounding (fused kernels
             reorder reductions), not bit for bit.
+        kernel: ``True`` runs the fast step as one fused Triton kernel per param group (:mod:`metaopt.learned.kernels`:
+            each state field read and written once; CUDA, float32, the configurations listed there, checked here).
+            Equal to the reference within float32 rounding. Excludes ``compile``.
     """
 
     def __init__(self, params, lopt: LearnedOptimizer, lr: float | None = None, *, nonfinite: str = "skip",
-                 fast: bool = True, compile: bool | str = False):
+                 fast: bool = True, compile: bool | str = False, kernel: bool = False):
         lr = lopt.lr if lr is None else lr
         check_range("learning rate", lr)
         if not isinstance(compile, (bool, str)):
@@ -287,12 +292,22 @@ class FrozenLearnedOptimizer(CoreOptimizer):
         if compile is not False and not (fast and coordinatewise):
             raise ValueError(f"Invalid compile: {compile!r} (compiling needs fast=True and a coordinatewise learned "
                              f"optimizer; {type(lopt).__name__} with fast={fast!r})")
+        if kernel and (compile is not False or not (fast and coordinatewise)):
+            raise ValueError(f"Invalid kernel: True needs fast=True, compile=False and a coordinatewise learned "
+                             f"optimizer ({type(lopt).__name__} with fast={fast!r}, compile={compile!r})")
         self.lopt = lopt.eval().requires_grad_(False)
         self.fast = bool(fast) and coordinatewise
-        self.compile = compile
-        self._flat_step = compile_flat_step(compile) if compile is not False else flat_step
+        self.compile, self.kernel = compile, bool(kernel)
+        if self.kernel:
+            self._flat_step = kernels.kernel_step
+        else:
+            self._flat_step = compile_flat_step(compile) if compile is not False else flat_step
         self._flat_groups: dict[int, FlatGroupState] = {}  # id(param group) -> its flat state
         super().__init__(params, dict(lr=lr), nonfinite=nonfinite)
+        if self.kernel:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    kernels.check_supported(self.lopt, p.device, p.dtype)
 
     def rule(self, group: dict[str, Any]) -> FunctionalOptimizer:
         self._lopt_on(group["params"][0].device)
@@ -343,6 +358,8 @@ class FrozenLearnedOptimizer(CoreOptimizer):
     def _rebuild(self, group: dict[str, Any], live: list[Tensor], grad: Tensor,
                  old: FlatGroupState | None) -> FlatGroupState:
         """New flat buffers for the group's parameters with a gradient, from ``self.state`` (the source of truth)."""
+        if self.kernel:  # also covers groups added after construction
+            kernels.check_supported(self.lopt, grad.device, grad.dtype)
         names, params = self.named_params(group)
         live_ids = {id(p) for p in live}
         live_names = [n for n, p in zip(names, params) if id(p) in live_ids]
