@@ -83,6 +83,7 @@ import meta_tasks
 import metaopt
 from meta_tasks import models
 from meta_tasks.datasets import DatasetNotFoundError
+from metaopt.environment import device_name
 from metaopt.evaluate import SUITES, evaluate_suite
 from metaopt.learned import LEARNED_NAMES, DMOptimizer, HyperAdam, LearnedOptimizer, RNNprop
 from metaopt.meta import MetaConfig, MetaTrainer, preset
@@ -984,20 +985,10 @@ def git_commit() -> dict[str, Any]:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
-def _cpu_name() -> str:
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        if match:
-            return match.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     git = git_commit()
     return {"device": device.type,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "device_name": device_name(device),
             "torch": torch.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
             "python": platform.python_version(), "metaopt": metaopt.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 import metaopt
+from metaopt.environment import device_name
 from metaopt.evaluate import report
 from metaopt.evaluate.runner import (TUNE_SEED_OFFSET, Run, RunConfig, build_tasks, run_grid, run_lrs_opt,
                                      tune_learning_rates)
@@ -230,8 +230,7 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
 
     sweep = report.sweep_points(runs, suite.sweep, {s.label: s.x for s in specs}) if suite.sweep else []
     meta = {"suite": suite.name, "description": suite.description, "steps": steps, "seeds": seed_list,
-            "device": device, "device_name": (torch.cuda.get_device_name(device) if device.startswith("cuda")
-                                              else platform.processor() or "cpu"),
+            "device": device, "device_name": device_name(device),
             "torch": torch.__version__, "metaopt": metaopt.__version__, "dataset": dataset,
             "tasks": {s.label: {"name": s.name, "options": dict(s.options), "train_size": s.train_size}
                       for s in specs},
