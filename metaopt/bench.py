@@ -1147,8 +1147,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default=None, metavar="VARIANT,...",
                         help="variants of the learned optimizers' frozen face to time, of: "
                              f"{', '.join(LEARNED_VARIANTS)} (default: all; {','.join(QUICK_VARIANTS)} with --quick, "
-                             "as compiling takes longer than the rest of a quick run; compiled-cudagraphs only on "
-                             "CUDA)")
+                             "as compiling takes longer than the rest of a quick run; "
+                             f"{' and '.join(sorted(CUDA_VARIANTS))} only on CUDA)")
     parser.add_argument("--render", default=None, metavar="FILE.json",
                         help="print the Markdown table of an earlier report and exit (runs nothing)")
     return parser.parse_args(argv)
