@@ -112,7 +112,8 @@ def get_task(name: str, *, dataset: str = "fashion-mnist", data_root: str | None
 
     Image tasks load ``dataset`` (held on ``device``) and accept architecture ``options`` (e.g. ``depth=`` for
     ``mlp-deep``, ``hidden=`` for ``ffnn``, ``channels=`` for the CNNs). ``lstm-sine*`` take ``hidden=``;
-    ``quadratic`` takes ``dim=`` (10) and ``seed=`` (0) for its W and y. Unknown names raise ``ValueError`` listing
+    ``quadratic`` takes ``dim=`` (10) and ``seed=`` (0) for its W and y, and ``scale=`` (1) for its loss. Unknown
+    names raise ``ValueError`` listing
     :data:`TASKS`.
     """
     if name in _IMAGE_TASKS:
@@ -128,10 +129,10 @@ def get_task(name: str, *, dataset: str = "fashion-mnist", data_root: str | None
         return SineRegressionTask(name, learner, datasets.SineSequences(noise_std), batch_size=batch_size,
                                   init_std=init_std, device=device)
     if name == "quadratic":
-        dim, seed = options.pop("dim", 10), options.pop("seed", 0)
+        dim, seed, scale = options.pop("dim", 10), options.pop("seed", 0), options.pop("scale", 1.0)
         if options:
             raise TypeError(f"get_task('quadratic'): unexpected options {sorted(options)}")
-        return QuadraticTask.sample(torch.Generator().manual_seed(seed), dim=dim, device=device)
+        return QuadraticTask.sample(torch.Generator().manual_seed(seed), dim=dim, device=device, scale=scale)
     raise ValueError(f"Unknown task {name!r}. Valid names: {', '.join(TASKS)}")
 
 

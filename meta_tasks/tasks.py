@@ -138,22 +138,27 @@ class SineRegressionTask(LearnerTask):
 
 
 class QuadraticTask(Task):
-    """f(θ) = ‖Wθ − y‖² with W ∈ R^{d×d}, y ∈ R^d drawn from N(0, 1) per instance (Andrychowicz et al. 2016, Sec. 3.1).
+    """f(θ) = s‖Wθ − y‖² with W ∈ R^{d×d}, y ∈ R^d drawn from N(0, 1) per instance (Andrychowicz et al. 2016, Sec.
+    3.1) and a fixed loss scale s (1 by default; a smaller one keeps hypergradient methods, whose rate updates grow
+    with the square of the gradients, stable at their default hyper-parameters).
 
-    Deterministic (batches are empty); ``init`` draws θ₀ ~ N(0, 1). Used for meta-gradient checks and as a cheap
-    task family (:class:`QuadraticFamily`).
+    Deterministic (batches are empty); ``init`` draws θ₀ ~ N(0, 1). Used for meta-gradient checks, golden tests and as
+    a cheap task family (:class:`QuadraticFamily`).
     """
 
-    def __init__(self, W: Tensor, y: Tensor, name: str = "quadratic"):
+    def __init__(self, W: Tensor, y: Tensor, name: str = "quadratic", scale: float = 1.0):
         if W.dim() != 2 or W.shape[0] != y.shape[0]:
             raise ValueError(f"QuadraticTask needs W (m, d) and y (m,), got {tuple(W.shape)} and {tuple(y.shape)}")
-        self.name, self.W, self.y = name, W, y
+        if not scale > 0:
+            raise ValueError(f"Invalid scale: {scale} (expected > 0)")
+        self.name, self.W, self.y, self.scale = name, W, y, scale
 
     @classmethod
-    def sample(cls, generator: torch.Generator, dim: int = 10, device: torch.device | str = "cpu") -> "QuadraticTask":
+    def sample(cls, generator: torch.Generator, dim: int = 10, device: torch.device | str = "cpu",
+               scale: float = 1.0) -> "QuadraticTask":
         W = torch.randn(dim, dim, generator=generator, device=generator.device).to(device)
         y = torch.randn(dim, generator=generator, device=generator.device).to(device)
-        return cls(W, y)
+        return cls(W, y, scale=scale)
 
     @property
     def device(self) -> torch.device:
@@ -172,7 +177,8 @@ class QuadraticTask(Task):
 
     def loss(self, params: Params, batch: Batch, buffers: Params | None = None) -> Tensor:
         residual = self.W @ params["theta"] - self.y
-        return (residual * residual).sum()
+        loss = (residual * residual).sum()
+        return loss if self.scale == 1.0 else self.scale * loss
 
     @torch.no_grad()
     def evaluate(self, params: Params, split: str = "test", buffers: Params | None = None) -> dict[str, float]:

@@ -41,24 +41,28 @@ def golden_loss(source: Any, run: dict[str, Any] | None = None) -> float:
     from metaopt.evaluate import train
 
     run = dict(GOLDEN_RUN if run is None else run)
-    task = meta_tasks.get_task(run["task"], dim=run["dim"], seed=run["task_seed"])
+    task = meta_tasks.get_task(run["task"], dim=run["dim"], seed=run["task_seed"], **run.get("task_options", {}))
     with torch.random.fork_rng(devices=[]):
         return train(task, "golden", run.get("hparams", {}), run["seed"], run["steps"], source=source,
                      splits=()).losses[-1]
 
 
-def write_golden(directory: str | os.PathLike[str], lr: float | None = None) -> dict[str, Any]:
+def write_golden(directory: str | os.PathLike[str], lr: float | None = None,
+                 loss_scale: float | None = None) -> dict[str, Any]:
     """Compute and store ``golden.json`` for the checkpoint in ``directory``.
 
-    ``lr`` overrides the checkpoint's step size for the golden run (recorded as ``hparams``): a rule meta-trained at
-    a rate that diverges on the golden quadratic (marthe-learned-mu at η_0 = 0.1) would fingerprint as NaN, which
-    detects nothing. A non-finite golden loss is refused."""
+    ``lr`` overrides the checkpoint's step size for the golden run (recorded as ``hparams``) and ``loss_scale``
+    multiplies the golden quadratic's loss (recorded as ``task_options``): a rule that diverges on the quadratic
+    would fingerprint as NaN, which detects nothing. MARTHE's adaptive hypergradient step grows with the square of
+    the gradients and blows η up within three steps on the unscaled quadratic at any η_0 (measured for
+    marthe-learned-mu and the hand-designed marthe alike), hence the scale. A non-finite golden loss is refused."""
     directory = Path(directory)
-    run = {**GOLDEN_RUN, **({"hparams": {"lr": lr}} if lr is not None else {})}
+    run = {**GOLDEN_RUN, **({"hparams": {"lr": lr}} if lr is not None else {}),
+           **({"task_options": {"scale": loss_scale}} if loss_scale is not None else {})}
     loss = golden_loss(str(directory), run)
     if not math.isfinite(loss):
         raise ValueError(f"{directory}: the golden run ends at a non-finite loss ({loss}), which fingerprints "
-                         "nothing; pass a smaller step size (--golden-lr)")
+                         "nothing; pass a smaller step size (--golden-lr) or loss scale (--golden-loss-scale)")
     record = {**run, "final_loss": loss, "torch": torch.__version__}
     (directory / GOLDEN_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -234,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--title", help="the card's heading (default: name, class and task family)")
     add("--golden-lr", type=float, default=None,
         help="step size of the golden run (default: the checkpoint's; for rules whose rate diverges there)")
+    add("--golden-loss-scale", type=float, default=None,
+        help="scale of the golden quadratic's loss (default 1; for rules whose hypergradient steps diverge there)")
     return parser
 
 
@@ -247,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if missing:
             parser.error(f"--card needs {' and '.join(missing)}")
     for path in args.directories:
-        print(path, write_golden(path, lr=args.golden_lr))
+        print(path, write_golden(path, lr=args.golden_lr, loss_scale=args.golden_loss_scale))
     if args.card:
         notes = Path(args.notes_file).read_text() if args.notes_file else ""
         card = write_card(args.directories[0], args.run_dir, command=args.command, device_note=args.device_note,

@@ -29,6 +29,14 @@ def test_committed_checkpoint_loads_by_name_and_reproduces_its_golden_loss(name)
     assert golden_loss(name, golden) == pytest.approx(golden["final_loss"], rel=1e-5)
 
 
+def test_golden_run_records_its_step_size_and_loss_scale(tmp_path):
+    directory = HyperAdam(num_candidates=3).save_pretrained(tmp_path / "ckpt")
+    record = write_golden(directory, lr=0.001, loss_scale=0.01)
+    assert record["hparams"] == {"lr": 0.001} and record["task_options"] == {"scale": 0.01}
+    assert golden_loss(str(directory), record) == record["final_loss"] != golden_loss(str(directory))
+    assert json.loads(Path(directory, GOLDEN_FILE).read_text()) == record
+
+
 def test_golden_loss_is_deterministic_and_detects_a_changed_weight(tmp_path):
     lopt = HyperAdam(num_candidates=3)
     directory = lopt.save_pretrained(tmp_path / "ckpt")

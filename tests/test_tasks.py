@@ -110,6 +110,11 @@ def test_quadratic_task_and_family():
     fam = meta_tasks.get_family("quadratic", dim=5)
     t1, t2 = fam.sample(gen(0)), fam.sample(gen(0))
     assert torch.equal(t1.W, t2.W) and not torch.equal(t1.W, fam.sample(gen(1)).W)
+    scaled = meta_tasks.get_task("quadratic", dim=5, seed=3, scale=0.01)  # the same W, y; the loss times 0.01
+    assert torch.equal(scaled.W, task.W) and torch.equal(scaled.y, task.y)
+    assert torch.allclose(scaled.loss({"theta": theta}, scaled.sample_batch(gen(0))), 0.01 * loss)
+    with pytest.raises(ValueError, match="Invalid scale"):
+        meta_tasks.get_task("quadratic", scale=0.0)
 
 
 def test_choice_family_draws_from_the_generator():
