@@ -56,6 +56,25 @@ def test_cli_rejects_unknown_optimizer():
         evaluate.main(["--optimizers", "adamw-typo", "--seeds", "1", "--steps", "1"])
 
 
+@pytest.mark.parametrize("argv, batched", [(["--device", "cpu"], False), (["--device", "cuda"], True),
+                                            (["--device", "cpu", "--batch"], True),
+                                            (["--device", "cuda", "--no-batch"], False)])
+def test_cli_batches_seeds_on_cuda_and_loops_on_cpu_unless_told(monkeypatch, argv, batched):
+    """The vmapped all-seeds loop is the default on CUDA only: on a 2-core CPU, 30 seeds of hyperadam on mlp-sigmoid
+    took 482 s batched and 136 s seed by seed (same results); --batch / --no-batch override the default."""
+    from metaopt.evaluate import cli
+
+    seen = {}
+
+    def fake_run_suite(suite, **kwargs):
+        seen.update(kwargs)
+        return type("Result", (), {"report": ""})()
+
+    monkeypatch.setattr(cli, "run_suite", fake_run_suite)
+    assert cli.main([*argv, "--quiet"]) == 0
+    assert seen["batched"] is batched
+
+
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--help"])
