@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            device=device, dataset=args.dataset, checkpoints=args.checkpoints,
                            skip_missing=args.skip_missing, tune=args.tune, tune_seeds=args.tune_seeds,
                            quick=args.quick, reference=args.reference,
-                           batched=device.startswith("cuda") if args.batch is None else args.batch,
+                           batched=args.batch,
                            eval_every=args.eval_every, eval_size=args.eval_size,
                            lrs_outer_steps=args.lrs_outer_steps, lrs_outer_lr=args.lrs_outer_lr, out=args.out,
                            progress=not args.quiet, command=["python", "-m", "metaopt.evaluate", *argv])
