@@ -350,7 +350,8 @@ def test_every_suite_runs_in_reduced_form(name, tmp_path):
     if name != "hyperadam-table2" and datasets.find_dataset("fashion-mnist") is None:
         pytest.skip("real Fashion-MNIST not installed (bash .ci/setup)")
     result = evaluate.run_suite(suite, seeds=2, steps=2, quick=True, tune=name in CHEAP_TO_TUNE, tune_seeds=1,
-                                eval_size=64, sources=_instances(suite), out=tmp_path, progress=False)
+                                eval_size=64, sources=_instances(suite), out=tmp_path, progress=False,
+                                batched=True)  # the vmapped path (CUDA's default) in reduced form too
     labels = suite.quick_optimizers or tuple(suite.optimizers)
     tasks = suite.quick_tasks or tuple(s.label for s in suite.task_specs)
     lrs_runs = len(tasks) * min(2, suite.lrs_opt.seeds) if suite.lrs_opt else 0
