@@ -78,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate on the first N held-out examples only (default: the whole split)")
     add("--batch", action=argparse.BooleanOptionalAction, default=None,
         help="run all seeds of a learned optimizer in one vmapped loop (--batch) or seed by seed (--no-batch); "
-             "default: batched on CUDA, seed by seed on a CPU, where the vmapped loop over many seeds is slower "
-             "(its state no longer fits in cache)")
+             "default: batched on CUDA, seed by seed on a CPU, where the vmapped loop measured slower")
     add("--lrs-outer-steps", type=_non_negative, default=None, metavar="K",
         help="LRS-OPT iterations (marthe-schedules; default the paper's 5000)")
     add("--lrs-outer-lr", type=float, default=None, metavar="LR", help="LRS-OPT step size (default 0.1)")
@@ -98,8 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_suite(suite, optimizers=args.optimizers, tasks=args.tasks, seeds=args.seeds, steps=args.steps,
                            device=device, dataset=args.dataset, checkpoints=args.checkpoints,
                            skip_missing=args.skip_missing, tune=args.tune, tune_seeds=args.tune_seeds,
-                           quick=args.quick, reference=args.reference,
-                           batched=args.batch,
+                           quick=args.quick, reference=args.reference, batched=args.batch,
                            eval_every=args.eval_every, eval_size=args.eval_size,
                            lrs_outer_steps=args.lrs_outer_steps, lrs_outer_lr=args.lrs_outer_lr, out=args.out,
                            progress=not args.quiet, command=["python", "-m", "metaopt.evaluate", *argv])
