@@ -261,17 +261,19 @@ def test_memory_stays_flat_over_200_truncations(tmp_path):
     assert live_tensors() <= before + 5
 
 
-def test_nonfinite_meta_gradient_is_skipped_and_theta_untouched(tmp_path, monkeypatch):
-    trainer = MetaTrainer(tiny_config(), tmp_path)
+@pytest.mark.parametrize("fused", [False, True])
+def test_nonfinite_meta_gradient_is_skipped_and_theta_untouched(tmp_path, monkeypatch, fused):
+    trainer = MetaTrainer(tiny_config(fused=fused), tmp_path)
     trainer.meta_step_once()
     before, adam_before = theta(trainer), {k: v.clone() for k, v in trainer.outer.state_dict()["state"][0].items()}
-    original = trainer.lopt.step_flat
+    method = "fused_step" if fused else "step_flat"
+    original = getattr(trainer.lopt, method)
 
-    def poisoned(grad, state):
-        d, s = original(grad, state)
+    def poisoned(grad, state, *args, **kwargs):
+        d, s = original(grad, state, *args, **kwargs)
         return d * float("nan"), s
 
-    monkeypatch.setattr(trainer.lopt, "step_flat", poisoned)
+    monkeypatch.setattr(trainer.lopt, method, poisoned)
     metrics = trainer.meta_step_once()
     assert metrics["skipped"] == 1
     assert all(torch.equal(v, theta(trainer)[k]) for k, v in before.items())

@@ -219,6 +219,19 @@ class CoordinatewiseOptimizer(LearnedOptimizer):
     def step_flat(self, grad: Tensor, state: NamedTuple) -> tuple[Tensor, NamedTuple]:
         """The update direction d (n,) for the flat gradient ``grad`` (n,), and the new state (w ← w − α d)."""
 
+    @property
+    def has_fused_step(self) -> bool:
+        """Whether :meth:`fused_step` exists for this configuration (meta-training then uses it by default)."""
+        return False
+
+    def fused_step(self, grad: Tensor, state: tuple[Tensor, ...],
+                   compiled: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """:meth:`step_flat` for a batch of instances at once, through a cell with a hand-written backward that keeps
+        only its inputs (:mod:`metaopt.learned.fused`): ``grad`` (..., n), state fields (..., n, k) in the order of
+        the state NamedTuple. Equal to :meth:`step_flat` per instance within float rounding, meta-gradients too;
+        ``compiled`` runs the cell through ``torch.compile`` (:func:`metaopt.learned.fused.bodies`)."""
+        raise TypeError(f"{type(self).__name__} with this configuration has no fused step (has_fused_step is False)")
+
     def init(self, params: Params) -> NamedTuple:
         names = list(params)
         n = sum(p.numel() for p in params.values())

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metaopt.learned import fused
 from metaopt.learned.base import CoordinatewiseOptimizer, register_learned
 from metaopt.learned.cells import LSTMCellParams, rms_normalize, safe_sqrt
 
@@ -127,6 +128,16 @@ class HyperAdam(CoordinatewiseOptimizer):
         zeros = like.new_zeros(n, J)
         return HyperAdamState(like.new_zeros(n, width), like.new_zeros(n, width), zeros, zeros.clone(),
                               zeros.clone(), zeros.clone())
+
+    @property
+    def has_fused_step(self) -> bool:
+        return self.lstm is not None and self.pre is not None  # the ablations without them take the reference path
+
+    def fused_step(self, grad: Tensor, state: tuple[Tensor, ...],
+                   compiled: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
+        if not self.has_fused_step:
+            return super().fused_step(grad, state, compiled)
+        return fused.hyperadam_step(self, grad, state, MOMENT_EPS, compiled)
 
     def step_flat(self, grad: Tensor, state: HyperAdamState) -> tuple[Tensor, HyperAdamState]:
         g = grad.unsqueeze(-1)                                     # (n, 1)

@@ -39,7 +39,7 @@ from metaopt.meta.unroll import Slot, unroll
 
 STATE_FILE = "state.pt"
 STATE_VERSION = 1
-RESUMABLE_CHANGES = {"meta_steps", "checkpoint_every", "log_every"}  # fields a resumed run may change: not the maths
+RESUMABLE_CHANGES = {"meta_steps", "checkpoint_every", "log_every", "fused", "compile"}  # not the maths
 
 
 class TrainingStateError(RuntimeError):
@@ -133,7 +133,8 @@ class MetaTrainer:
         for indices in groups.values():
             out = unroll(self.lopt, [self.slots[i] for i in indices], config.truncation, lr=config.lr,
                          batch_size=config.batch_size, meta_loss=config.meta_loss, second_order=config.second_order,
-                         loss_clip=config.loss_clip or None, recompute=config.recompute)
+                         loss_clip=config.loss_clip or None, recompute=config.recompute,
+                         fused=config.fused, compile=config.compile)
             meta_losses.append(out.meta_losses)
             inner_losses.append(out.inner_loss * len(indices))
             for j, i in enumerate(indices):

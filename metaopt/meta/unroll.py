@@ -51,7 +51,8 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import tree_map
 
 from meta_tasks.base import Batch, Task
-from metaopt.learned.base import LearnedOptimizer
+from metaopt.learned.base import CoordinatewiseOptimizer, LearnedOptimizer
+from metaopt.learned.fused import flatten_coordinates, from_meta_layout, to_meta_layout
 
 Params = dict[str, Tensor]
 META_LOSSES = ("mean", "last", "val")
@@ -114,13 +115,19 @@ def _merge(results: list[tuple[list[int], UnrollResult]], k: int) -> UnrollResul
 
 def unroll(lopt: LearnedOptimizer, slots: list[Slot], steps: int, *, lr: float | None = None,
            batch_size: int | None = None, meta_loss: str = "mean", second_order: bool = False,
-           loss_clip: float | None = None, recompute: bool = False, vectorized: bool = True) -> UnrollResult:
+           loss_clip: float | None = None, recompute: bool = False, vectorized: bool = True,
+           fused: bool = True, compile: bool = False) -> UnrollResult:
     """Run ``steps`` inner steps on ``slots`` (instances of one task configuration) and return their meta-losses.
 
     ``vectorized=False`` runs the same maths instance by instance in a Python loop (the reference that the vmapped
     path is tested against). The slots are not modified; the caller stores the returned parameters and states.
     ``recompute=True`` trades one more update forward per inner step for not storing the update's intermediates
-    (module docstring).
+    (module docstring). ``fused=True`` (default) steps a coordinatewise optimizer that has a fused cell
+    (``has_fused_step``) through it, all instances in one call, its state kept in one flat tensor per field for the
+    whole truncation (:mod:`metaopt.learned.fused`: it keeps only each update's inputs and recomputes, so
+    ``recompute`` does not apply); ``False``
+    forces the reference path (vmapped ``update``), which the fused one is tested equal to. ``compile=True`` runs
+    the fused cell through ``torch.compile`` (:func:`metaopt.learned.fused.bodies`).
     Optimizers with the protocol of the module docstring get their static step count and oracles.
     """
     if meta_loss not in META_LOSSES:
@@ -129,7 +136,7 @@ def unroll(lopt: LearnedOptimizer, slots: list[Slot], steps: int, *, lr: float |
     if any(s.task.base() is not base for s in slots):
         raise ValueError("unroll() needs instances of one task configuration; group slots by task.base()")
     options = dict(lr=lr, batch_size=batch_size, meta_loss=meta_loss, second_order=second_order, loss_clip=loss_clip,
-                   recompute=recompute)
+                   recompute=recompute, fused=fused, compile=compile)
     if not vectorized:
         results = [unroll(lopt, [s], steps, **options, vectorized=True) for s in slots]
         return UnrollResult(torch.cat([r.meta_losses for r in results]),
@@ -154,30 +161,43 @@ def unroll(lopt: LearnedOptimizer, slots: list[Slot], steps: int, *, lr: float |
     batch_dims = Batch(0, 0, None)
 
     loss_fn: Callable[..., Tensor] = vmap(lambda p, b, d: task.loss_with(p, b, d), in_dims=(0, batch_dims, 0))
+    names = list(params)
+    use_fused = (fused and count is None and not oracles and isinstance(lopt, CoordinatewiseOptimizer)
+                 and lopt.has_fused_step)
+    if use_fused:  # the state of all instances as one (K, n, width) tensor per field, for the whole truncation
+        state_type, fields = type(opt_state), to_meta_layout(opt_state, names, lead=1)
+        sizes = [params[n][0].numel() for n in names]
+        alpha = lopt.lr if lr is None else lr
 
     terms, inner_losses = [], []
     loss = loss_fn(params, _batches(slots, "train", batch_size), draws)
     for i in range(steps):
-        names = list(params)
         leaves = [params[n] for n in names]
         grads = torch.autograd.grad(loss.sum(), leaves, retain_graph=True, create_graph=second_order or oracles)
-        extra: dict[str, Any] = {} if count is None else {"step": count + i}
-        batched: dict[str, Params] = {}
-        if oracles:
-            batched = _oracles(lopt, loss_fn, params, grads, opt_state, _batches(slots, "val", batch_size), draws,
-                               second_order)
-            if not second_order:
-                grads = tuple(g.detach() for g in grads)
-        # ``extra`` is bound now: with recompute=True the function runs again during the backward, after the loop
-        update_fn = vmap(lambda g, s, p, o, extra=extra: lopt.update(g, s, p, lr=lr, **extra, **o))
-        inputs = (dict(zip(names, grads)), opt_state, params, batched)
-        updates, opt_state = (checkpoint(update_fn, *inputs, use_reentrant=False) if recompute
-                              else update_fn(*inputs))
-        params = {n: params[n] + updates[n] for n in names}
+        if use_fused:
+            direction, fields = lopt.fused_step(flatten_coordinates(grads, lead=1), fields, compiled=compile)
+            moves = (-alpha * direction).split(sizes, dim=-1)
+            params = {n: params[n] + d.view_as(params[n]) for n, d in zip(names, moves)}
+        else:
+            extra: dict[str, Any] = {} if count is None else {"step": count + i}
+            batched: dict[str, Params] = {}
+            if oracles:
+                batched = _oracles(lopt, loss_fn, params, grads, opt_state, _batches(slots, "val", batch_size),
+                                   draws, second_order)
+                if not second_order:
+                    grads = tuple(g.detach() for g in grads)
+            # ``extra`` is bound now: with recompute=True the function runs again during the backward, after the loop
+            update_fn = vmap(lambda g, s, p, o, extra=extra: lopt.update(g, s, p, lr=lr, **extra, **o))
+            inputs = (dict(zip(names, grads)), opt_state, params, batched)
+            updates, opt_state = (checkpoint(update_fn, *inputs, use_reentrant=False) if recompute
+                                  else update_fn(*inputs))
+            params = {n: params[n] + updates[n] for n in names}
         loss = loss_fn(params, _batches(slots, "train", batch_size), draws)  # L_{t+1}(w_{t+1})
         inner_losses.append(loss.detach())
         term = loss_fn(params, _batches(slots, "val", batch_size), draws) if meta_loss == "val" else loss
         terms.append(term.clamp(max=loss_clip) if loss_clip is not None else term)
+    if use_fused:
+        opt_state = from_meta_layout(fields, state_type, params, names, lead=1)
     stacked = torch.stack(terms)  # (steps, K)
     meta_losses = stacked[-1] if meta_loss == "last" else stacked.mean(0)
     return UnrollResult(meta_losses, float(torch.stack(inner_losses).mean()), unstack(params, k), unstack(opt_state, k))

@@ -1,0 +1,206 @@
+"""The fused meta-training cells (metaopt.learned.fused) against the reference cells they replace.
+
+The reference is autograd through ``HyperAdam.step_flat`` (and the vmapped unroll through ``update``); the fused cell
+has a hand-written backward. Compared in float64 (forward, every input's and θ's gradient, float64 gradcheck against
+finite differences), under vmap, through the whole unroll (meta-losses and meta-gradients, first and second order),
+and compiled (float32 rounding).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import meta_tasks
+from meta_tasks.tricks import hyperadam_tricks
+from metaopt.learned import HyperAdam
+from metaopt.learned import fused
+from metaopt.learned.fused import HyperAdamCell, hyperadam_step, hyperadam_theta
+from metaopt.meta.unroll import Slot, unroll
+
+EPS = 1e-24
+
+
+def _random_state(lopt: HyperAdam, lead: tuple[int, ...], n: int, generator: torch.Generator,
+                  dtype=torch.float64) -> list[torch.Tensor]:
+    """A state a few steps into a run: LSTM fields of either sign, positive moments / accumulators in (0, 1]."""
+    J = lopt.num_candidates
+    s = torch.randn(*lead, n, J, generator=generator, dtype=dtype) * 0.5
+    c = torch.randn(*lead, n, J, generator=generator, dtype=dtype)
+    m = torch.randn(*lead, n, J, generator=generator, dtype=dtype) * 0.1
+    v = torch.rand(*lead, n, J, generator=generator, dtype=dtype) * 0.01
+    bh = torch.rand(*lead, n, J, generator=generator, dtype=dtype) * 0.9 + 0.1
+    gh = torch.rand(*lead, n, J, generator=generator, dtype=dtype) * 0.9 + 0.1
+    return [s, c, m, v, bh, gh]
+
+
+def _reference(lopt: HyperAdam, grad: torch.Tensor, state: list[torch.Tensor]):
+    """step_flat per instance of the leading dimension, stacked."""
+    state_type = type(lopt.init_flat(1, grad))
+    outs = [lopt.step_flat(grad[b], state_type(*(f[b] for f in state))) for b in range(grad.shape[0])]
+    return torch.stack([o[0] for o in outs]), [torch.stack([o[1][i] for o in outs]) for i in range(6)]
+
+
+@pytest.mark.parametrize("J,n,lead", [(3, 11, 2), (5, 40, 1), (20, 64, 3)])
+def test_fused_hyperadam_equals_the_reference_and_its_gradients(J, n, lead):
+    gen = torch.Generator().manual_seed(J * 100 + n)
+    torch.manual_seed(J)
+    lopt = HyperAdam(num_candidates=J).double()
+    grad = torch.randn(lead, n, generator=gen, dtype=torch.float64)
+    grad[0, : n // 4] = 0.0  # coordinates without a gradient: the safe square roots' zero derivatives
+    grad.requires_grad_()
+    state = [f.requires_grad_() for f in _random_state(lopt, (lead,), n, gen)]
+    state[3].data[0, :2] = 0.0  # v = 0 somewhere: u = 0 inside the moment field's root
+    d_ref, s_ref = _reference(lopt, grad, state)
+    d_fused, s_fused = hyperadam_step(lopt, grad, state, EPS)
+    torch.testing.assert_close(d_fused, d_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(s_fused, s_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    cotangents = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (d_ref, *s_ref)]
+    inputs = [grad, *state, *lopt.parameters()]
+
+    def vjp(outputs):
+        total = sum((o * w).sum() for o, w in zip(outputs, cotangents))
+        return torch.autograd.grad(total, inputs)
+
+    for a, b in zip(vjp([d_fused, *s_fused]), vjp([d_ref, *s_ref])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_hyperadam_passes_gradcheck():
+    gen = torch.Generator().manual_seed(1)
+    lopt = HyperAdam(num_candidates=3).double()
+    grad = torch.randn(2, 6, generator=gen, dtype=torch.float64).requires_grad_()
+    state = [f.requires_grad_() for f in _random_state(lopt, (2,), 6, gen)]
+    theta = [t.detach().clone().requires_grad_() for t in hyperadam_theta(lopt)]
+    assert torch.autograd.gradcheck(lambda g, *t: HyperAdamCell.apply(EPS, False, g, *t), (grad, *state, *theta))
+
+
+def test_fused_hyperadam_gradient_of_only_some_outputs():
+    """Unused outputs get no cotangent (None, not materialized zeros); the rest of the backward is unchanged."""
+    gen = torch.Generator().manual_seed(2)
+    lopt = HyperAdam(num_candidates=4).double()
+    grad = torch.randn(1, 9, generator=gen, dtype=torch.float64)
+    state = _random_state(lopt, (1,), 9, gen)
+    d_ref, _ = _reference(lopt, grad, state)
+    d_fused, _ = hyperadam_step(lopt, grad, state, EPS)
+    for a, b in zip(torch.autograd.grad(d_fused.square().sum(), list(lopt.parameters())),
+                    torch.autograd.grad(d_ref.square().sum(), list(lopt.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_hyperadam_under_vmap_equals_the_batched_call():
+    gen = torch.Generator().manual_seed(3)
+    lopt = HyperAdam(num_candidates=4).double()
+    grad = torch.randn(3, 10, generator=gen, dtype=torch.float64)
+    state = _random_state(lopt, (3,), 10, gen)
+    batched_d, batched_state = hyperadam_step(lopt, grad, state, EPS)
+    mapped_d, mapped_state = torch.func.vmap(lambda g, *s: hyperadam_step(lopt, g, s, EPS))(grad, *state)
+    torch.testing.assert_close(mapped_d, batched_d)
+    for a, b in zip(mapped_state, batched_state):
+        torch.testing.assert_close(a, b)
+    # and θ's gradient through vmap
+    weights = [torch.randn(batched_d.shape, generator=gen, dtype=torch.float64)]
+    g_batched = torch.autograd.grad((batched_d * weights[0]).sum(), list(lopt.parameters()))
+    mapped_d = torch.func.vmap(lambda g, *s: hyperadam_step(lopt, g, s, EPS)[0])(grad, *state)
+    g_mapped = torch.autograd.grad((mapped_d * weights[0]).sum(), list(lopt.parameters()))
+    for a, b in zip(g_mapped, g_batched):
+        torch.testing.assert_close(a, b)
+
+
+def test_meta_layout_round_trip():
+    lopt = HyperAdam(num_candidates=2)
+    params = {"w": torch.randn(3, 4, 5), "b": torch.randn(3, 5), "z": torch.randn(3, 1)}
+    state = type(lopt.init({"w": params["w"][0]}))(*({n: torch.randn(*p.shape, 2) for n, p in params.items()}
+                                                     for _ in range(6)))
+    fields = fused.to_meta_layout(state, list(params), lead=1)
+    assert all(f.shape == (3, 4 * 5 + 5 + 1, 2) for f in fields)
+    back = fused.from_meta_layout(fields, type(state), params, list(params), lead=1)
+    for a, b in zip(back, state):
+        for n in params:
+            assert torch.equal(a[n], b[n])
+    flat = fused.flatten_coordinates([params[n] for n in params], lead=1)
+    assert torch.equal(flat[:, :20], params["w"].reshape(3, 20)) and torch.equal(flat[:, 25:], params["z"])
+
+
+def _slots(task_count: int = 3) -> list[Slot]:
+    base = meta_tasks.get_task("quadratic", dim=6)
+    out = []
+    for i in range(task_count):
+        gen = torch.Generator().manual_seed(10 + i)
+        task = hyperadam_tricks(base, gen, convex_k=3)
+        params = task.init(gen)
+        out.append(Slot(i, task, params, None, 0, torch.Generator().manual_seed(20 + i)))
+    return out
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_fused_unroll_equals_the_reference_unroll(second_order):
+    """Meta-losses, carried state and the meta-gradient of the fused path equal the vmapped reference's (float32)."""
+    torch.manual_seed(0)
+    lopt = HyperAdam(num_candidates=4)
+    results = {}
+    for use_fused in (False, True):
+        slots = _slots()
+        for s in slots:
+            s.opt_state = lopt.init(s.params)
+        out = unroll(lopt, slots, 4, lr=0.05, second_order=second_order, fused=use_fused)
+        meta_grad = torch.autograd.grad(out.meta_losses.sum(), list(lopt.parameters()))
+        results[use_fused] = (out, meta_grad)
+    (ref, ref_grad), (fast, fast_grad) = results[False], results[True]
+    torch.testing.assert_close(fast.meta_losses, ref.meta_losses, rtol=1e-5, atol=1e-6)
+    scale = max(g.abs().max().item() for g in ref_grad)  # float32: entries that nearly cancel are compared in absolute
+    for a, b in zip(fast_grad, ref_grad):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+    for state_a, state_b in zip(fast.opt_states, ref.opt_states):
+        for field_a, field_b in zip(state_a, state_b):
+            for n in field_b:
+                torch.testing.assert_close(field_a[n], field_b[n], rtol=1e-5, atol=1e-6)
+
+
+def test_hyperadam_ablations_without_lstm_or_preprocessing_take_the_reference_path():
+    assert HyperAdam(num_candidates=2).has_fused_step
+    for kwargs in (dict(use_lstm=False), dict(preprocess=False)):
+        lopt = HyperAdam(num_candidates=2, **kwargs)
+        assert not lopt.has_fused_step
+        with pytest.raises(TypeError, match="no fused step"):
+            lopt.fused_step(torch.zeros(1, 3), ())
+        slots = _slots(2)
+        for s in slots:
+            s.opt_state = lopt.init(s.params)
+        assert torch.isfinite(unroll(lopt, slots, 2, lr=0.05).meta_losses).all()
+
+
+def test_compiled_fused_cell_equals_the_eager_one():
+    """torch.compile (inductor) of both bodies: float32 rounding apart, the same outputs and gradients."""
+    gen = torch.Generator().manual_seed(4)
+    lopt = HyperAdam(num_candidates=4)
+    grad = torch.randn(2, 33, generator=gen)
+    state = _random_state(lopt, (2,), 33, gen, dtype=torch.float32)
+    results = []
+    for compiled in (False, True):
+        d, new_state = hyperadam_step(lopt, grad, state, EPS, compiled=compiled)
+        loss = d.square().sum() + sum(f.sum() for f in new_state)
+        results.append((d, new_state, torch.autograd.grad(loss, list(lopt.parameters()))))
+    assert not fused._COMPILE_FAILED, fused._COMPILE_FAILED
+    (d0, s0, g0), (d1, s1, g1) = results
+    torch.testing.assert_close(d1, d0, rtol=1e-4, atol=1e-5)
+    for a, b in zip((*s1, *g1), (*s0, *g0)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_cell(monkeypatch):
+    def broken(*args):
+        raise torch._dynamo.exc.BackendCompilerFailed(broken, RuntimeError("no C++ compiler"), None)
+
+    eager = fused._EAGER["hyperadam"]
+    monkeypatch.setitem(fused._COMPILED, "hyperadam", tuple(fused._guarded(broken, fn) for fn in eager))
+    monkeypatch.setattr(fused, "_COMPILE_FAILED", [])
+    gen = torch.Generator().manual_seed(5)
+    lopt = HyperAdam(num_candidates=2)
+    grad = torch.randn(1, 7, generator=gen)
+    state = _random_state(lopt, (1,), 7, gen, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="no C.. compiler"):
+        d, _ = hyperadam_step(lopt, grad, state, EPS, compiled=True)
+    torch.testing.assert_close(d, hyperadam_step(lopt, grad, state, EPS)[0])
+    assert fused._COMPILE_FAILED
