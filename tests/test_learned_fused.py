@@ -41,18 +41,19 @@ def _reference(lopt: HyperAdam, grad: torch.Tensor, state: list[torch.Tensor]):
     return torch.stack([o[0] for o in outs]), [torch.stack([o[1][i] for o in outs]) for i in range(6)]
 
 
-@pytest.mark.parametrize("J,n,lead", [(3, 11, 2), (5, 40, 1), (20, 64, 3)])
-def test_fused_hyperadam_equals_the_reference_and_its_gradients(J, n, lead):
+@pytest.mark.parametrize("J,n,lead,normalize", [(3, 11, 2, False), (5, 40, 1, True), (20, 64, 3, False),
+                                               (20, 64, 2, True)])
+def test_fused_hyperadam_equals_the_reference_and_its_gradients(J, n, lead, normalize):
     gen = torch.Generator().manual_seed(J * 100 + n)
     torch.manual_seed(J)
-    lopt = HyperAdam(num_candidates=J).double()
+    lopt = HyperAdam(num_candidates=J, normalize_state=normalize).double()
     grad = torch.randn(lead, n, generator=gen, dtype=torch.float64)
     grad[0, : n // 4] = 0.0  # coordinates without a gradient: the safe square roots' zero derivatives
     grad.requires_grad_()
     state = [f.requires_grad_() for f in _random_state(lopt, (lead,), n, gen)]
     state[3].data[0, :2] = 0.0  # v = 0 somewhere: u = 0 inside the moment field's root
     d_ref, s_ref = _reference(lopt, grad, state)
-    d_fused, s_fused = hyperadam_step(lopt, grad, state, EPS)
+    d_fused, s_fused = lopt.fused_step(grad, state)
     torch.testing.assert_close(d_fused, d_ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(s_fused, s_ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -67,13 +68,14 @@ def test_fused_hyperadam_equals_the_reference_and_its_gradients(J, n, lead):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_fused_hyperadam_passes_gradcheck():
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fused_hyperadam_passes_gradcheck(normalize):
     gen = torch.Generator().manual_seed(1)
-    lopt = HyperAdam(num_candidates=3).double()
+    lopt = HyperAdam(num_candidates=3, normalize_state=normalize).double()
     grad = torch.randn(2, 6, generator=gen, dtype=torch.float64).requires_grad_()
     state = [f.requires_grad_() for f in _random_state(lopt, (2,), 6, gen)]
     theta = [t.detach().clone().requires_grad_() for t in hyperadam_theta(lopt)]
-    assert torch.autograd.gradcheck(lambda g, *t: HyperAdamCell.apply(EPS, False, g, *t), (grad, *state, *theta))
+    assert torch.autograd.gradcheck(lambda g, *t: HyperAdamCell.apply(EPS, False, normalize, g, *t), (grad, *state, *theta))
 
 
 def test_fused_hyperadam_gradient_of_only_some_outputs():

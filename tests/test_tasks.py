@@ -9,7 +9,7 @@ import meta_tasks
 from meta_tasks import datasets
 from meta_tasks.base import Batch
 from meta_tasks.tasks import QuadraticTask
-from meta_tasks.tricks import CONVEX_KEY, ConvexCombination, RandomScaling, hyperadam_tricks
+from meta_tasks.tricks import CONVEX_CLIP, CONVEX_KEY, ConvexCombination, GaussianInit, RandomScaling, hyperadam_tricks
 
 HAVE_FMNIST = datasets.find_dataset("fashion-mnist") is not None
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="real Fashion-MNIST not installed (bash .ci/setup)")
@@ -170,6 +170,45 @@ def test_convex_term_minimum_is_at_eta():
     assert torch.allclose(gz, 2 * (z - cc.eta) / 20)
     assert float(cc.convex_term(z.detach())) > 0
     assert cc.evaluate(p)["loss"] == task.evaluate({"theta": p["theta"]})["loss"]
+
+
+def test_official_convex_term_is_the_authors_clipped_mean_from_zero():
+    """style="official" (../shared/specs/hyperadam-official.md): η ~ U(-1, 1), z0 = 0, h = mean(clip((z - η)², 0, 10)),
+    so the gradient vanishes on coordinates whose residual is past the clip."""
+    task = quad64()
+    cc = ConvexCombination(task, k=2000, generator=gen(4), style="official")
+    assert cc.eta.min() >= -1 and cc.eta.max() <= 1 and cc.eta.std() == pytest.approx((1 / 3) ** 0.5, rel=0.1)
+    p = cc.init(gen(5))
+    assert torch.equal(p[CONVEX_KEY], torch.zeros(2000))
+    assert float(cc.convex_term(p[CONVEX_KEY])) == pytest.approx(float((cc.eta ** 2).mean()), rel=1e-6)
+    z = torch.zeros(2000, dtype=torch.float32)
+    z[:1000] = cc.eta[:1000] + 5.0  # residual 25 > 10: clipped
+    z.requires_grad_()
+    h = cc.convex_term(z)
+    (gz,) = torch.autograd.grad(h, z)
+    assert float(h) == pytest.approx((1000 * CONVEX_CLIP + float((cc.eta[1000:] ** 2).sum())) / 2000, rel=1e-5)
+    assert torch.equal(gz[:1000], torch.zeros(1000))
+    assert torch.allclose(gz[1000:], 2 * (z[1000:] - cc.eta[1000:]).detach() / 2000)
+    with pytest.raises(ValueError, match="convex style"):
+        ConvexCombination(task, k=3, generator=gen(0), style="nope")
+
+
+def test_gaussian_init_draws_every_parameter_biases_included():
+    task = meta_tasks.get_task("quadratic", dim=300)
+    wrapped = GaussianInit(task, std=0.1)
+    p = wrapped.init(gen(1))
+    assert p.keys() == task.init(gen(1)).keys()
+    assert float(p["theta"].std()) == pytest.approx(0.1, rel=0.15) and abs(float(p["theta"].mean())) < 0.03
+    empty = Batch(torch.empty(0), torch.empty(0))
+    assert torch.equal(wrapped.loss(p, empty), task.loss(p, empty))
+    assert wrapped.base() is task.base()  # instances still vectorize with the plain task's
+    inst = hyperadam_tricks(task, gen(2), init_std=0.1, convex_style="official")
+    q = inst.init(gen(3))
+    rs = inst.inner.inner  # RS(z) ∘ CC ∘ RS(w) ∘ GaussianInit
+    assert isinstance(rs.inner, GaussianInit)
+    assert torch.allclose(q["theta"] * rs.scales["theta"], GaussianInit(task, 0.1).init(gen(3))["theta"])
+    with pytest.raises(ValueError, match="std"):
+        GaussianInit(task, std=0.0)
 
 
 def test_tricks_compose_with_per_instance_draws():

@@ -126,10 +126,10 @@ def hyperadam_theta(lopt) -> HyperAdamTheta:
 
 
 def _hyperadam_forward(grad: Tensor, state: Sequence[Tensor], theta: HyperAdamTheta, eps: float,
-                       keep: bool = False) -> tuple[Any, ...]:
+                       normalize_state: bool = False, keep: bool = False) -> tuple[Any, ...]:
     """HyperAdam's step (module docstring of :mod:`metaopt.learned.hyperadam`) in the meta layout: ``grad``
     (..., n), ``state`` = (s, c, m, v, β̂, γ̂) each (..., n, J). Returns (d, *new_state), and with ``keep`` also the
-    intermediates the backward needs."""
+    intermediates the backward needs. ``normalize_state``: s / rms(s) per candidate before the decay layers."""
     s0, c0, m0, v0, bh0, gh0 = state
     J = m0.shape[-1]
     # StateCell: ĝ = g / rms(g); x = ELU(W_p ĝ + b_p); (s, c) = LSTM(x, (s0, c0))
@@ -148,7 +148,8 @@ def _hyperadam_forward(grad: Tensor, state: Sequence[Tensor], theta: HyperAdamTh
     # AdamCell: m' = tanh(m0 / rms(m0)) per candidate; β, γ = σ([m', s] θ + b)
     qm, rm = _rms_denominator(m0, -2)
     mt = torch.tanh(m0 / rm)
-    features = torch.cat([mt, s], dim=-1)
+    qs, rs = _rms_denominator(s, -2) if normalize_state else (None, None)
+    features = torch.cat([mt, s / rs if normalize_state else s], dim=-1)
     z = _linear(theta.decay_weight, features) + theta.decay_bias           # (..., n, 2J)
     beta, gamma = torch.sigmoid(z).chunk(2, dim=-1)
     g = grad.unsqueeze(-1)
@@ -168,15 +169,16 @@ def _hyperadam_forward(grad: Tensor, state: Sequence[Tensor], theta: HyperAdamTh
     if not keep:
         return out
     return out, dict(qg=qg, rg=rg, gn=gn, pre_weight=pre_weight, x=x, xs=xs, si=si, sf=sf, so=so, tg=tg, tc=tc, qm=qm,
-                     rm=rm, mt=mt, features=features, beta=beta, gamma=gamma, g=g, a=a, u=u, root=root, field=field,
+                     rm=rm, mt=mt, qs=qs, rs=rs, features=features, beta=beta, gamma=gamma, g=g, a=a, u=u, root=root, field=field,
                      rho=rho)
 
 
 def _hyperadam_backward(grad: Tensor, state: Sequence[Tensor], theta: HyperAdamTheta, eps: float,
-                        douts: Sequence[Tensor | None], need_grad: bool) -> tuple[Any, ...]:
+                        douts: Sequence[Tensor | None], need_grad: bool,
+                        normalize_state: bool = False) -> tuple[Any, ...]:
     """Gradients of the outputs' cotangents ``douts`` (for d, s, c, m, v, β̂, γ̂; None = zero) w.r.t. the inputs
     (grad if ``need_grad``, the six state fields) and θ, recomputing the forward first."""
-    (_, s, _, _, _, bh, gh), k = _hyperadam_forward(grad, state, theta, eps, keep=True)
+    (_, s, _, _, _, bh, gh), k = _hyperadam_forward(grad, state, theta, eps, normalize_state, keep=True)
     s0, c0, m0, v0, bh0, gh0 = state
     J = m0.shape[-1]
     dd, ds_out, dc_out, dm_out, dv_out, dbh_out, dgh_out = douts
@@ -211,7 +213,7 @@ def _hyperadam_backward(grad: Tensor, state: Sequence[Tensor], theta: HyperAdamT
     mt = k["mt"]
     d_decay_weight, d_decay_bias = _weight_grad(dz, k["features"]), _row_sum(dz)
     dmt, ds_decay = _linear(theta.decay_weight.T, dz).split(J, dim=-1)
-    ds = ds + ds_decay
+    ds = ds + (_rms_backward(ds_decay, s, k["qs"], k["rs"], -2) if normalize_state else ds_decay)
     dm0 = dm0 + _rms_backward(dmt * (1 - mt * mt), m0, k["qm"], k["rm"], -2)
     # LSTM (gate order i, f, g, o)
     si, sf, so, tg, tc = k["si"], k["sf"], k["so"], k["tg"], k["tc"]
@@ -234,8 +236,8 @@ def _hyperadam_backward(grad: Tensor, state: Sequence[Tensor], theta: HyperAdamT
 
 
 class HyperAdamCell(torch.autograd.Function):
-    """HyperAdam's update in the meta layout, saving only its inputs: ``apply(eps, compiled, grad, *state, *theta)``
-    → (d, s, c, m, v, β̂, γ̂), state fields (..., n, J). The backward recomputes the forward, then applies
+    """HyperAdam's update in the meta layout, saving only its inputs: ``apply(eps, compiled, normalize_state, grad,
+    *state, *theta)`` → (d, s, c, m, v, β̂, γ̂), state fields (..., n, J). The backward recomputes the forward, then applies
     :func:`_hyperadam_backward`'s derivatives; ``compiled`` runs both through :func:`bodies`.
 
     Saving the activations instead (the ten (n, J) outputs of the matrix products and transcendental functions) was
@@ -246,31 +248,31 @@ class HyperAdamCell(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(eps: float, compiled: bool, grad: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    def forward(eps: float, compiled: bool, normalize_state: bool, grad: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
         forward, _ = bodies("hyperadam", compiled and not _is_batched(grad))
-        return forward(grad, tensors[:6], HyperAdamTheta(*tensors[6:]), eps)
+        return forward(grad, tensors[:6], HyperAdamTheta(*tensors[6:]), eps, normalize_state)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.eps, ctx.compiled = inputs[0], inputs[1]
-        ctx.save_for_backward(*inputs[2:])
+        ctx.eps, ctx.compiled, ctx.normalize_state = inputs[:3]
+        ctx.save_for_backward(*inputs[3:])
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, *douts: Tensor | None):
         grad, *tensors = ctx.saved_tensors
         if all(d is None for d in douts):
-            return (None,) * (3 + len(tensors))
+            return (None,) * (4 + len(tensors))
         _, backward = bodies("hyperadam", ctx.compiled and not _is_batched(grad))
         dgrad, dstate, dtheta = backward(grad, tensors[:6], HyperAdamTheta(*tensors[6:]), ctx.eps, douts,
-                                         ctx.needs_input_grad[2])
-        return (None, None, dgrad, *dstate, *dtheta)
+                                         ctx.needs_input_grad[3], ctx.normalize_state)
+        return (None, None, None, dgrad, *dstate, *dtheta)
 
 
-def hyperadam_step(lopt, grad: Tensor, state: Sequence[Tensor], eps: float,
-                   compiled: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
+def hyperadam_step(lopt, grad: Tensor, state: Sequence[Tensor], eps: float, compiled: bool = False,
+                   normalize_state: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
     """HyperAdam's direction (..., n) and new state (six (..., n, J) fields) through :class:`HyperAdamCell`."""
-    direction, *new_state = HyperAdamCell.apply(eps, compiled, grad, *state, *hyperadam_theta(lopt))
+    direction, *new_state = HyperAdamCell.apply(eps, compiled, normalize_state, grad, *state, *hyperadam_theta(lopt))
     return direction, tuple(new_state)
 
 

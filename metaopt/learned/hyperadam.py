@@ -31,6 +31,11 @@ Choices where the paper is silent (each tested):
   ``init="random"`` (default) keeps those biases and draws every weight like ``nn.Linear`` / ``nn.LSTMCell``, so
   that every θ receives a meta-gradient from the first step.
 
+* ``normalize_state=True`` divides s_t by its root-mean-square over the coordinates, per candidate, before the
+  decay-rate layers (θ_u, θ_r; not the WeightCell), as the authors' code does (``../shared/specs/hyperadam-official.md``):
+  the LSTM's state then enters eqs. 4-5 at unit scale, like m'. Off by default, so that checkpoints written before the
+  option load unchanged; the ``hyperadam-paper`` preset turns it on.
+
 Ablations (Fig. 8): ``use_lstm=False`` makes the state the preprocessed gradient (no recurrence);
 ``preprocess=False`` feeds the normalized gradient to the LSTM without the FC + ELU layer.
 
@@ -78,10 +83,12 @@ class HyperAdam(CoordinatewiseOptimizer):
         init: "random" (default) or "adam" (an exact Adam at the start, see the module docstring).
         betas: the decay rates of the single candidate when J = 1 with ``init="adam"``.
         use_lstm, preprocess: the paper's ablation switches.
+        normalize_state: normalize s_t per candidate before the decay-rate layers (the authors' code; module docstring).
     """
 
     def __init__(self, num_candidates: int = 20, lr: float = 0.005, init: str = "random",
-                 betas: tuple[float, float] = (0.9, 0.999), use_lstm: bool = True, preprocess: bool = True):
+                 betas: tuple[float, float] = (0.9, 0.999), use_lstm: bool = True, preprocess: bool = True,
+                 normalize_state: bool = False):
         super().__init__()
         if num_candidates < 1:
             raise ValueError(f"Invalid num_candidates: {num_candidates} (expected >= 1)")
@@ -94,8 +101,11 @@ class HyperAdam(CoordinatewiseOptimizer):
                 raise ValueError(f"Invalid beta parameter at index {i}: {b} (expected a value in (0, 1))")
         J = num_candidates
         self.num_candidates, self.lr, self.use_lstm, self.preprocess = J, lr, use_lstm, preprocess
-        self._store_config(num_candidates=J, lr=lr, init=init, betas=list(betas), use_lstm=use_lstm,
-                           preprocess=preprocess)
+        self.normalize_state = bool(normalize_state)
+        config = dict(num_candidates=J, lr=lr, init=init, betas=list(betas), use_lstm=use_lstm, preprocess=preprocess)
+        if normalize_state:  # written only when on: configs of earlier checkpoints stay what they were
+            config["normalize_state"] = True
+        self._store_config(**config)
         self.pre = nn.Linear(1, J) if preprocess else None        # StateCell preprocessing, FC(1 -> J) + ELU
         self.lstm = LSTMCellParams(J if preprocess else 1, J) if use_lstm else None
         state_width = J if (use_lstm or preprocess) else 1
@@ -137,7 +147,7 @@ class HyperAdam(CoordinatewiseOptimizer):
                    compiled: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
         if not self.has_fused_step:
             return super().fused_step(grad, state, compiled)
-        return fused.hyperadam_step(self, grad, state, MOMENT_EPS, compiled)
+        return fused.hyperadam_step(self, grad, state, MOMENT_EPS, compiled, self.normalize_state)
 
     def step_flat(self, grad: Tensor, state: HyperAdamState) -> tuple[Tensor, HyperAdamState]:
         g = grad.unsqueeze(-1)                                     # (n, 1)
@@ -150,7 +160,8 @@ class HyperAdam(CoordinatewiseOptimizer):
         else:
             s, c = x, state.c
         # AdamCell
-        features = torch.cat([torch.tanh(rms_normalize(state.m)), s], dim=-1)
+        features = torch.cat([torch.tanh(rms_normalize(state.m)), rms_normalize(s) if self.normalize_state else s],
+                             dim=-1)
         beta = torch.sigmoid(self.decay_beta(features))
         gamma = torch.sigmoid(self.decay_gamma(features))
         m = beta * state.m + (1 - beta) * g

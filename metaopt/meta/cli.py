@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -23,11 +24,13 @@ import torch
 import torch.distributed as dist
 
 from metaopt.meta.config import PRESETS, MetaConfig, preset
-from metaopt.meta.trainer import MetaTrainer, resolve_device
+from metaopt.meta.campaign import Piece
+from metaopt.meta.trainer import STATE_FILE, MetaTrainer, resolve_device
 
 # The main job's budget: the hyperadam-paper preset, shortened to finish in about ten minutes on 2 CPU cores
 # (one instance: ~0.7 s per meta-step of 20 inner steps there), then a 10-seed Table-1 evaluation.
-MAIN_JOB = dict(preset="hyperadam-paper", meta_steps=600, meta_batch=1, val_every=100, run_dir="runs/main-job")
+MAIN_JOB = dict(preset="hyperadam-paper", meta_steps=600, meta_batch=1, val_every=100, val_tasks=4,
+                run_dir="runs/main-job")
 MAIN_JOB_BASELINES = {"adam": dict(lr=0.005), "adam-hd": dict(lr=0.005, hypergrad_lr=1e-7),
                       "sgd-hd": dict(lr=0.1, hypergrad_lr=1e-3), "cam-hd-adam": dict(lr=0.005, hypergrad_lr=1e-7)}
 
@@ -52,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     run.add_argument("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases logging")
     run.add_argument("--evaluate", action="store_true", help="after training, evaluate the export on Table-1 tasks")
+    run.add_argument("--campaign", default=None, metavar="DIR",
+                     help="continue the campaign in DIR (campaign.pt, pieces.json, log.jsonl; small, to commit): "
+                          "from the run directory's full state when there is one, else from DIR/campaign.pt, and "
+                          "write DIR at the end of this piece (metaopt.meta.campaign)")
     run.add_argument("--max-minutes", type=float, default=None,
                      help="stop cleanly after this much wall time (state saved; continue with --resume)")
     fields = parser.add_argument_group("configuration (override the preset; see metaopt.meta.MetaConfig)")
@@ -91,19 +98,24 @@ def train(args: argparse.Namespace) -> tuple[MetaTrainer, Path]:
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
     log, wandb_run = wandb_logger(args.wandb, run_dir, config) if rank0 else (None, None)
-    trainer = MetaTrainer(config, run_dir, device=device, resume=args.resume, logger=log)
+    resume = args.resume or (args.campaign is not None and (run_dir / STATE_FILE).is_file())
+    trainer = MetaTrainer(config, run_dir, device=device, resume=resume, logger=log)
+    piece = Piece(trainer, args.campaign) if args.campaign else None
+    if piece is not None:
+        print(f"campaign: {piece.begin()}", file=sys.stderr)
     started = time.time()
     metrics = trainer.run(max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     export = run_dir / args.export
     if rank0:
         summary = {**metrics, "wall_seconds": time.time() - started, "device": str(device)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if args.export == "best" and not export.is_dir():
-            raise SystemExit(f"--export best: no best/ checkpoint in {run_dir} (validation never ran; "
-                             "set --val-every)")
+        if piece is not None:
+            record = piece.end()
+            print(f"campaign: piece {record['piece']} wrote {args.campaign} (meta-steps {record['meta_step_from']}"
+                  f"-{record['meta_step_to']}, best validation score {record['best_val_score']:.4f})",
+                  file=sys.stderr)
         if args.out:
-            shutil.copytree(export, args.out, dirs_exist_ok=True)
-            print(f"exported {export} to {args.out}", file=sys.stderr)
+            _export(trainer, export, Path(args.out), args.export, campaign=piece is not None)
         if wandb_run is not None:
             if args.wandb == "online":
                 import wandb
@@ -113,6 +125,26 @@ def train(args: argparse.Namespace) -> tuple[MetaTrainer, Path]:
                 wandb_run.log_artifact(artifact)
             wandb_run.finish()
     return trainer, Path(args.out) if args.out else export
+
+
+def _export(trainer: MetaTrainer, export: Path, out: Path, which: str, campaign: bool) -> None:
+    """Copy ``export`` (the run's best/ or last/) to ``out``, refusing weights that validate worse than θ did before
+    its first meta-step (best/ never does: the initial θ is its first candidate)."""
+    if which == "best" and not export.is_dir():
+        if campaign and trainer.meta_step > 0 and math.isfinite(trainer.best_score):
+            print(f"no better validation score in this piece: {out} keeps the campaign's best "
+                  f"({trainer.best_score:.4f})", file=sys.stderr)
+            return
+        raise SystemExit(f"--export best: no best/ checkpoint in {trainer.run_dir} (validation never ran; "
+                         "set --val-every)")
+    if which == "last" and math.isfinite(trainer.initial_score):
+        score = trainer.validate()
+        if score > trainer.initial_score:
+            raise SystemExit(f"--export last: refusing to export {export}: it validates at {score:.4f}, worse than "
+                             f"its initialization ({trainer.initial_score:.4f}); export best instead "
+                             f"(--export best) or train further")
+    shutil.copytree(export, out, dirs_exist_ok=True)
+    print(f"exported {export} to {out}", file=sys.stderr)
 
 
 def evaluate_export(checkpoint: Path, seeds: int = 10, device: str = "cpu") -> str:
@@ -132,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     main_job = not argv
     if main_job:
         argv = ["--preset", MAIN_JOB["preset"], "--meta-steps", str(MAIN_JOB["meta_steps"]), "--meta-batch",
-                str(MAIN_JOB["meta_batch"]), "--val-every", str(MAIN_JOB["val_every"]), "--run-dir",
+                str(MAIN_JOB["meta_batch"]), "--val-every", str(MAIN_JOB["val_every"]), "--val-tasks",
+                str(MAIN_JOB["val_tasks"]), "--run-dir",
                 MAIN_JOB["run_dir"], "--evaluate"]
         if (Path(MAIN_JOB["run_dir"]) / "state.pt").is_file():
             argv.append("--resume")  # idempotent: a finished main job is not trained again

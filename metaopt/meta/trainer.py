@@ -92,10 +92,12 @@ class MetaTrainer:
         plain = family or meta_tasks.get_family(config.family, dataset=config.dataset, device=self.device)
         self.val_family = val_family or plain
         self.family = TransformedFamily(
-            plain, lambda task, gen: hyperadam_tricks(task, gen, config.rs_learner, config.rs_convex, config.convex_k))
+            plain, lambda task, gen: hyperadam_tricks(task, gen, config.rs_learner, config.rs_convex, config.convex_k,
+                                                      config.convex_style, config.learner_init_std))
         self.lopt = build_optimizer(config).to(self.device)
         self.outer = torch.optim.Adam(self.lopt.parameters(), lr=config.outer_lr)
         self.meta_step, self.skipped, self.best_score = 0, 0, math.inf
+        self.initial_score = math.inf  # θ's validation score before its first meta-step
         local = config.meta_batch // self.world
         self.slot_ids = list(range(self.rank * local, (self.rank + 1) * local))
         self.slots = [self._new_slot(i, 0, offset=self._offset(i)) for i in self.slot_ids]
@@ -155,6 +157,8 @@ class MetaTrainer:
         finite = bool(torch.isfinite(stats[0])) and all(bool(torch.isfinite(g).all()) for g in grads)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.lopt.parameters(), config.grad_clip or math.inf))
         if finite:
+            for group in self.outer.param_groups:
+                group["lr"] = config.outer_lr_at(self.meta_step)
             self.outer.step()
         else:
             self.skipped += 1  # neither theta nor Adam's moments see a non-finite meta-gradient
@@ -170,7 +174,7 @@ class MetaTrainer:
         self.meta_step += 1
         seconds = time.perf_counter() - start
         return {"meta_step": self.meta_step, "meta_loss": float(stats[0]), "inner_loss": float(stats[1]),
-                "grad_norm": grad_norm, "skipped": self.skipped,
+                "grad_norm": grad_norm, "skipped": self.skipped, "outer_lr": config.outer_lr_at(self.meta_step - 1),
                 "inner_steps_per_s": config.truncation * config.meta_batch / seconds}
 
     # -- validation --------------------------------------------------------------------------------------------------
@@ -215,7 +219,7 @@ class MetaTrainer:
         if config.val_every and self.meta_step == 0 and self.best_score == math.inf:
             # θ before any meta-step is a candidate too: a learned rule that starts at its hand-designed version
             # (cam-hd-learned-gamma, marthe-learned-mu) exports that start unless training beats it on validation.
-            self.best_score = self.validate()
+            self.best_score = self.initial_score = self.validate()
             if self.rank == 0:
                 self.lopt.save_pretrained(self.run_dir / "best")
             initial = {"initial_val_score": self.best_score}
@@ -286,7 +290,8 @@ class MetaTrainer:
                   "params": s.params, "opt_state": {f: dict(v) for f, v in zip(s.opt_state._fields, s.opt_state)},
                   "batch_gen": s.batch_gen.get_state()} for s in self.slots]
         return {"version": STATE_VERSION, "config": self.config.to_dict(), "meta_step": self.meta_step,
-                "skipped": self.skipped, "best_score": self.best_score, "theta": self.lopt.state_dict(),
+                "skipped": self.skipped, "best_score": self.best_score, "initial_score": self.initial_score,
+                "theta": self.lopt.state_dict(),
                 "outer": self.outer.state_dict(), "slots": slots}
 
     def save_state(self) -> None:
@@ -319,6 +324,7 @@ class MetaTrainer:
         self.lopt.load_state_dict(state["theta"])
         self.outer.load_state_dict(state["outer"])
         self.meta_step, self.skipped, self.best_score = state["meta_step"], state["skipped"], state["best_score"]
+        self.initial_score = state.get("initial_score", math.inf)
         for i, saved in enumerate(state["slots"]):
             slot = self._new_slot(self.slot_ids[i], saved["generation"])
             if slot.instance_seed != saved["instance_seed"]:
@@ -328,3 +334,50 @@ class MetaTrainer:
             slot.step = saved["step"]
             slot.batch_gen.set_state(saved["batch_gen"].cpu())
             self.slots[i] = slot
+
+    # -- the campaign state: what a fresh machine needs to continue a run ----------------------------------------------
+
+    def campaign_state(self) -> dict[str, Any]:
+        """The run without its inner instances: θ, the outer optimizer's state, the counters, the validation scores
+        and each slot's instance generation (~3x θ's size: tens of kB for HyperAdam). :meth:`load_campaign` continues
+        from it with every slot at a fresh instance of its next generation — an instance restarted at the start of
+        its horizon, which is the only difference to resuming from the full training state."""
+        if self.world > 1:
+            raise TrainingStateError("campaign states are written by single-process runs")
+        return {"version": STATE_VERSION, "kind": "campaign", "config": self.config.to_dict(),
+                "meta_step": self.meta_step, "skipped": self.skipped, "best_score": self.best_score,
+                "initial_score": self.initial_score, "theta": self.lopt.state_dict(), "outer": self.outer.state_dict(),
+                "generations": [s.generation for s in self.slots]}
+
+    def save_campaign(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`campaign_state` to ``path`` atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.campaign_state(), tmp)
+        os.replace(tmp, path)
+
+    def load_campaign(self, path: str | os.PathLike[str]) -> None:
+        """Continue the campaign saved at ``path`` (same configuration; ``meta_steps`` and the other
+        :data:`RESUMABLE_CHANGES` may differ)."""
+        path = Path(path)
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as err:
+            raise TrainingStateError(f"{path}: corrupt campaign state ({type(err).__name__}: {err}). Restore it from "
+                                     "git, or start the campaign over without it.") from None
+        if not isinstance(state, dict) or state.get("kind") != "campaign" or state.get("version") != STATE_VERSION:
+            raise TrainingStateError(f"{path}: not a metaopt campaign state of version {STATE_VERSION}")
+        changed = sorted(k for k, v in self.config.to_dict().items() if state["config"].get(k) != v)
+        if set(changed) - RESUMABLE_CHANGES:
+            raise TrainingStateError(f"{path}: the campaign was run with a different configuration (differs in "
+                                     f"{changed}); continue it with the same flags")
+        if len(state["generations"]) != len(self.slots):
+            raise TrainingStateError(f"{path}: {len(state['generations'])} slots saved, this run has "
+                                     f"{len(self.slots)} (meta_batch must stay the same)")
+        self.lopt.load_state_dict(state["theta"])
+        self.outer.load_state_dict(state["outer"])
+        self.meta_step, self.skipped = state["meta_step"], state["skipped"]
+        self.best_score, self.initial_score = state["best_score"], state["initial_score"]
+        self.slots = [self._new_slot(i, g + 1, offset=self._offset(i))
+                      for i, g in zip(self.slot_ids, state["generations"])]

@@ -1,0 +1,114 @@
+"""Meta-training campaigns: one run continued in pieces, each possibly on a fresh machine.
+
+A campaign directory (committed, small) holds what a piece needs to continue and what a model card reports:
+
+* ``campaign.pt`` — :meth:`MetaTrainer.campaign_state`: θ, the outer optimizer's state, the counters and validation
+  scores, each slot's instance generation (no inner instances: a new piece restarts them at their next generation);
+* ``pieces.json`` — one record per piece: meta-steps from/to, inner steps, wall and CPU seconds, threads, machine,
+  start and end time, the command line;
+* ``log.jsonl`` — every validation line and every 10th meta-step's metrics of every piece (the curves of the card).
+
+``train_meta.py --campaign DIR`` resumes from the run directory's full state when that exists (the same machine),
+else from ``DIR/campaign.pt``, else starts the campaign; at the end of the piece it writes all three.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metaopt.environment import cpu_name, device_name
+from metaopt.meta.trainer import STATE_FILE, MetaTrainer
+
+CAMPAIGN_FILE, PIECES_FILE, LOG_FILE = "campaign.pt", "pieces.json", "log.jsonl"
+LOG_EVERY = 10  # meta-steps between the campaign log's plain lines (validation lines are all kept)
+
+
+def pieces(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The piece records of the campaign in ``directory`` (empty for a new campaign)."""
+    path = Path(directory) / PIECES_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def totals(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Meta-steps, inner steps, CPU-hours and wall-hours over all pieces."""
+    records = pieces(directory)
+    return {"pieces": len(records), "meta_steps": records[-1]["meta_step_to"] if records else 0,
+            "inner_steps": sum(r["inner_steps"] for r in records),
+            "cpu_hours": sum(r["cpu_seconds"] for r in records) / 3600,
+            "wall_hours": sum(r["wall_seconds"] for r in records) / 3600}
+
+
+class Piece:
+    """One piece of a campaign around :meth:`MetaTrainer.run`: ``begin`` before, ``end`` after."""
+
+    def __init__(self, trainer: MetaTrainer, directory: str | os.PathLike[str]):
+        self.trainer, self.directory = trainer, Path(directory)
+
+    def begin(self) -> str:
+        """Continue the campaign unless the run directory's own full state was resumed; returns how it started."""
+        trainer = self.trainer
+        campaign = self.directory / CAMPAIGN_FILE
+        if (trainer.run_dir / STATE_FILE).is_file() and trainer.meta_step > 0:
+            how = f"resumed the full training state in {trainer.run_dir}"
+        elif campaign.is_file():
+            trainer.load_campaign(campaign)
+            how = f"continued the campaign in {self.directory} at meta-step {trainer.meta_step}"
+        else:
+            how = f"started the campaign {self.directory}"
+        self.meta_step_from = trainer.meta_step
+        self.log_offset = _size(trainer.run_dir / "log.jsonl")
+        self.started, self.wall, self.cpu = _now(), time.perf_counter(), time.process_time()
+        return how
+
+    def end(self) -> dict[str, Any]:
+        """Write the campaign state, this piece's record and its log lines; returns the record."""
+        trainer = self.trainer
+        self.directory.mkdir(parents=True, exist_ok=True)
+        trainer.save_campaign(self.directory / CAMPAIGN_FILE)
+        config = trainer.config
+        record = {"piece": len(pieces(self.directory)) + 1, "meta_step_from": self.meta_step_from,
+                  "meta_step_to": trainer.meta_step,
+                  "inner_steps": (trainer.meta_step - self.meta_step_from) * config.truncation * config.meta_batch,
+                  "wall_seconds": round(time.perf_counter() - self.wall, 1),
+                  "cpu_seconds": round(time.process_time() - self.cpu, 1), "threads": torch.get_num_threads(),
+                  "machine": device_name(trainer.device) if trainer.device.type == "cuda" else cpu_name(),
+                  "started": self.started, "ended": _now(), "best_val_score": trainer.best_score,
+                  "initial_val_score": trainer.initial_score, "command": " ".join(sys.argv)}
+        path = self.directory / PIECES_FILE
+        _atomic_text(path, json.dumps([*pieces(self.directory), record], indent=1) + "\n")
+        lines = _read_from(trainer.run_dir / "log.jsonl", self.log_offset)
+        kept = [line for line in lines
+                if "val_score" in (m := json.loads(line)) or m.get("meta_step", 0) % LOG_EVERY == 0]
+        with open(self.directory / LOG_FILE, "a") as f:
+            f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+        return record
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def _read_from(path: Path, offset: int) -> list[str]:
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        f.seek(offset)
+        return [line for line in f if line.strip()]
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
