@@ -1,5 +1,6 @@
 """Meta-training: unroll maths (full BPTT, finite differences, closed form), batching, resume, CLI, distributed."""
 
+import dataclasses
 import gc
 import math
 import json
@@ -408,3 +409,74 @@ def test_meta_training_runs_on_cuda(tmp_path):
     assert metrics["meta_step"] == 4 and math.isfinite(metrics["meta_loss"])
     assert all(p.device.type == "cuda" for p in trainer.lopt.parameters())
     assert MetaTrainer(tiny_config(meta_steps=6), tmp_path, device="cuda", resume=True).meta_step == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Campaigns and the outer schedule
+
+
+CAMPAIGN_ARGS = ["--preset", "hyperadam-paper", "--optimizer-kwargs", '{"num_candidates": 2}', "--family", "quadratic",
+                 "--horizon", "4", "--truncation", "2", "--meta-batch", "2", "--val-every", "2", "--val-tasks", "2",
+                 "--lr", "0.05", "--batch-size", "4", "--convex-k", "3", "--no-compile", "--outer-lr", "1e-2"]
+
+
+def test_campaign_continues_on_a_fresh_machine(tmp_path, monkeypatch):
+    from metaopt.meta import campaign
+    from metaopt.meta.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    camp = tmp_path / "campaign"
+    assert main([*CAMPAIGN_ARGS, "--meta-steps", "4", "--run-dir", "a", "--campaign", str(camp)]) == 0
+    state = torch.load(camp / "campaign.pt", weights_only=True)
+    assert (camp / "campaign.pt").stat().st_size < 5e6 and state["meta_step"] == 4
+    assert (camp / "best" / "model.safetensors").is_file() and (camp / "README.md").is_file()
+    # a fresh machine: no run directory; the campaign continues from campaign.pt with restarted instances
+    trainer = MetaTrainer(preset_config(CAMPAIGN_ARGS, meta_steps=8), tmp_path / "b")
+    trainer.load_campaign(camp / "campaign.pt")
+    assert trainer.meta_step == 4 and trainer.best_score == state["best_score"]
+    assert all(torch.equal(v, state["theta"][k]) for k, v in trainer.lopt.state_dict().items())
+    assert [s.generation for s in trainer.slots] == [g + 1 for g in state["generations"]]
+    assert all(s.step == trainer._offset(i) for i, s in enumerate(trainer.slots))
+    assert main([*CAMPAIGN_ARGS, "--meta-steps", "8", "--run-dir", "b", "--campaign", str(camp), "--export", "best",
+                 "--out", "export"]) == 0
+    records = campaign.pieces(camp)
+    assert [(r["meta_step_from"], r["meta_step_to"]) for r in records] == [(0, 4), (4, 8)]
+    assert campaign.totals(camp)["inner_steps"] == 8 * 2 * 2
+    assert [m["meta_step"] for m in campaign.log(camp) if "val_score" in m] == [2, 4, 6, 8]
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    with pytest.raises(TrainingStateError, match="different configuration"):
+        MetaTrainer(preset_config(CAMPAIGN_ARGS, meta_steps=8, lr=0.1), tmp_path / "c").load_campaign(
+            camp / "campaign.pt")
+
+
+def preset_config(args, **overrides):
+    from metaopt.meta.cli import build_parser
+    from metaopt.meta.config import preset
+
+    parsed = build_parser().parse_args(args)
+    fields = {f.name: getattr(parsed, f.name) for f in dataclasses.fields(MetaConfig)
+              if getattr(parsed, f.name) is not None}
+    return preset(parsed.preset, **{**fields, **overrides})
+
+
+def test_export_of_last_refuses_weights_worse_than_the_initialization(tmp_path, monkeypatch):
+    from metaopt.meta.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(MetaTrainer, "validate", lambda self: 1.0 if self.meta_step == 0 else 2.0)
+    with pytest.raises(SystemExit, match="worse than its initialization"):
+        main([*CAMPAIGN_ARGS, "--meta-steps", "2", "--run-dir", "r", "--export", "last", "--out", "export"])
+    assert not (tmp_path / "export").exists()
+
+
+def test_outer_learning_rate_follows_its_cosine_schedule(tmp_path):
+    config = tiny_config(meta_steps=4, outer_lr=1e-2, outer_lr_final=1e-3, val_every=0)
+    assert config.outer_lr_at(0) == pytest.approx(1e-2) and config.outer_lr_at(4) == pytest.approx(1e-3)
+    assert config.outer_lr_at(2) == pytest.approx(5.5e-3) and config.outer_lr_at(10) == pytest.approx(1e-3)
+    assert tiny_config().outer_lr_at(3) == tiny_config().outer_lr
+    trainer = MetaTrainer(config, tmp_path)
+    seen = [trainer.meta_step_once()["outer_lr"] for _ in range(4)]
+    assert seen == [pytest.approx(config.outer_lr_at(i)) for i in range(4)]
+    assert trainer.outer.param_groups[0]["lr"] == pytest.approx(config.outer_lr_at(3))
+    with pytest.raises(ValueError, match="outer_lr_final"):
+        tiny_config(outer_lr_final=1.0)

@@ -4,9 +4,12 @@ A campaign directory (committed, small) holds what a piece needs to continue and
 
 * ``campaign.pt`` — :meth:`MetaTrainer.campaign_state`: θ, the outer optimizer's state, the counters and validation
   scores, each slot's instance generation (no inner instances: a new piece restarts them at their next generation);
+* ``best/`` — the campaign's validation-selected θ so far (what ``--export best`` exports);
 * ``pieces.json`` — one record per piece: meta-steps from/to, inner steps, wall and CPU seconds, threads, machine,
   start and end time, the command line;
-* ``log.jsonl`` — every validation line and every 10th meta-step's metrics of every piece (the curves of the card).
+* ``log.jsonl`` — every validation line and every 10th meta-step's metrics of every piece (the curves of the card);
+* ``README.md`` and ``validation.png`` — the campaign's card (:func:`write_card`): totals, the pieces, the validation
+  score and the meta-loss against the meta-step. ``python -m metaopt.meta.campaign DIR`` writes them again.
 
 ``train_meta.py --campaign DIR`` resumes from the run directory's full state when that exists (the same machine),
 else from ``DIR/campaign.pt``, else starts the campaign; at the end of the piece it writes all three.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,7 +31,9 @@ import torch
 from metaopt.environment import cpu_name, device_name
 from metaopt.meta.trainer import STATE_FILE, MetaTrainer
 
-CAMPAIGN_FILE, PIECES_FILE, LOG_FILE = "campaign.pt", "pieces.json", "log.jsonl"
+CAMPAIGN_FILE, PIECES_FILE, LOG_FILE, CARD_FILE, PLOT_FILE = ("campaign.pt", "pieces.json", "log.jsonl", "README.md",
+                                                              "validation.png")
+BEST_DIR = "best"  # the validation-selected θ of the whole campaign (config.json + model.safetensors)
 LOG_EVERY = 10  # meta-steps between the campaign log's plain lines (validation lines are all kept)
 
 
@@ -73,6 +79,8 @@ class Piece:
         trainer = self.trainer
         self.directory.mkdir(parents=True, exist_ok=True)
         trainer.save_campaign(self.directory / CAMPAIGN_FILE)
+        if (trainer.run_dir / "best").is_dir():  # the campaign's best θ so far travels with it
+            shutil.copytree(trainer.run_dir / "best", self.directory / BEST_DIR, dirs_exist_ok=True)
         config = trainer.config
         record = {"piece": len(pieces(self.directory)) + 1, "meta_step_from": self.meta_step_from,
                   "meta_step_to": trainer.meta_step,
@@ -89,7 +97,74 @@ class Piece:
                 if "val_score" in (m := json.loads(line)) or m.get("meta_step", 0) % LOG_EVERY == 0]
         with open(self.directory / LOG_FILE, "a") as f:
             f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+        write_card(self.directory)
         return record
+
+
+def log(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The campaign log's metrics, in order."""
+    path = Path(directory) / LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def write_card(directory: str | os.PathLike[str]) -> Path:
+    """Write the campaign's ``README.md`` (totals, pieces, validation scores) and ``validation.png``."""
+    directory = Path(directory)
+    records, metrics, total = pieces(directory), log(directory), totals(directory)
+    vals = [(m["meta_step"], m["val_score"]) for m in metrics if "val_score" in m]
+    initial = records[0]["initial_val_score"] if records else float("nan")
+    best = min(vals, key=lambda v: v[1]) if vals else None
+    config = torch.load(directory / CAMPAIGN_FILE, map_location="cpu", weights_only=True)["config"] \
+        if (directory / CAMPAIGN_FILE).is_file() else {}
+    lines = [f"# Campaign: {config.get('optimizer', '?')} on {config.get('family', '?')}", "",
+             f"{total['pieces']} piece(s), {total['meta_steps']:,} meta-steps, {total['inner_steps']:,} inner steps, "
+             f"{total['cpu_hours']:.2f} CPU-hours ({total['wall_hours']:.2f} wall-clock hours). "
+             f"Validation score (mean final training loss of θ frozen on {config.get('val_tasks', '?')} held-out "
+             f"instances after {config.get('horizon', '?')} steps; lower is better): {initial:.4f} at meta-step 0"
+             + (f", best {best[1]:.4f} at meta-step {best[0]:,}" if best else "") + ".", "",
+             "Continue it with the command of the last piece (`train_meta.py ... --campaign DIR`); a fresh machine "
+             "starts from `campaign.pt` with every task instance restarted.", "",
+             "| piece | meta-steps | inner steps | CPU-hours | threads | machine | ended | best validation |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['piece']} | {r['meta_step_from']:,}–{r['meta_step_to']:,} | {r['inner_steps']:,} | "
+                     f"{r['cpu_seconds'] / 3600:.2f} | {r['threads']} | {r['machine']} | {r['ended']} | "
+                     f"{r['best_val_score']:.4f} |")
+    lines += ["", "Configuration (`MetaConfig`):", "", "```json", json.dumps(config, indent=1), "```", "",
+              "Commands:", ""] + [f"    {r['command']}" for r in records] + [""]
+    if vals:
+        lines.insert(4, f"![validation score and meta-loss against the meta-step]({PLOT_FILE})\n")
+        _plot(directory / PLOT_FILE, metrics, initial)
+    (directory / CARD_FILE).write_text("\n".join(lines))
+    return directory / CARD_FILE
+
+
+def _plot(path: Path, metrics: list[dict[str, Any]], initial: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    vals = [(0, initial)] + [(m["meta_step"], m["val_score"]) for m in metrics if "val_score" in m]
+    top.plot(*zip(*vals), marker="o", ms=3)
+    top.set_ylabel("validation score")
+    steps = [(m["meta_step"], m["meta_loss"]) for m in metrics if "meta_loss" in m]
+    if steps:
+        bottom.plot(*zip(*steps), lw=0.7)
+    bottom.set_ylabel("meta-loss")
+    bottom.set_xlabel("meta-step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:] or ["--help"]:
+        if arg in ("-h", "--help"):
+            print("python -m metaopt.meta.campaign DIR [DIR ...]: write each campaign's README.md and validation.png")
+            raise SystemExit(0)
+        print(write_card(arg))
 
 
 def _now() -> str:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from metaopt.meta.config import PRESETS, MetaConfig, preset
-from metaopt.meta.campaign import Piece
+from metaopt.meta.campaign import BEST_DIR, Piece
 from metaopt.meta.trainer import STATE_FILE, MetaTrainer, resolve_device
 
 # The main job's budget: the hyperadam-paper preset, shortened to finish in about ten minutes on 2 CPU cores
@@ -115,6 +115,8 @@ def train(args: argparse.Namespace) -> tuple[MetaTrainer, Path]:
                   f"-{record['meta_step_to']}, best validation score {record['best_val_score']:.4f})",
                   file=sys.stderr)
         if args.out:
+            if piece is not None and args.export == "best" and not export.is_dir():
+                export = Path(args.campaign) / BEST_DIR  # no better θ in this piece: the campaign's best
             _export(trainer, export, Path(args.out), args.export, campaign=piece is not None)
         if wandb_run is not None:
             if args.wandb == "online":
