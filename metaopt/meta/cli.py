@@ -104,7 +104,12 @@ def train(args: argparse.Namespace) -> tuple[MetaTrainer, Path]:
     if piece is not None:
         print(f"campaign: {piece.begin()}", file=sys.stderr)
     started = time.time()
-    metrics = trainer.run(max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
+    try:
+        metrics = trainer.run(max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
+    except KeyboardInterrupt:  # SIGINT / SIGTERM: the training state is saved; record the piece too
+        if piece is not None and rank0:
+            piece.end()
+        raise
     export = run_dir / args.export
     if rank0:
         summary = {**metrics, "wall_seconds": time.time() - started, "device": str(device)}
