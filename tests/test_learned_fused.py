@@ -196,7 +196,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_cell(monkeypatch):
         raise torch._dynamo.exc.BackendCompilerFailed(broken, RuntimeError("no C++ compiler"), None)
 
     eager = fused._EAGER["hyperadam"]
-    monkeypatch.setitem(fused._COMPILED, "hyperadam", tuple(fused._guarded(broken, fn) for fn in eager))
+    monkeypatch.setitem(fused._COMPILED, "hyperadam", tuple(fused.compile_with_fallback(broken, fn) for fn in eager))
     monkeypatch.setattr(fused, "_COMPILE_FAILED", [])
     gen = torch.Generator().manual_seed(5)
     lopt = HyperAdam(num_candidates=2)
@@ -206,3 +206,25 @@ def test_a_failing_compiler_falls_back_to_the_eager_cell(monkeypatch):
         d, _ = hyperadam_step(lopt, grad, state, EPS, compiled=True)
     torch.testing.assert_close(d, hyperadam_step(lopt, grad, state, EPS)[0])
     assert fused._COMPILE_FAILED
+
+
+@pytest.mark.parametrize("name", ["dm", "rnnprop"])
+def test_batch_agnostic_optimizers_step_all_instances_at_once(name):
+    """DMoptimizer and RNNprop have no reduction over the coordinates: their fused step is step_flat on the whole
+    meta-batch, and the fused unroll equals the vmapped reference (meta-losses and meta-gradients)."""
+    from metaopt.learned import DMOptimizer, RNNprop
+
+    torch.manual_seed(0)
+    lopt = {"dm": DMOptimizer, "rnnprop": RNNprop}[name](hidden_size=4)
+    assert lopt.batch_agnostic and lopt.has_fused_step
+    results = {}
+    for use_fused in (False, True):
+        slots = _slots()
+        for s in slots:
+            s.opt_state = lopt.init(s.params)
+        out = unroll(lopt, slots, 3, lr=0.5, fused=use_fused)
+        results[use_fused] = (out.meta_losses, torch.autograd.grad(out.meta_losses.sum(), list(lopt.parameters())))
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    scale = max(g.abs().max().item() for g in results[False][1])
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)

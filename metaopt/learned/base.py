@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -31,6 +32,7 @@ from metaopt.core import CoreOptimizer, FunctionalOptimizer, check_range
 from metaopt.learned.cells import flatten, unflatten
 from metaopt.learned import kernels
 from metaopt.learned.fast import FlatGroupState, compile_flat_step, flat_step
+from metaopt.learned.fused import compile_with_fallback
 
 Params = dict[str, Tensor]
 
@@ -219,18 +221,29 @@ class CoordinatewiseOptimizer(LearnedOptimizer):
     def step_flat(self, grad: Tensor, state: NamedTuple) -> tuple[Tensor, NamedTuple]:
         """The update direction d (n,) for the flat gradient ``grad`` (n,), and the new state (w ← w − α d)."""
 
+    #: True when :meth:`step_flat` is purely coordinatewise (no reduction over the coordinates), so that it takes
+    #: leading batch dimensions as they are: :meth:`fused_step` then is ``step_flat`` itself on all instances at once.
+    batch_agnostic: ClassVar[bool] = False
+
     @property
     def has_fused_step(self) -> bool:
         """Whether :meth:`fused_step` exists for this configuration (meta-training then uses it by default)."""
-        return False
+        return self.batch_agnostic
 
     def fused_step(self, grad: Tensor, state: tuple[Tensor, ...],
                    compiled: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """:meth:`step_flat` for a batch of instances at once, through a cell with a hand-written backward that keeps
-        only its inputs (:mod:`metaopt.learned.fused`): ``grad`` (..., n), state fields (..., n, k) in the order of
-        the state NamedTuple. Equal to :meth:`step_flat` per instance within float rounding, meta-gradients too;
-        ``compiled`` runs the cell through ``torch.compile`` (:func:`metaopt.learned.fused.bodies`)."""
-        raise TypeError(f"{type(self).__name__} with this configuration has no fused step (has_fused_step is False)")
+        """:meth:`step_flat` for a batch of instances at once: ``grad`` (..., n), state fields (..., n, k) in the
+        order of the state NamedTuple; equal to :meth:`step_flat` per instance within float rounding, meta-gradients
+        too. HyperAdam overrides it with a cell whose backward is written by hand and keeps only its inputs
+        (:mod:`metaopt.learned.fused`); a :attr:`batch_agnostic` optimizer runs ``step_flat`` on the batch, its
+        backward by autograd, and with ``compiled`` through ``torch.compile`` (forward and backward fused by
+        inductor; eager fallback with a warning when compilation fails)."""
+        if not self.batch_agnostic:
+            raise TypeError(f"{type(self).__name__} with this configuration has no fused step (has_fused_step is "
+                            "False)")
+        step = _compiled_step_flat(self) if compiled else self.step_flat
+        direction, new_state = step(grad, _state_type(self, grad)(*state))
+        return direction, tuple(new_state)
 
     def init(self, params: Params) -> NamedTuple:
         names = list(params)
@@ -247,6 +260,26 @@ class CoordinatewiseOptimizer(LearnedOptimizer):
         alpha = self.lr if lr is None else lr
         updates = unflatten(-alpha * direction, grads, names)
         return updates, type(state)(*(unflatten(f, grads, names) for f in flat_state))
+
+
+_COMPILED_STEPS: "weakref.WeakKeyDictionary[CoordinatewiseOptimizer, Any]" = weakref.WeakKeyDictionary()
+_STATE_TYPES: dict[type, type] = {}
+
+
+def _state_type(lopt: CoordinatewiseOptimizer, like: Tensor) -> type:
+    """The NamedTuple type of ``lopt``'s state (from an empty state, once per class)."""
+    cls = type(lopt)
+    if cls not in _STATE_TYPES:
+        _STATE_TYPES[cls] = type(lopt.init_flat(0, like))
+    return _STATE_TYPES[cls]
+
+
+def _compiled_step_flat(lopt: CoordinatewiseOptimizer):
+    """``torch.compile(lopt.step_flat)`` (one per module, kept outside it so that deep copies stay plain)."""
+    if lopt not in _COMPILED_STEPS:
+        _COMPILED_STEPS[lopt] = compile_with_fallback(torch.compile(lopt.step_flat, fullgraph=True, dynamic=None),
+                                                      lopt.step_flat)
+    return _COMPILED_STEPS[lopt]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

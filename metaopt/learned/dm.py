@@ -72,6 +72,8 @@ class DMOptimizer(CoordinatewiseOptimizer):
     Memory: 2 · L · H floats of state per learner coordinate (h, c of each layer): 80 at the defaults.
     """
 
+    batch_agnostic = True  # no reduction over the coordinates: step_flat takes a meta-batch's instances as they are
+
     def __init__(self, hidden_size: int = 20, num_layers: int = 2, lr: float = 1.0, output_scale: float = 0.1,
                  p: float = 10.0, preprocess: bool = True):
         super().__init__()

@@ -300,11 +300,11 @@ def bodies(cell: str, compiled: bool) -> tuple[Callable, Callable]:
     if not compiled or _COMPILE_FAILED:
         return eager
     if cell not in _COMPILED:
-        _COMPILED[cell] = tuple(_guarded(torch.compile(fn, fullgraph=True, dynamic=None), fn) for fn in eager)
+        _COMPILED[cell] = tuple(compile_with_fallback(torch.compile(fn, fullgraph=True, dynamic=None), fn) for fn in eager)
     return _COMPILED[cell]
 
 
-def _guarded(compiled_fn: Callable, eager_fn: Callable) -> Callable:
+def compile_with_fallback(compiled_fn: Callable, eager_fn: Callable) -> Callable:
     def run(*args):
         if _COMPILE_FAILED:
             return eager_fn(*args)

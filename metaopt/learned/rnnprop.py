@@ -57,6 +57,8 @@ class RNNprop(CoordinatewiseOptimizer):
     defaults.
     """
 
+    batch_agnostic = True  # no reduction over the coordinates: step_flat takes a meta-batch's instances as they are
+
     def __init__(self, hidden_size: int = 20, num_layers: int = 2, lr: float = 1.0, output_bound: float = 0.1,
                  betas: tuple[float, float] = (0.95, 0.95)):
         super().__init__()
