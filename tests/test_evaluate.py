@@ -287,12 +287,20 @@ def test_tuning_picks_the_best_rate_on_separate_seeds(tmp_path):
     result = evaluate.run_suite(QUADRATIC_SUITE, optimizers=["sgd", "adam"], seeds=2, tune_seeds=2, out=tmp_path,
                                 progress=False)
     task = meta_tasks.get_task("quadratic")
-    grid = QUADRATIC_SUITE.tune["sgd"]
-    objective = [sum(evaluate.train(task, "sgd", {"lr": lr}, evaluate.TUNE_SEED_OFFSET + i, 25, splits=()).losses[-1]
-                     for i in range(2)) / 2 for lr in grid]
-    chosen = grid[min(range(len(grid)), key=objective.__getitem__)]
+
+    def objective(lr):
+        return sum(evaluate.train(task, "sgd", {"lr": lr}, evaluate.TUNE_SEED_OFFSET + i, 25, splits=()).losses[-1]
+                   for i in range(2)) / 2
+
+    coarse = {lr: objective(lr) for lr in QUADRATIC_SUITE.tune["sgd"]}
+    best = min(coarse, key=coarse.get)  # then its neighbours a factor sqrt(2) away
+    tried = {**coarse, **{lr: objective(lr) for lr in (best / math.sqrt(2), best * math.sqrt(2))}}
+    grid = sorted(tried)
+    chosen = min(grid, key=tried.get)
     tuned = result.tuned["quadratic"]["sgd"]
-    assert tuned["lr"] == chosen and tuned["objective"] == pytest.approx(objective, rel=1e-12)
+    assert tuned["grid"] == pytest.approx(grid, rel=1e-12) and len(grid) == len(coarse) + 2
+    assert tuned["lr"] == pytest.approx(chosen) and tuned["objective"] == pytest.approx([tried[lr] for lr in grid],
+                                                                                      rel=1e-12)
     assert all(r.hparams["lr"] == chosen and r.seed in (0, 1) for r in result.runs if r.optimizer == "sgd")
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["tuned"]["quadratic"]["sgd"]["lr"] == chosen and data["meta"]["tuned_on_seeds"] == [10_000, 10_001]

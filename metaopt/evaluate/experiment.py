@@ -212,7 +212,8 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
     tune_seed_list = [TUNE_SEED_OFFSET + i for i in range(tune_seeds)]
     grids = {label: (grid[1::2] if quick else grid) for label, grid in suite.tune.items() if label in chosen}
     if (bool(suite.tune) if tune is None else tune) and grids:
-        tuned = tune_learning_rates(built, chosen, all_sources, grids, tune_seed_list, steps, progress)
+        tuned = tune_learning_rates(built, chosen, all_sources, grids, tune_seed_list, steps, progress,
+                                    refine=not quick)
     config = RunConfig(steps, suite.splits, suite.eval_every if eval_every is None else eval_every, suite.record_lr,
                        batched, progress)
     runs = run_grid(built, chosen, all_sources, seed_list, config,
