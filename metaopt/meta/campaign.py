@@ -130,6 +130,9 @@ def write_card(directory: str | os.PathLike[str]) -> Path:
         lines.append(f"| {r['piece']} | {r['meta_step_from']:,}–{r['meta_step_to']:,} | {r['inner_steps']:,} | "
                      f"{r['cpu_seconds'] / 3600:.2f} | {r['threads']} | {r['machine']} | {r['ended']} | "
                      f"{r['best_val_score']:.4f} |")
+    notes = [f"- piece {r['piece']}: {r['note']}" for r in records if r.get("note")]
+    if notes:
+        lines += ["", "Notes:", "", *notes]
     lines += ["", "Configuration (`MetaConfig`):", "", "```json", json.dumps(config, indent=1), "```", "",
               "Commands:", ""] + [f"    {r['command']}" for r in records] + [""]
     if vals:
