@@ -257,3 +257,11 @@ def test_render_quotes_the_command_as_a_shell_line(tmp_path):
     payload["meta"]["command"] = ["python", "-m", "metaopt.evaluate", "--optimizers", "a b,c"]
     text = rs.render_results(write(tmp_path / "r", payload).parent, relative_to=tmp_path)
     assert f"Command: `{shlex.join(payload['meta']['command'])}`" in text and "'a b,c'" in text
+
+
+def test_a_note_beside_the_results_is_shown_under_the_heading(tmp_path):
+    directory = write(tmp_path / "r", table1(BASE, BASE, BASE, BASE))
+    (directory / rs.NOTE_FILE).write_text("These runs evaluated weights since replaced.\n")
+    text = rs.render_results(tmp_path, relative_to=tmp_path)
+    heading, facts, note = text.split("\n\n")[:3]
+    assert heading.startswith("### hyperadam-table1") and note == "These runs evaluated weights since replaced."

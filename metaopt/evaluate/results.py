@@ -312,6 +312,9 @@ def results_table(results: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
+NOTE_FILE = "NOTE.md"  # optional, beside results.json: a paragraph shown under the section's heading
+
+
 def render_one(directory: Path, relative_to: Path) -> str:
     """The section of one results directory (see the module docstring)."""
     results = json.loads((directory / RESULTS_FILE).read_text())
@@ -329,6 +332,8 @@ def render_one(directory: Path, relative_to: Path) -> str:
     command = shlex.join(meta["command"]) if meta.get("command") else "not recorded"
     parts = [f"### {meta['suite']} — {device}, {meta['date']}",
              f"{'; '.join(facts)}; files: [`{link}/`]({link}/). Command: `{command}`"]
+    if (directory / NOTE_FILE).is_file():  # what the files cannot say themselves (e.g. weights since replaced)
+        parts.append((directory / NOTE_FILE).read_text().strip())
 
     metric, reference = meta["compare"], meta["reference"]
     named = any(ref not in (label, reference) for label, ref in meta.get("references", {}).items())
