@@ -228,3 +228,24 @@ def test_batch_agnostic_optimizers_step_all_instances_at_once(name):
     scale = max(g.abs().max().item() for g in results[False][1])
     for a, b in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("layer", ["decay_beta", "decay_gamma"])
+def test_a_decay_rate_saturated_at_one_on_the_first_step_stays_finite(layer):
+    """β or γ exactly 1.0 in float32 on an instance's first step leaves β̂ = m = 0 (γ̂ = v = 0): the moment is 0, not
+    0/0 (cells.ACCUMULATOR_EPS; the campaign's skipped meta-steps), in the reference, fused and compiled-free paths,
+    and the meta-gradient through the step is finite."""
+    torch.manual_seed(0)
+    lopt = HyperAdam(num_candidates=4)
+    with torch.no_grad():
+        getattr(lopt, layer).bias[1] = 40.0  # σ(40) == 1.0 in float32
+    assert torch.sigmoid(torch.tensor(40.0)) == 1.0
+    grad = torch.randn(2, 30)
+    state = [f.expand(2, *f.shape).clone() for f in lopt.init_flat(30, grad[0])]
+    direction, _ = lopt.step_flat(grad[0], type(lopt.init_flat(30, grad[0]))(*(f[0] for f in state)))
+    assert torch.isfinite(direction).all()
+    fused_direction, _ = lopt.fused_step(grad, state)
+    assert torch.isfinite(fused_direction).all()
+    torch.testing.assert_close(fused_direction[0], direction)
+    fused_direction.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in lopt.parameters() if p.grad is not None)

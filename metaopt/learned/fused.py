@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metaopt.learned.cells import TINY
+from metaopt.learned.cells import ACCUMULATOR_EPS, TINY
 
 Params = dict[str, Tensor]
 
@@ -157,8 +157,8 @@ def _hyperadam_forward(grad: Tensor, state: Sequence[Tensor], theta: HyperAdamTh
     v = gamma * v0 + (1 - gamma) * (g * g)
     bh = beta * bh0 + (1 - beta)
     gh = gamma * gh0 + (1 - gamma)
-    a = m / bh
-    u = v / gh
+    a = m / (bh + ACCUMULATOR_EPS)
+    u = v / (gh + ACCUMULATOR_EPS)
     root = torch.sqrt(u + eps)
     field = a / root
     # WeightCell: ρ = ELU(θ_q s + b_q); d = Σ_j ρ_j m̂_j
@@ -193,15 +193,16 @@ def _hyperadam_backward(grad: Tensor, state: Sequence[Tensor], theta: HyperAdamT
     dzq = dd * k["field"] * _elu_grad(k["rho"])
     ds = cot(ds_out) + _linear(theta.rho_weight.T, dzq)
     d_rho_weight, d_rho_bias = _weight_grad(dzq, s), _row_sum(dzq)
-    # field = a / √(u + ε), a = m / β̂, u = v / γ̂ (the root's derivative is zero where u == 0: safe_sqrt)
+    # field = a / √(u + ε), a = m / (β̂ + δ), u = v / (γ̂ + δ) (the root's derivative is zero where u == 0: safe_sqrt)
     root = k["root"]
     da = dfield / root
     droot = -dfield * k["field"] / root
     du = torch.where(k["u"] > 0, droot / (2 * root), zeros)
-    dm = cot(dm_out) + da / bh
-    dbh = cot(dbh_out) - da * k["a"] / bh
-    dv = cot(dv_out) + du / gh
-    dgh = cot(dgh_out) - du * k["u"] / gh
+    bhe, ghe = bh + ACCUMULATOR_EPS, gh + ACCUMULATOR_EPS
+    dm = cot(dm_out) + da / bhe
+    dbh = cot(dbh_out) - da * k["a"] / bhe
+    dv = cot(dv_out) + du / ghe
+    dgh = cot(dgh_out) - du * k["u"] / ghe
     # moments and bias accumulators (lines 11-14)
     beta, gamma, g = k["beta"], k["gamma"], k["g"]
     dbeta = dm * (m0 - g) + dbh * (bh0 - 1)

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from metaopt.learned import fused
 from metaopt.learned.base import CoordinatewiseOptimizer, register_learned
-from metaopt.learned.cells import LSTMCellParams, rms_normalize, safe_sqrt
+from metaopt.learned.cells import ACCUMULATOR_EPS, LSTMCellParams, rms_normalize, safe_sqrt
 
 MOMENT_EPS = 1e-24  # ε inside the square root (Alg. 2, line 3)
 
@@ -168,7 +168,7 @@ class HyperAdam(CoordinatewiseOptimizer):
         v = gamma * state.v + (1 - gamma) * (g * g)
         beta_hat = beta * state.beta_hat + (1 - beta)
         gamma_hat = gamma * state.gamma_hat + (1 - gamma)
-        moment_field = (m / beta_hat) / safe_sqrt(v / gamma_hat, MOMENT_EPS)
+        moment_field = (m / (beta_hat + ACCUMULATOR_EPS)) / safe_sqrt(v / (gamma_hat + ACCUMULATOR_EPS), MOMENT_EPS)
         # WeightCell and combination
         rho = F.elu(self.weight(s))
         direction = (rho * moment_field).sum(dim=-1)

@@ -194,7 +194,7 @@ if triton is not None:
         v = gamma * _load_cols(v_ptr, rows, n, J, 0, J, JP) + (1.0 - gamma) * (g * g)
         beta_hat = beta * _load_cols(bh_ptr, rows, n, J, 0, J, JP) + (1.0 - beta)
         gamma_hat = gamma * _load_cols(gh_ptr, rows, n, J, 0, J, JP) + (1.0 - gamma)
-        field = (m / beta_hat) / tl.sqrt(v / gamma_hat + 1e-24)
+        field = (m / (beta_hat + 1e-24)) / tl.sqrt(v / (gamma_hat + 1e-24) + 1e-24)  # cells.ACCUMULATOR_EPS
         # WeightCell and the combination (eqs. 6, 7)
         rho = _elu(_times_weight_t(s, rho_w, 0, J, 0, J, J, JP, JP) + _vector(rho_b, 0, 1, J, JP, 0.0)[None, :])
         direction = tl.sum(tl.where(cols[None, :] < J, rho * field, 0.0), axis=1)
