@@ -480,3 +480,31 @@ def test_outer_learning_rate_follows_its_cosine_schedule(tmp_path):
     assert trainer.outer.param_groups[0]["lr"] == pytest.approx(config.outer_lr_at(3))
     with pytest.raises(ValueError, match="outer_lr_final"):
         tiny_config(outer_lr_final=1.0)
+
+
+def test_main_job_report_states_every_rate_its_tuning_p_values_verdicts_and_files(tmp_path):
+    """Issue 18: the main job's printed table names every row's learning rate and how it was set (tuned on which
+    seeds, or fixed), tests every row against this run, gives a verdict per task in words, writes the curves PNG and
+    says where the run, export and results are and which command runs the full suite."""
+    torch.manual_seed(0)
+    export = HyperAdam(num_candidates=2).save_pretrained(tmp_path / "run" / "last")
+    out = tmp_path / "run" / "eval"
+    text = cli.evaluate_export(export, out, seeds=2, tune_seeds=1, adam_grid=(1e-3, 1e-2), tasks=["mlp-sigmoid"],
+                               steps=4, progress=False)
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| mlp-sigmoid |")}
+    assert set(rows) == {cli.MAIN_JOB_THIS, cli.MAIN_JOB_SHIPPED, cli.MAIN_JOB_ADAM, *cli.MAIN_JOB_BASELINES}
+    assert "reference" in rows[cli.MAIN_JOB_THIS]
+    for label in (cli.MAIN_JOB_THIS, cli.MAIN_JOB_SHIPPED):
+        assert "α = 0.005, its checkpoint's" in rows[label]
+    tuned = json.loads((out / "results.json").read_text())["tuned"]["mlp-sigmoid"][cli.MAIN_JOB_ADAM]
+    assert f"{tuned['lr']:.3g}, tuned on seeds 10000 over " in rows[cli.MAIN_JOB_ADAM]
+    for label, hparams in cli.MAIN_JOB_BASELINES.items():
+        assert f"| {hparams['lr']:g}, fixed, not tuned (hypergrad_lr = {hparams['hypergrad_lr']:g}) |" in rows[label]
+    for label, row in rows.items():
+        if label != cli.MAIN_JOB_THIS:
+            assert math.isfinite(float(row.rstrip(" |").rsplit("| ", 1)[1]))  # the p-value against this run
+    verdict = next(line for line in text.splitlines() if line.startswith("- mlp-sigmoid: this run "))
+    assert "tuned Adam" in verdict and "the shipped HyperAdam" in verdict
+    assert f"curves: {out / 'curves.png'}" in text and (out / "curves.png").stat().st_size > 0
+    assert f"export: {export}" in text and f"results: {out}" in text
+    assert text.splitlines()[-1].startswith("the full Table-1 suite") and "--suite hyperadam-table1" in text
