@@ -107,7 +107,7 @@ def _make_momentum(params, lr: float = 1e-3, momentum: float = 0.9, **kw) -> SGD
     return SGD(params, lr=lr, momentum=momentum, **kw)
 
 
-@register_optimizer("nesterov")
+@register_optimizer("nesterov", fixed={"nesterov": True})
 def _make_nesterov(params, lr: float = 1e-3, momentum: float = 0.9, **kw) -> SGD:
     return SGD(params, lr=lr, momentum=momentum, nesterov=True, **kw)
 

@@ -452,14 +452,14 @@ class TLR(_TLRFace):
         return k > 0 and group.get("boundaries", 0) > 0 and pos != 1
 
 
-@register_optimizer("tlr")
+@register_optimizer("tlr", fixed={"per_tensor": False})
 def _make_tlr(params, lr: float = 0.1, bound: float = DEFAULT_BOUND, window: int | float | None = None,
               steps_per_epoch: int | None = None, momentum: float | None = None, weight_decay: float | None = None,
               **kw: Any) -> TLR:
     return TLR(params, lr, bound, window, steps_per_epoch, momentum, weight_decay, per_tensor=False, **kw)
 
 
-@register_optimizer("tlr-pl")
+@register_optimizer("tlr-pl", fixed={"per_tensor": True})
 def _make_tlr_pl(params, lr: float = 0.1, bound: float = DEFAULT_BOUND, window: int | float | None = None,
                  steps_per_epoch: int | None = None, momentum: float | None = None, weight_decay: float | None = None,
                  **kw: Any) -> TLR:

@@ -13,6 +13,7 @@ def _pretrained_factory(name: str):
     def make(params, lr: float | None = None, *, nonfinite: str = "skip", **face_options):
         return from_pretrained(name).frozen(params, lr=lr, nonfinite=nonfinite, **face_options)
 
+    make.forwards_to = LearnedOptimizer.frozen  # face_options: checked against frozen()'s parameters
     make.__doc__ = (f"The pretrained {name!r} from checkpoints/{name}, frozen, as a torch.optim.Optimizer; "
                     "face_options go to its frozen() (fast=, compile=, kernel= for HyperAdam, DMoptimizer, RNNprop).")
     return make
