@@ -40,7 +40,15 @@ FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "model.safetensors", "README.md"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Committed pretrained weights: <repo>/checkpoints/<name>/ (override with $METAOPT_CHECKPOINTS)
-CHECKPOINT_ROOT = Path(__file__).resolve().parents[2] / "checkpoints"
+
+def _checkpoint_root() -> Path:
+    """Where the shipped weights are: ``metaopt/checkpoints/`` of an installed wheel (package data, pyproject.toml),
+    else the source tree's ``checkpoints/`` (a checkout or an editable install)."""
+    installed = Path(__file__).resolve().parents[1] / "checkpoints"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "checkpoints"
+
+
+CHECKPOINT_ROOT = _checkpoint_root()
 
 LEARNED_CLASSES: dict[str, type["LearnedOptimizer"]] = {}  # class name -> class
 LEARNED_NAMES: dict[str, type["LearnedOptimizer"]] = {}  # registry name ("hyperadam") -> class
