@@ -19,7 +19,7 @@ import os
 import shlex
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,80 @@ def _evaluation(eval_dir: Path, directory: Path) -> str:
     return "\n\n".join(["## Frozen evaluation", intro, _demote(table.read_text().strip())])
 
 
+HUB_DATASETS = {"fashion-mnist": "zalando-datasets/fashion_mnist", "mnist": "ylecun/mnist",
+                "cifar10": "uoft-cs/cifar10"}  # the datasets' ids on the Hugging Face hub
+
+
+def front_matter(directory: str | os.PathLike[str], config: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
+    """The card's machine-readable header in the model hubs' convention (YAML between ``---`` lines): library, tags, training data, the validation metric (``model-index``)
+    and metaopt's own fields (class, constructor config, budget, golden loss). ``config``: the run's configuration
+    (family, dataset, horizon, ...); ``summary``: its ``summary.json``."""
+    directory = Path(directory)
+    weights = _read_json(directory / "config.json", "not a checkpoint directory (save_pretrained writes it)")
+    golden = _read_json(directory / GOLDEN_FILE, "write it first: python -m metaopt.checkpoint DIR")
+    name, cls = weights.get("name", directory.name), weights["class"]
+    dataset = config.get("dataset", "fashion-mnist")
+    fields: dict[str, Any] = {
+        "library_name": "metaopt",
+        "pipeline_tag": "other",
+        "tags": ["learned-optimizer", "meta-learning", "pytorch", "torch-optim", name, cls],
+        "datasets": [HUB_DATASETS.get(dataset, dataset)],
+        "metrics": ["loss"],
+    }
+    score = summary.get("best_val_score", summary.get("val_score"))
+    if isinstance(score, (int, float)) and math.isfinite(score):
+        fields["model-index"] = [{"name": name, "results": [{
+            "task": {"type": "learned-optimization", "name": f"meta-training on task family {config['family']}"},
+            "dataset": {"name": f"{config['family']} ({dataset})", "type": HUB_DATASETS.get(dataset, dataset)},
+            "metrics": [{"type": "loss", "value": round(float(score), 6),
+                         "name": f"validation: mean final training loss after {config['horizon']} steps, "
+                                 f"{config.get('val_tasks', '?')} held-out instances"}]}]}]
+    fields["metaopt"] = {"class": cls, "config": weights.get("config", {}), "family": config["family"],
+                         "dataset": dataset, "meta_steps": summary.get("meta_step"),
+                         "meta_batch": config.get("meta_batch"), "device": summary.get("device"),
+                         "golden_final_loss": golden["final_loss"], "format_version": weights.get("format_version")}
+    import yaml
+
+    return "---\n" + yaml.safe_dump(fields, sort_keys=False, allow_unicode=True, width=116) + "---\n"
+
+
+def split_front_matter(text: str) -> tuple[str, str]:
+    """``(front matter with its --- lines, the rest)`` of a card; ``("", text)`` when it has none."""
+    if text.startswith("---\n"):
+        end = text.find("\n---\n", 4)
+        if end >= 0:
+            return text[: end + 5], text[end + 5:].lstrip("\n")
+    return "", text
+
+
+def _card_table(text: str) -> dict[str, Any]:
+    """The run configuration of a card rendered by :func:`render_card` (its ``| `field` | `value` |`` table)."""
+    import re
+
+    values = {}
+    for key, value in re.findall(r"^\| `([a-z_]+)` \| `(.*)` \|$", text, flags=re.M):
+        try:
+            values[key] = json.loads(value)
+        except json.JSONDecodeError:
+            values[key] = value
+    return values
+
+
+def refresh_front_matter(directory: str | os.PathLike[str]) -> Path:
+    """(Re)write the front matter of ``directory/README.md`` from the checkpoint's files (``config.json``,
+    ``golden.json``, ``train-summary.json``) and the run configuration in the card's own table; the rest of the card
+    is kept byte for byte."""
+    directory = Path(directory)
+    path = directory / CARD_FILE
+    _, body = split_front_matter(path.read_text())
+    config = _card_table(body)
+    if "family" not in config:
+        raise ValueError(f"{path}: no run configuration table (render the card with --card first)")
+    summary = _read_json(directory / TRAIN_SUMMARY_FILE, "write_card copies the run's summary.json there")
+    path.write_text(front_matter(directory, config, summary) + "\n" + body)
+    return path
+
+
 def render_card(directory: str | os.PathLike[str], run_dir: str | os.PathLike[str], *, command: str,
                 device_note: str, eval_dir: str | os.PathLike[str] | None = None, title: str | None = None,
                 notes: str = "") -> str:
@@ -190,7 +264,7 @@ def render_card(directory: str | os.PathLike[str], run_dir: str | os.PathLike[st
               f"{golden.get('torch', '?')}); `tests/test_checkpoints.py` reproduces it."]
     if eval_dir is not None:
         parts.append(_evaluation(Path(eval_dir), directory))
-    return "\n\n".join(parts) + "\n"
+    return front_matter(directory, config, summary) + "\n" + "\n\n".join(parts) + "\n"
 
 
 def write_card(directory: str | os.PathLike[str], run_dir: str | os.PathLike[str], *, command: str,
@@ -230,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("directories", nargs="+", metavar="DIR", help="checkpoint directories (one with --card)")
     add("--card", action="store_true", help="also write DIR/README.md and copy the run's log and summary")
+    add("--front-matter", action="store_true",
+        help="only (re)write the machine-readable front matter of each DIR/README.md (from the checkpoint's files and "
+             "the card's configuration table); golden.json and the rest of the card are left as they are")
     add("--run-dir", metavar="RUN", help="the meta-training run directory (needed with --card)")
     add("--command", help="the command that made the run, shown verbatim (needed with --card)")
     add("--device-note", default="", help="the device in words, e.g. '2-core x86-64 CPU, 2026-11-22'")
@@ -252,6 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = [flag for flag, value in (("--run-dir", args.run_dir), ("--command", args.command)) if not value]
         if missing:
             parser.error(f"--card needs {' and '.join(missing)}")
+    if args.front_matter:
+        for path in args.directories:
+            print(refresh_front_matter(path))
+        return 0
     for path in args.directories:
         print(path, write_golden(path, lr=args.golden_lr, loss_scale=args.golden_loss_scale))
     if args.card:

@@ -74,7 +74,10 @@ def test_model_card_is_generated_from_the_run_directory(tmp_path, capsys):
     assert checkpoint.main([str(ckpt), "--card", "--run-dir", str(run), "--command", command, "--device-note",
                             "a test CPU", "--eval-dir", str(eval_dir), "--notes-file", str(notes)]) == 0
 
-    card = (ckpt / "README.md").read_text()
+    from metaopt.checkpoint import split_front_matter
+
+    header, card = split_front_matter((ckpt / "README.md").read_text())
+    assert header.startswith("---\nlibrary_name: metaopt\n")
     summary = json.loads((run / "summary.json").read_text())
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     losses = [line["meta_loss"] for line in log]
@@ -116,3 +119,32 @@ def test_golden_run_takes_a_step_size_and_refuses_a_non_finite_fingerprint(tmp_p
     assert record["final_loss"] != write_golden(directory)["final_loss"]  # the default rate gives another loss
     with pytest.raises(ValueError, match="non-finite.*--golden-lr"):
         write_golden(directory, lr=1e20)  # the quadratic overflows to inf
+
+
+@pytest.mark.parametrize("name", ["hyperadam", "dm", "rnnprop", "cam-hd-learned-gamma", "marthe-learned-mu"])
+def test_shipped_cards_carry_current_machine_readable_front_matter(name, tmp_path):
+    """Model-hub front matter (library, tags, training data, metrics) that agrees with the checkpoint's own files,
+    and is what ``python -m metaopt.checkpoint --front-matter`` writes (so a stale header fails here)."""
+    import shutil
+
+    import yaml
+
+    from metaopt.checkpoint import refresh_front_matter, split_front_matter
+
+    directory = CHECKPOINT_ROOT / name
+    header, body = split_front_matter((directory / "README.md").read_text())
+    fields = yaml.safe_load(header.strip("-\n"))
+    weights = json.loads((directory / "config.json").read_text())
+    golden = json.loads((directory / GOLDEN_FILE).read_text())
+    summary = json.loads((directory / "train-summary.json").read_text())
+    assert fields["library_name"] == "metaopt" and name in fields["tags"] and weights["class"] in fields["tags"]
+    assert fields["datasets"] == ["zalando-datasets/fashion_mnist"] and fields["metrics"] == ["loss"]
+    (result,) = fields["model-index"][0]["results"]
+    assert result["metrics"][0]["value"] == round(summary["best_val_score"], 6)
+    assert fields["metaopt"]["config"] == weights["config"] and fields["metaopt"]["golden_final_loss"] == \
+        golden["final_loss"]
+    assert body.startswith(f"# {name} ")
+    copy = tmp_path / name
+    shutil.copytree(directory, copy)
+    refresh_front_matter(copy)
+    assert (copy / "README.md").read_text() == (directory / "README.md").read_text()
