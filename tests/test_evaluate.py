@@ -43,12 +43,32 @@ def test_training_decreases_a_quadratic_and_table_reports_it():
 def test_cli_writes_results_and_table(tmp_path, capsys):
     assert evaluate.main(["--optimizers", "adam,sgd", "--seeds", "2", "--steps", "3", "--device", "cpu",
                           "--out", str(tmp_path)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    progress = [line for line in captured.err.splitlines() if "final loss" in line]
+    assert len(progress) == 4 * 2 and progress[0].rstrip().endswith(" left]") and progress[-1].endswith("[8/8]")
+    assert captured.err.splitlines()[-1].startswith(f"wrote {tmp_path}: results.json, table.md, ")
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["meta"]["suite"] == "hyperadam-table1" and results["meta"]["device"] == "cpu"
     assert len(results["runs"]) == 4 * 2 * 2
     assert all(len(r["losses"]) == 3 and 0 <= r["test"]["top1"] <= 1 for r in results["runs"])
     assert (tmp_path / "table.md").read_text().strip() == printed.strip()
+
+
+def test_cli_quiet_prints_only_the_table(tmp_path, capsys):
+    assert evaluate.main(["--optimizers", "adam", "--tasks", "quadratic", "--seeds", "1", "--steps", "2", "--device",
+                          "cpu", "--no-tune", "--out", str(tmp_path), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.startswith("## hyperadam-table1")
+
+
+def test_time_left_in_words():
+    from metaopt.environment import time_left
+
+    assert time_left(10.0, 0, 5) == "" and time_left(10.0, 5, 5) == "done"
+    assert time_left(10.0, 1, 5) == "~40 s left" and time_left(30.0, 1, 5) == "~2 min left"
+    assert time_left(3600.0, 1, 5) == "~4.0 h left"
+    assert time_left(30.0, 1, 5, cap=20.0) == "~20 s left (to the time limit)"
 
 
 def test_cli_rejects_unknown_optimizer():

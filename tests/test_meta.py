@@ -508,3 +508,12 @@ def test_main_job_report_states_every_rate_its_tuning_p_values_verdicts_and_file
     assert f"curves: {out / 'curves.png'}" in text and (out / "curves.png").stat().st_size > 0
     assert f"export: {export}" in text and f"results: {out}" in text
     assert text.splitlines()[-1].startswith("the full Table-1 suite") and "--suite hyperadam-table1" in text
+
+
+def test_meta_training_progress_lines_say_the_time_left_and_quiet_silences_them(tmp_path, capsys):
+    assert cli.main([*TINY_FLAGS, "--meta-steps", "4", "--log-every", "2", "--run-dir", str(tmp_path / "a")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("meta-step ")]
+    assert lines[0].startswith("meta-step 2/4:") and lines[0].endswith(" left") and lines[-1].startswith("meta-step 4/4")
+    assert cli.main([*TINY_FLAGS, "--meta-steps", "4", "--log-every", "2", "--run-dir", str(tmp_path / "b"),
+                     "--quiet"]) == 0
+    assert "meta-step" not in capsys.readouterr().err

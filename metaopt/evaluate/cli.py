@@ -104,4 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SelectionError as err:
         raise SystemExit(str(err)) from None
     print(result.report)
+    if args.out and not args.quiet:
+        names = ", ".join(path.name for path in result.files)
+        print(f"wrote {args.out}: {names}", file=sys.stderr)
     return 0

@@ -37,6 +37,7 @@ import metaopt
 from meta_tasks.base import Batch, Task
 from meta_tasks.datasets import Split
 from meta_tasks.tasks import SineRegressionTask, SupervisedTask
+from metaopt.environment import time_left
 from metaopt.evaluate.suites import LrsOpt, Suite, TaskSpec, as_spec
 from metaopt.learned import LEARNED_NAMES, LearnedOptimizer, from_pretrained
 
@@ -300,6 +301,11 @@ def run_grid(tasks: Mapping[str, tuple[TaskSpec, Task]], optimizers: Mapping[str
     ``tuned[task][label]`` overrides hyper-parameters per task. Runs carry the task *label*."""
     runs: list[Run] = []
     learned: dict[str, LearnedOptimizer | None] = {}
+    total, started = len(tasks) * len(optimizers), time.monotonic()
+    bar = None
+    if config.progress and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc="evaluating", unit="run group", dynamic_ncols=True, leave=False)
     for task_label, (spec, task) in tasks.items():
         for label, base in optimizers.items():
             source = sources.get(label, label)
@@ -319,7 +325,16 @@ def run_grid(tasks: Mapping[str, tuple[TaskSpec, Task]], optimizers: Mapping[str
             if config.progress:
                 finals = [r.losses[-1] for r in group if r.losses]
                 mean = sum(finals) / len(finals) if finals else float("nan")
-                print(f"  {task_label:16s} {label:28s} final loss {mean:.4f}", file=sys.stderr)
+                done = len(runs) // max(len(seeds), 1)
+                line = f"  {task_label:16s} {label:28s} final loss {mean:.4f}"
+                if bar is not None:
+                    bar.write(line, file=sys.stderr)
+                    bar.update(1)
+                else:
+                    left = time_left(time.monotonic() - started, done, total)
+                    print(f"{line}  [{done}/{total}{', ' + left if left != 'done' else ''}]", file=sys.stderr)
+    if bar is not None:
+        bar.close()
     return runs
 
 

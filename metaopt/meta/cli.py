@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the campaign in DIR (campaign.pt, pieces.json, log.jsonl; small, to commit): "
                           "from the run directory's full state when there is one, else from DIR/campaign.pt, and "
                           "write DIR at the end of this piece (metaopt.meta.campaign)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or progress lines (errors and the "
+                                                          "closing messages still show)")
     run.add_argument("--max-minutes", type=float, default=None,
                      help="stop cleanly after this much wall time (state saved; continue with --resume)")
     fields = parser.add_argument_group("configuration (override the preset; see metaopt.meta.MetaConfig)")
@@ -113,6 +115,7 @@ def train(args: argparse.Namespace) -> tuple[MetaTrainer, Path]:
     log, wandb_run = wandb_logger(args.wandb, run_dir, config) if rank0 else (None, None)
     resume = args.resume or (args.campaign is not None and (run_dir / STATE_FILE).is_file())
     trainer = MetaTrainer(config, run_dir, device=device, resume=resume, logger=log)
+    trainer.quiet = args.quiet
     piece = Piece(trainer, args.campaign) if args.campaign else None
     if piece is not None:
         print(f"campaign: {piece.begin()}", file=sys.stderr)
@@ -303,5 +306,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if args.evaluate and trainer.rank == 0:
         device = "cuda" if trainer.device.type == "cuda" else "cpu"
-        print(evaluate_export(checkpoint, trainer.run_dir / MAIN_JOB_EVAL["out"], device=device))
+        print(evaluate_export(checkpoint, trainer.run_dir / MAIN_JOB_EVAL["out"], device=device,
+                              progress=not args.quiet))
     return 0

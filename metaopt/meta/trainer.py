@@ -33,6 +33,7 @@ import torch.distributed as dist
 import meta_tasks
 from meta_tasks.base import Task, TaskFamily, TransformedFamily
 from meta_tasks.tricks import hyperadam_tricks
+from metaopt.environment import time_left
 from metaopt.learned.base import LEARNED_NAMES, LearnedOptimizer
 from metaopt.meta.config import MetaConfig
 from metaopt.meta.unroll import Slot, unroll
@@ -97,6 +98,7 @@ class MetaTrainer:
         self.lopt = build_optimizer(config).to(self.device)
         self.outer = torch.optim.Adam(self.lopt.parameters(), lr=config.outer_lr)
         self.meta_step, self.skipped, self.best_score = 0, 0, math.inf
+        self.quiet = False  # True: no progress bar and no progress lines (train_meta.py --quiet)
         self.initial_score = math.inf  # θ's validation score before its first meta-step
         local = config.meta_batch // self.world
         self.slot_ids = list(range(self.rank * local, (self.rank + 1) * local))
@@ -203,6 +205,7 @@ class MetaTrainer:
         """Meta-train until ``config.meta_steps`` (or until ``max_seconds`` of wall time have passed: the state is
         saved and the run resumes with ``resume=True``); returns the last metrics. Writes state, last/ and best/."""
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        self._clock = (time.monotonic(), self.meta_step, deadline)  # for the progress lines' time left
         config = self.config
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +213,7 @@ class MetaTrainer:
         handlers = self._install_signal_handlers()
         bar = None
         if progress is None:
-            progress = self.rank == 0 and sys.stderr.isatty()
+            progress = self.rank == 0 and sys.stderr.isatty() and not self.quiet
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=config.meta_steps, initial=self.meta_step, desc="meta-training", dynamic_ncols=True)
@@ -261,11 +264,16 @@ class MetaTrainer:
             bar.update(1)
             bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}", inner=f"{metrics['inner_loss']:.4f}",
                             steps_s=f"{metrics['inner_steps_per_s']:.0f}")
-        elif self.meta_step % self.config.log_every == 0 or self.meta_step == self.config.meta_steps:
+        elif not self.quiet and (self.meta_step % self.config.log_every == 0
+                                 or self.meta_step == self.config.meta_steps):
             extra = f" val {metrics['val_score']:.4f}" if "val_score" in metrics else ""
+            started, first, deadline = getattr(self, "_clock", (time.monotonic(), self.meta_step, None))
+            now = time.monotonic()
+            left = time_left(now - started, self.meta_step - first, self.config.meta_steps - first,
+                             None if deadline is None else deadline - now)
             print(f"meta-step {self.meta_step}/{self.config.meta_steps}: meta-loss {metrics['meta_loss']:.4f} "
                   f"inner loss {metrics['inner_loss']:.4f} ({metrics['inner_steps_per_s']:.0f} inner steps/s)"
-                  f"{extra}", file=sys.stderr, flush=True)
+                  f"{extra}{', ' + left if left and left != 'done' else ''}", file=sys.stderr, flush=True)
 
     def _install_signal_handlers(self):
         if self.rank != 0 and not dist.is_initialized():
