@@ -23,7 +23,8 @@ Sections (``--only``):
   peak memory of the ``hyperadam-paper`` preset (``MetaTrainer.meta_step_once``; its default path: the fused,
   compiled cell of :mod:`metaopt.learned.fused`) for K = 1, 8, 32, 128 on CUDA and K = 1, 2, 8 on a CPU; at K = 2
   also the reference path (``fused=False``: autograd through the vmapped ``update``) and the ``dm-paper`` and
-  ``rnnprop-paper`` presets; the peak memory of the first and the last of N truncations (it must stay flat). Memory
+  ``rnnprop-paper`` presets, each on its default path (batched, compiled) and its reference path (``fused=False,
+  compile=False``), so their speed-up is measured on one machine on one day; the peak memory of the first and the last of N truncations (it must stay flat). Memory
   rows carry the resident memory of the process once the trainer was built (data, learners, θ: "the task") and the
   peak above it.
 * ``table1`` — the seconds ``evaluate_suite`` takes for ``hyperadam-table1`` at 100 seeds: the suite's optimizers at
@@ -926,10 +927,13 @@ class Bench:
         if self.device.type == "cpu" or self.config.quick:
             cases += [("meta:K=2[reference]", "hyperadam-paper", dict(meta_batch=2, fused=False)),
                       ("meta:dm-paper:K=2", "dm-paper", dict(meta_batch=2)),
-                      ("meta:rnnprop-paper:K=2", "rnnprop-paper", dict(meta_batch=2))]
+                      ("meta:dm-paper:K=2[reference]", "dm-paper", dict(meta_batch=2, fused=False, compile=False)),
+                      ("meta:rnnprop-paper:K=2", "rnnprop-paper", dict(meta_batch=2)),
+                      ("meta:rnnprop-paper:K=2[reference]", "rnnprop-paper",
+                       dict(meta_batch=2, fused=False, compile=False))]
         for key, name, options in cases:
             self.log(f"meta: {name}, {options}")
-            config = preset(name, **options, **overrides)
+            config = preset(name, **{**overrides, **options})
             row = {"key": key, "preset": name, "meta_batch": config.meta_batch, "truncation": config.truncation,
                    "fused": config.fused, "compile": config.compile}
             rows.append(_guard(row, self.device, self._meta_case, config, peak))
