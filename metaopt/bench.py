@@ -24,9 +24,9 @@ Sections (``--only``):
   compiled cell of :mod:`metaopt.learned.fused`) for K = 1, 8, 32, 128 on CUDA and K = 1, 2, 8 on a CPU; at K = 2
   also the reference path (``fused=False``: autograd through the vmapped ``update``) and the ``dm-paper`` and
   ``rnnprop-paper`` presets, each on its default path (batched, compiled) and its reference path (``fused=False,
-  compile=False``), so their speed-up is measured on one machine on one day; the peak memory of the first and the last of N truncations (it must stay flat). Memory
-  rows carry the resident memory of the process once the trainer was built (data, learners, θ: "the task") and the
-  peak above it.
+  compile=False``), so their speed-up is measured on one machine on one day; the peak memory of the first and the
+  last of N truncations (it must stay flat). Memory rows carry the resident memory of the process once the trainer
+  was built (data, learners, θ: "the task") and the peak above it.
 * ``table1`` — the seconds ``evaluate_suite`` takes for ``hyperadam-table1`` at 100 seeds: the suite's optimizers at
   their rates (no tuning), the learned ones (HyperAdam, and DMoptimizer / RNNprop where the suite lists them) as fresh
   instances passed through ``sources=``.

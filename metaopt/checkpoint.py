@@ -135,9 +135,10 @@ HUB_DATASETS = {"fashion-mnist": "zalando-datasets/fashion_mnist", "mnist": "yle
 
 
 def front_matter(directory: str | os.PathLike[str], config: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
-    """The card's machine-readable header in the model hubs' convention (YAML between ``---`` lines): library, tags, training data, the validation metric (``model-index``)
-    and metaopt's own fields (class, constructor config, budget, golden loss). ``config``: the run's configuration
-    (family, dataset, horizon, ...); ``summary``: its ``summary.json``."""
+    """The card's machine-readable header in the model hubs' convention (YAML between ``---`` lines): library, tags,
+    training data, the validation metric (``model-index``) and metaopt's own fields (class, constructor config,
+    budget, golden loss). ``config``: the run's configuration (family, dataset, horizon, ...); ``summary``: its
+    ``summary.json``."""
     directory = Path(directory)
     weights = _read_json(directory / "config.json", "not a checkpoint directory (save_pretrained writes it)")
     golden = _read_json(directory / GOLDEN_FILE, "write it first: python -m metaopt.checkpoint DIR")

@@ -7,6 +7,7 @@ contract tests iterate the registry.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import numbers
 import os
@@ -72,6 +73,7 @@ def hyperparameters(name: str) -> dict[str, Any]:
     return _accepted(_factory(name))
 
 
+@functools.cache
 def _accepted(target: Callable[..., Any]) -> dict[str, Any]:
     accepted: dict[str, Any] = {}
     while target is not None:
@@ -174,11 +176,11 @@ def make_optimizer(name: Any, params: Iterable[Any], **hparams: Any) -> torch.op
     """
     from metaopt.learned import LearnedOptimizer, from_pretrained
 
-    frozen = _accepted(LearnedOptimizer.frozen)
     if isinstance(name, LearnedOptimizer):
-        return name.frozen(params, **check_hyperparameters(type(name).__name__, frozen, hparams))
+        return name.frozen(params, **check_hyperparameters(type(name).__name__, _accepted(LearnedOptimizer.frozen),
+                                                           hparams))
     if isinstance(name, os.PathLike) or (isinstance(name, str) and name not in _FACTORIES and Path(name).exists()):
-        hparams = check_hyperparameters(str(name), frozen, hparams)
+        hparams = check_hyperparameters(str(name), _accepted(LearnedOptimizer.frozen), hparams)
         return from_pretrained(name).frozen(params, **hparams)
     if not isinstance(name, str):
         raise TypeError(f"make_optimizer expects a name, a checkpoint directory or a LearnedOptimizer, "

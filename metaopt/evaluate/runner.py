@@ -301,7 +301,7 @@ def run_grid(tasks: Mapping[str, tuple[TaskSpec, Task]], optimizers: Mapping[str
     ``tuned[task][label]`` overrides hyper-parameters per task. Runs carry the task *label*."""
     runs: list[Run] = []
     learned: dict[str, LearnedOptimizer | None] = {}
-    total, started = len(tasks) * len(optimizers), time.monotonic()
+    total, done, started = len(tasks) * len(optimizers), 0, time.monotonic()
     bar = None
     if config.progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -325,7 +325,7 @@ def run_grid(tasks: Mapping[str, tuple[TaskSpec, Task]], optimizers: Mapping[str
             if config.progress:
                 finals = [r.losses[-1] for r in group if r.losses]
                 mean = sum(finals) / len(finals) if finals else float("nan")
-                done = len(runs) // max(len(seeds), 1)
+                done += 1
                 line = f"  {task_label:16s} {label:28s} final loss {mean:.4f}"
                 if bar is not None:
                     bar.write(line, file=sys.stderr)

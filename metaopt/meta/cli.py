@@ -65,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--export", choices=("last", "best"), default="last", help="which checkpoint --out receives")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     run.add_argument("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases logging")
-    run.add_argument("--evaluate", action="store_true", help="after training, evaluate the export on HyperAdam's Table-1 tasks against the shipped "
-                                                          "HyperAdam, Adam tuned on separate seeds and the hypergradient "
-                                                          "baselines (the main job's comparison; files in RUN_DIR/eval)")
+    run.add_argument("--evaluate", action="store_true",
+                     help="after training, evaluate the export on HyperAdam's Table-1 tasks against the shipped "
+                          "HyperAdam, Adam tuned on separate seeds and the hypergradient baselines (the main job's "
+                          "comparison; files in RUN_DIR/eval)")
     run.add_argument("--campaign", default=None, metavar="DIR",
                      help="continue the campaign in DIR (campaign.pt, pieces.json, log.jsonl; small, to commit): "
                           "from the run directory's full state when there is one, else from DIR/campaign.pt, and "
@@ -179,15 +180,15 @@ def main_job_suite(seeds: int = MAIN_JOB_EVAL["seeds"], adam_grid: Sequence[floa
                   **MAIN_JOB_BASELINES}
     return dataclasses.replace(
         table1, name="main-job", seeds=seeds, optimizers=optimizers, reference=MAIN_JOB_THIS, references={},
-        sources={MAIN_JOB_ADAM: "adam"}, learned=(MAIN_JOB_THIS, MAIN_JOB_SHIPPED), tune={MAIN_JOB_ADAM: tuple(adam_grid)},
-        quick_optimizers=None, quick_tasks=None,
+        sources={MAIN_JOB_ADAM: "adam"}, learned=(MAIN_JOB_THIS, MAIN_JOB_SHIPPED),
+        tune={MAIN_JOB_ADAM: tuple(adam_grid)}, quick_optimizers=None, quick_tasks=None,
         description="the main job: this run's HyperAdam against the shipped one, Adam tuned on separate seeds and the "
                     "hypergradient baselines at fixed rates, on " + table1.name + "'s tasks")
 
 
 def evaluate_export(checkpoint: Path, out: Path, *, seeds: int = MAIN_JOB_EVAL["seeds"],
-                    tune_seeds: int = MAIN_JOB_EVAL["tune_seeds"], adam_grid: Sequence[float] = MAIN_JOB_EVAL["adam_grid"],
-                    shipped: str | Path | None = None, tasks: Sequence[str] | None = None, steps: int | None = None,
+                    tune_seeds: int = MAIN_JOB_EVAL["tune_seeds"],
+                    adam_grid: Sequence[float] = MAIN_JOB_EVAL["adam_grid"], shipped: str | Path | None = None, tasks: Sequence[str] | None = None, steps: int | None = None,
                     device: str = "cpu", progress: bool = True) -> str:
     """Frozen evaluation of ``checkpoint`` in the main job's comparison (:func:`main_job_suite`); writes results.json,
     table.md, the CSVs and curves.png to ``out`` and returns the text to print: the table with every row's learning
@@ -253,7 +254,7 @@ def main_job_report(result: Any, checkpoint: Path, shipped: Path, out: Path) -> 
             row = tests.get((task, label))
             p = "reference" if label == MAIN_JOB_THIS else ("–" if row is None else f"{row['p']:.2g}")
             lines.append(f"| {task} | {label} | {_rate_cell(result, task, label, learned)} | {loss} | {p} |")
-        verdicts.append(_verdict(task, finals, tests, len(seeds), ALPHA))
+        verdicts.append(_verdict(task, result.runs, len(seeds)))
     lines += ["", "Verdicts (at p < " + f"{ALPHA:g}" + "):", *verdicts, "",
               f"curves: {out / 'curves.png'}",
               f"run: {checkpoint.parent} (running the main job again reuses it) · export: "
@@ -264,24 +265,20 @@ def main_job_report(result: Any, checkpoint: Path, shipped: Path, out: Path) -> 
     return "\n".join(lines)
 
 
-def _verdict(task: str, finals: Mapping[tuple[str, str], list[float]], tests: Mapping[tuple[str, str], Any],
-             seeds: int, alpha: float) -> str:
+def _verdict(task: str, runs: Sequence[Any], seeds: int) -> str:
     """One line in words: this run against tuned Adam (the claim that matters) and against the shipped weights."""
-    from metaopt.evaluate.report import mean_se
+    from metaopt.evaluate.results import ALPHA, paired
 
-    ours = mean_se(finals[(task, MAIN_JOB_THIS)])[0]
     parts = []
     for label, name in ((MAIN_JOB_ADAM, "tuned Adam"), (MAIN_JOB_SHIPPED, "the shipped HyperAdam")):
-        row = tests.get((task, label))
-        if row is None:
+        c = paired(runs, task, MAIN_JOB_THIS, label, "train_loss")
+        if c.n == 0:
             continue
-        theirs = mean_se(finals[(task, label)])[0]
-        if not (math.isfinite(row["p"]) and row["p"] < alpha):
-            parts.append(f"is not distinguishable from {name} at {seeds} seeds ({ours:.4f} vs {theirs:.4f}, "
-                         f"p = {row['p']:.2g})")
+        means = f"{c.mean:.4f} vs {c.baseline_mean:.4f}, p = {c.p:.2g}"
+        if not (math.isfinite(c.p) and c.p < ALPHA):
+            parts.append(f"is not distinguishable from {name} at {seeds} seeds ({means})")
         else:
-            word = "beats" if ours < theirs else "loses to"
-            parts.append(f"{word} {name} ({ours:.4f} vs {theirs:.4f}, p = {row['p']:.2g})")
+            parts.append(f"{'beats' if c.better else 'loses to'} {name} ({means})")
     return f"- {task}: this run " + "; ".join(parts) + "."
 
 

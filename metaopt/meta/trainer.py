@@ -267,7 +267,7 @@ class MetaTrainer:
         elif not self.quiet and (self.meta_step % self.config.log_every == 0
                                  or self.meta_step == self.config.meta_steps):
             extra = f" val {metrics['val_score']:.4f}" if "val_score" in metrics else ""
-            started, first, deadline = getattr(self, "_clock", (time.monotonic(), self.meta_step, None))
+            started, first, deadline = self._clock
             now = time.monotonic()
             left = time_left(now - started, self.meta_step - first, self.config.meta_steps - first,
                              None if deadline is None else deadline - now)
