@@ -162,6 +162,27 @@ def _family_mlp_cnn(**kw: Any) -> TaskFamily:
     return ChoiceFamily("mlp-cnn", [lambda n=n: get_task(n, **kw) for n in names])
 
 
+# The broad family of checkpoints/hyperadam-general (issue 12): (name, architecture options) per member, drawn
+# uniformly. MLPs of four activations at the paper's 784-20-10 and at other widths and depths; two small CNNs (CNN-1
+# at a quarter and half of the suites' channels, without batch norm, whose running statistics vmapped meta-training
+# cannot batch), so the suites' CNN-1 / CNN-2 stay unseen sizes; the LSTM sine regression at a smaller hidden size
+# than Table 2's; a linear least-squares regression (a quadratic). Every member is meta-trained with the run's Random
+# Scaling and convex term. Widths, depths and channel counts differ from the suites' where the suites vary them.
+GENERAL_MEMBERS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("mlp-sigmoid", {}), ("mlp-relu", {}), ("mlp-elu", {}), ("mlp-tanh", {}),
+    ("mlp-relu", {"hidden": 40}), ("mlp-tanh", {"hidden": 10}),
+    ("mlp-deep", {"depth": 2, "hidden": 30, "activation": "relu"}),
+    ("mlp-deep", {"depth": 4, "hidden": 16, "activation": "sigmoid"}),
+    ("cnn-1", {"channels": (4, 8)}), ("cnn-1", {"channels": (8, 8)}),
+    ("lstm-sine", {"hidden": 10}),
+    ("quadratic", {"dim": 20}),
+)
+
+
+def _family_general(**kw: Any) -> TaskFamily:
+    return ChoiceFamily("general", [lambda n=n, o=o: get_task(n, **kw, **o) for n, o in GENERAL_MEMBERS])
+
+
 def _family_quadratic(dim: int = 10, device: torch.device | str = "cpu", dataset: str | None = None) -> TaskFamily:
     # quadratics have no data: ``dataset`` is accepted (and ignored) so every family takes the same options
     return QuadraticFamily(dim, device)
@@ -172,6 +193,7 @@ _FAMILIES: dict[str, Callable[..., TaskFamily]] = {
     "mlp-activations": _family_mlp_activations,
     "mlp-cnn": _family_mlp_cnn,  # the learned gamma / mu rules' family: MLPs and a CNN
     "quadratic": _family_quadratic,
+    "general": _family_general,  # checkpoints/hyperadam-general's broad family (GENERAL_MEMBERS)
 }
 
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)

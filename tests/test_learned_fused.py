@@ -249,3 +249,31 @@ def test_a_decay_rate_saturated_at_one_on_the_first_step_stays_finite(layer):
     torch.testing.assert_close(fused_direction[0], direction)
     fused_direction.square().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in lopt.parameters() if p.grad is not None)
+
+
+def test_compiled_bodies_do_not_recompile_for_requires_grad_and_allow_many_shapes(monkeypatch):
+    """A task family that mixes learners meets many (coordinates, instances, requires_grad) combinations: outside
+    grad mode the compiled bodies see detached tensors (requires_grad is not part of their guards), and the
+    recompile limit is RECOMPILE_LIMIT, not dynamo's default 8; beyond it a call runs eagerly with a warning."""
+    calls = []
+
+    def body(grad, state, flag):
+        calls.append((grad.requires_grad, state[0].requires_grad, torch._dynamo.config.recompile_limit))
+        return grad + state[0]
+
+    run = fused.compile_with_fallback(body, body)
+    monkeypatch.setattr(fused, "_COMPILE_FAILED", [])
+    grad, state = torch.ones(3, requires_grad=True), (torch.ones(3, requires_grad=True),)
+    with torch.no_grad():
+        out = run(grad, state, True)
+    assert calls[-1] == (False, False, fused.RECOMPILE_LIMIT) and torch.equal(out, 2 * torch.ones(3))
+    run(grad, state, True)  # in grad mode nothing is detached (a double backward differentiates the body)
+    assert calls[-1][:2] == (True, True)
+
+    def over_limit(*args):
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("limit")
+
+    with pytest.warns(RuntimeWarning, match="recompile limit"):
+        out = fused.compile_with_fallback(over_limit, body)(grad, state, True)
+    assert torch.allclose(out, 2 * torch.ones(3))
+    assert not fused._COMPILE_FAILED  # later calls still try the compiled body

@@ -319,6 +319,25 @@ def test_config_validation_names_the_field():
         MetaConfig(outer_lr=0)
     with pytest.raises(ValueError, match="optimizer_kwargs"):
         MetaConfig(optimizer_kwargs="{not json")
+    with pytest.raises(ValueError, match="val_score"):
+        MetaConfig(val_score="median")
+
+
+def test_log_mean_validation_is_the_mean_log_of_the_same_final_losses(tmp_path, monkeypatch):
+    """val_score="log-mean" scores the same validation runs by the mean of their logs (the general family mixes loss
+    scales); a diverged instance still scores +inf."""
+    import metaopt.evaluate
+
+    finals = iter([0.5, 2.0, 0.5, 2.0, 0.5, float("nan")])
+
+    def fake_train(*args, **kwargs):
+        return metaopt.evaluate.runner.Run("validation", "t", 0, [9.0, next(finals)], 0.0, {})
+
+    monkeypatch.setattr(metaopt.evaluate, "train", fake_train)
+    plain = MetaTrainer(tiny_config(), tmp_path / "plain").validate()
+    logged = MetaTrainer(tiny_config(val_score="log-mean"), tmp_path / "log").validate()
+    assert plain == pytest.approx(1.25) and logged == pytest.approx((math.log(0.5) + math.log(2.0)) / 2)
+    assert MetaTrainer(tiny_config(val_score="log-mean"), tmp_path / "nan").validate() == math.inf
 
 
 def test_theta_before_training_is_validated_and_is_a_best_candidate(tmp_path):

@@ -266,3 +266,23 @@ def test_tasks_on_cuda_with_cuda_generators(name):
     batch = task.sample_batch(gen, batch_size=8)
     assert batch.x.device.type == "cuda" and torch.isfinite(task.loss(params, batch))
     assert math.isfinite(task.evaluate(params)["loss"])
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="needs Fashion-MNIST")
+def test_general_family_builds_every_member_with_finite_losses_and_gradients():
+    """checkpoints/hyperadam-general's family: every member is drawn, builds, and gives a finite loss and gradient;
+    members with the same task name differ in architecture (parameter counts)."""
+    fam = meta_tasks.get_family("general")
+    drawn = {}
+    for s in range(200):
+        task = fam.sample(gen(s))
+        drawn[id(task)] = task
+    assert len(drawn) == len(meta_tasks.GENERAL_MEMBERS)
+    sizes = set()
+    for task in drawn.values():
+        params = {n: p.requires_grad_() for n, p in task.init(gen(0)).items()}
+        loss = task.loss(params, task.sample_batch(gen(1)))
+        grads = torch.autograd.grad(loss, list(params.values()))
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads), task.name
+        sizes.add((task.name, sum(p.numel() for p in params.values())))
+    assert len(sizes) == len(meta_tasks.GENERAL_MEMBERS)

@@ -119,7 +119,8 @@ def write_card(directory: str | os.PathLike[str]) -> Path:
     lines = [f"# Campaign: {config.get('optimizer', '?')} on {config.get('family', '?')}", "",
              f"{total['pieces']} piece(s), {total['meta_steps']:,} meta-steps, {total['inner_steps']:,} inner steps, "
              f"{total['cpu_hours']:.2f} CPU-hours ({total['wall_hours']:.2f} wall-clock hours). "
-             f"Validation score (mean final training loss of θ frozen on {config.get('val_tasks', '?')} held-out "
+             f"Validation score ({'mean log' if config.get('val_score') == 'log-mean' else 'mean'} final training "
+             f"loss of θ frozen on {config.get('val_tasks', '?')} held-out "
              f"instances after {config.get('horizon', '?')} steps; lower is better): {initial:.4f} at meta-step 0"
              + (f", best {best[1]:.4f} at meta-step {best[0]:,}" if best else "") + ".", "",
              "Continue it with the command of the last piece (`train_meta.py ... --campaign DIR`); a fresh machine "

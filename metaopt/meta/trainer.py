@@ -182,10 +182,10 @@ class MetaTrainer:
     # -- validation --------------------------------------------------------------------------------------------------
 
     def validate(self) -> float:
-        """Mean final training loss of θ, frozen, over ``val_tasks`` held-out instances: plain tasks without the
-        training tricks, seeds disjoint from training, each run for ``horizon`` steps through the optimizer's
-        ``torch.optim`` face exactly as users run it (so a rule that needs closures, like marthe-learned-mu, is
-        validated with its real oracles). Lower is better; a diverged run scores +inf."""
+        """Mean final training loss (``val_score="log-mean"``: mean log) of θ, frozen, over ``val_tasks`` held-out
+        instances: plain tasks without the training tricks, seeds disjoint from training, each run for ``horizon``
+        steps through the optimizer's ``torch.optim`` face exactly as users run it (so a rule that needs closures,
+        like marthe-learned-mu, is validated with its real oracles). Lower is better; a diverged run scores +inf."""
         from metaopt.evaluate import train
 
         frozen = copy.deepcopy(self.lopt)  # the face freezes the module it is given; θ itself keeps training
@@ -196,8 +196,11 @@ class MetaTrainer:
             run = train(task, "validation", {"lr": self.config.lr}, seed, self.config.horizon, source=frozen,
                         splits=())
             finals.append(run.losses[-1])
+        if self.config.val_score == "log-mean":
+            # a NaN (diverged) instance scores +inf like a diverged one in the mean; a loss of exactly 0 cannot be beaten
+            finals = [math.inf if math.isnan(f) else math.log(f) if f > 0 else -math.inf for f in finals]
         score = sum(finals) / len(finals)
-        return score if math.isfinite(score) else math.inf
+        return score if math.isfinite(score) or score == -math.inf else math.inf
 
     # -- the loop ----------------------------------------------------------------------------------------------------
 
