@@ -7,7 +7,7 @@ Public API (a contract, see DESIGN.md):
     metaopt.from_pretrained(name_or_dir)             # a learned optimizer, frozen
 """
 
-from metaopt import baselines, hypergrad, learned  # noqa: F401  (importing registers the optimizers)
+from metaopt import baselines, external, hypergrad, learned  # noqa: F401  (importing registers the optimizers)
 from metaopt.core import CoreOptimizer, FunctionalOptimizer
 from metaopt.learned import from_pretrained
 from metaopt.registry import make_optimizer, register_optimizer, registered_names

@@ -22,7 +22,23 @@ HPARAMS = {
     "hd-val": dict(lr=0.05, base="sgd"), "rtho": dict(lr=0.05, base="sgd"), "marthe": dict(lr=0.05, base="sgd"),
     "cam-hd-sgd": dict(lr=0.05), "cam-hd-sgdn": dict(lr=0.05), "cam-hd-adam": dict(lr=0.05, hypergrad_lr=1e-4),
     "tlr": dict(lr=0.05), "tlr-pl": dict(lr=0.05), "tlr-naive": dict(lr=0.05, eta=1e-3),
+    # the parameter-free baselines (metaopt.external): their defaults, except where 40 steps are too few for the
+    # default's warm start (DoG's first step is reps_rel * (1 + |x0|); Schedule-Free's lr is Adam-like) and D-Adapt
+    # Adam's bias correction (off by default: without it the D estimate overshoots this problem within 40 steps)
+    "schedule-free-adamw": dict(lr=0.05), "prodigy": {}, "d-adapt-adam": dict(use_bias_correction=True),
+    "dog": dict(reps_rel=1e-2), "mechanic-adam": {},
 }
+# (name, test) pairs a package itself does not support, with the reason (metaopt.external's docstring); strict: the
+# test runs and must fail, so a package release that fixes it shows up here
+PACKAGE_LIMITS = {
+    ("mechanic-adam", "test_state_dict_resume_is_exact"): "mechanic_pytorch keys its reference points by the "
+    "parameter tensors themselves, so its state_dict does not resume an optimizer over other tensors",
+}
+
+
+def names_for(test):
+    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=PACKAGE_LIMITS[(n, test)]))
+            if (n, test) in PACKAGE_LIMITS else n for n in HAND_DESIGNED]
 HAND_DESIGNED = [n for n in metaopt.OPTIMIZERS if n not in LEARNED_NAMES]
 
 
@@ -75,7 +91,7 @@ def test_state_shapes_are_stable(name):
 
     def shapes():
         return {k: {f: tuple(v.shape) for f, v in st.items() if torch.is_tensor(v)}
-                for k, st in opt.state_dict()["state"].items()}
+                for k, st in opt.state_dict()["state"].items() if isinstance(st, dict)}  # DoG adds a flag
 
     before = shapes()
     train(name, 5, opt=opt, model=_model_of(opt), start=3)
@@ -90,7 +106,7 @@ def _model_of(opt):
     return model
 
 
-@pytest.mark.parametrize("name", HAND_DESIGNED)
+@pytest.mark.parametrize("name", names_for("test_state_dict_resume_is_exact"))
 def test_state_dict_resume_is_exact(name):
     straight, _, _ = train(name, 10)
     model, opt, _ = train(name, 5)

@@ -39,6 +39,7 @@ from meta_tasks.datasets import Split
 from meta_tasks.tasks import SineRegressionTask, SupervisedTask
 from metaopt.environment import time_left
 from metaopt.evaluate.suites import LrsOpt, Suite, TaskSpec, as_spec
+from metaopt.external import evaluation_mode
 from metaopt.learned import LEARNED_NAMES, LearnedOptimizer, from_pretrained
 
 TUNE_SEED_OFFSET = 10_000     # tuning seeds: 10_000, 10_001, … (never an evaluation seed)
@@ -157,7 +158,8 @@ def train(task: Task, optimizer: str, hparams: Mapping[str, Any], seed: int, ste
     one on a validation minibatch where their ``step`` takes ``val_closure``. ``splits`` are evaluated at the end (and
     the first of them every ``eval_every`` steps); ``schedule[t]`` overrides every group's learning rate at step t
     (LRS-OPT); ``record_lr`` keeps the rate each step used. Seconds per step time the update only (loss, backward,
-    step), not batch sampling or evaluation.
+    step), not batch sampling or evaluation. Held-out metrics are taken in the optimizer's evaluation mode
+    (:func:`metaopt.external.evaluation_mode`: Schedule-Free's x, DoG's average), training losses in its train mode.
     """
     init_gen, batch_gen = seeded_generators(seed, task.device)
     params = {n: p.requires_grad_() for n, p in task.init(init_gen).items()}
@@ -196,8 +198,11 @@ def train(task: Task, optimizer: str, hparams: Mapping[str, Any], seed: int, ste
         losses.append(float(loss.detach()))
         if eval_every and (t + 1) % eval_every == 0:
             detached = {n: p.detach() for n, p in params.items()}
-            curve.append(_curve_point(t + 1, splits[0], _held_out(task, detached, buffers, splits[:1])[splits[0]]))
-    metrics = _held_out(task, {n: p.detach() for n, p in params.items()}, buffers, splits)
+            with evaluation_mode(opt):
+                point = _held_out(task, detached, buffers, splits[:1])[splits[0]]
+            curve.append(_curve_point(t + 1, splits[0], point))
+    with evaluation_mode(opt):  # Schedule-Free's average x, DoG's averaged iterate: held out in eval mode
+        metrics = _held_out(task, {n: p.detach() for n, p in params.items()}, buffers, splits)
     return Run(optimizer, task.name, seed, losses, step_seconds / max(steps, 1), metrics.get("test", {}),
                metrics.get("val", {}), curve, lrs, dict(hparams))
 

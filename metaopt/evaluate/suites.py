@@ -164,10 +164,17 @@ LR_GRIDS: dict[str, tuple[float, ...]] = {
 }
 
 
+# The parameter-free and schedule-free baselines of metaopt.external, at their authors' defaults and never tuned (not
+# needing a learning rate is their promise): the comparison a learned optimizer has to win today, beside the papers'.
+PARAMETER_FREE = ("schedule-free-adamw", "prodigy", "d-adapt-adam", "dog", "mechanic-adam")
+
+
 def _hyperadam_lineup(classic: tuple[str, ...] = tuple(LR_GRIDS)) -> dict[str, Any]:
-    """The Sec. 5 comparison: the three learned optimizers (their checkpoints' α) and the tuned classic ones."""
+    """The Sec. 5 comparison: the three learned optimizers (their checkpoints' α) and the tuned classic ones, then
+    the untuned parameter-free baselines."""
     optimizers = {name: {} for name in HYPERADAM_LEARNED}
     optimizers.update({name: {"lr": LR_GRIDS[name][len(LR_GRIDS[name]) // 2]} for name in classic})
+    optimizers.update({name: {} for name in PARAMETER_FREE})
     return dict(optimizers=optimizers, learned=HYPERADAM_LEARNED, reference="hyperadam",
                 tune={name: LR_GRIDS[name] for name in classic}, quick_optimizers=("hyperadam", "adam"))
 
@@ -185,8 +192,13 @@ ABLATION_CHECKPOINTS: dict[str, str] = {
 }
 ABLATION_J = {"hyperadam": 20, **{f"hyperadam-J{j}": j for j in (1, 5, 10, 15, 25, 35)}}
 
+# DoG's authors: reps_rel 1e-4 "if the model uses batch-normalization" (the package's error message; 1e-6 otherwise)
+DOG_BATCHNORM = {"dog": {"reps_rel": 1e-4}}
+
+PARAMETER_FREE_NOTE = "The parameter-free baselines (metaopt.external) run at their authors' defaults, untuned."
 HYPERADAM_NOTE = ("Fashion-MNIST stands in for MNIST; --dataset switches. Final training loss after the last step, "
-                  "mean over seeds; learning rates of the classic optimizers tuned on separate seeds.")
+                  "mean over seeds; learning rates of the classic optimizers tuned on separate seeds. "
+                  + PARAMETER_FREE_NOTE)
 
 _HYPERADAM_SUITES = [
     Suite("hyperadam-table1", ("mlp-sigmoid", "mlp-relu", "mlp-elu", "mlp-tanh"), 100, seeds=100,
@@ -202,9 +214,10 @@ _HYPERADAM_SUITES = [
     Suite("hyperadam-table2", ("lstm-sine", "lstm-sine-small-noise", "lstm-sine-2layer"), 100, seeds=100,
           description="HyperAdam Sec. 5.1, Table 2 / Fig. 5c: LSTM (20 units) predicting f(10) of a noisy sine "
                       "from f(0..9): noise N(0, 0.1), small noise N(0, 0.01), two layers; 100 steps, squared error; "
-                      "learning rates of the classic optimizers tuned on separate seeds.",
+                      "learning rates of the classic optimizers tuned on separate seeds. " + PARAMETER_FREE_NOTE,
           **_hyperadam_lineup()),
-    Suite("hyperadam-cnn", ("cnn-1", "cnn-2", "cnn-1-bn", "cnn-2-dropout"), 100, seeds=100,
+    Suite("hyperadam-cnn", ("cnn-1", "cnn-2", TaskSpec("cnn-1-bn", "cnn-1-bn", hparams=DOG_BATCHNORM), "cnn-2-dropout"),
+          100, seeds=100,
           description="HyperAdam Sec. 5.1, Fig. 6a/b/e/f: CNN-1 (c-c-p-f), CNN-2 (c-c-p-c-c-p-f-f), CNN-1 with "
                       "batch normalization, CNN-2 with dropout 0.5; 100 steps. The paper trained the last two on "
                       "CIFAR-10 (--dataset cifar10). " + HYPERADAM_NOTE,
@@ -261,11 +274,13 @@ _CAMHD_SUITES = [
           _epochs(30, 60_000, 128), seeds=30, eval_every=FFNN_EPOCH, compare="test_top1",
           optimizers={"adam": dict(lr=1e-3), "adam-hd": dict(lr=1e-3, hypergrad_lr=1e-7),
                       "cam-hd-adam": dict(lr=1e-3, hypergrad_lr=1e-7, levels=("parameter", "layer", "global"),
-                                          gamma=(0.3, 0.3, 0.4), gamma_lr=0.1)},
+                                          gamma=(0.3, 0.3, 0.4), gamma_lr=0.1),
+                      **{name: {} for name in PARAMETER_FREE}},
           reference="cam-hd-adam",
           description="CAM-HD Sec. 4.2, Fig. 3: FFNNs [100, 100], [1000, 100], [1000, 1000] (ReLU), batch 128, 30 "
                       "epochs, 30 trials; Adam / Adam-HD / 3-level CAM-HD-Adam at lr 1e-3, beta 1e-7, gamma "
-                      "(0.3, 0.3, 0.4), delta 0.1. Held-out accuracy every epoch. " + CAMHD_NOTE),
+                      "(0.3, 0.3, 0.4), delta 0.1. Held-out accuracy every epoch. " + CAMHD_NOTE + " "
+                      + PARAMETER_FREE_NOTE),
     Suite("hypergrad-combination",
           # global + filter (unit) rates for CNNs; the FFNN's task entry switches to global + layer
           (TaskSpec("ffnn-100x3", "ffnn", {"hidden": (100, 100, 100), "batch_size": 256},
@@ -289,13 +304,15 @@ _CAMHD_SUITES = [
           optimizers={"sgd": dict(lr=1e-3), "adam": dict(lr=1e-3),
                       "sgd-hd": dict(lr=1e-3, hypergrad_lr=1e-3), "adam-hd": dict(lr=1e-3, hypergrad_lr=1e-7),
                       "cam-hd-sgd": dict(_LENET_CAMHD, hypergrad_lr=1e-3),
-                      "cam-hd-adam": dict(_LENET_CAMHD, hypergrad_lr=1e-7)},
+                      "cam-hd-adam": dict(_LENET_CAMHD, hypergrad_lr=1e-7),
+                      **{name: {} for name in PARAMETER_FREE}},
           reference="cam-hd-adam",
           references={"sgd": "cam-hd-sgd", "sgd-hd": "cam-hd-sgd", "cam-hd-sgd": "cam-hd-sgd"},
           description="CAM-HD Sec. 4.3, Fig. 4: LeNet-5 on a random 5,000-image training subset, batch 128; SGD / "
                       "Adam vs SGD-HD / Adam-HD vs 2-level (filter + global) CAM-HD, lr 1e-3, beta 1e-3 (SGD) and "
                       "1e-7 (Adam), gamma (0.2, 0.8), delta 0.01. 30 epochs and 10 trials are our choices (the paper "
-                      "gives neither). SGD-type methods are tested against cam-hd-sgd. " + CAMHD_NOTE,
+                      "gives neither). SGD-type methods are tested against cam-hd-sgd. " + CAMHD_NOTE + " "
+                      + PARAMETER_FREE_NOTE,
           quick_optimizers=("sgd-hd", "cam-hd-sgd", "adam", "cam-hd-adam")),
 ]
 
