@@ -324,6 +324,12 @@ HAND_DESIGNED_BYTES: dict[str, ByteModel] = {
     "cam-hd-adam": ByteModel(3, 3, "per-parameter rate, m, v; reads g, m, v for the level hypergradients"),
     "tlr": ByteModel(1, 2, "previous gradient; reads g, g_prev for <g, g_prev> and |g|^2 before the update"),
     "tlr-pl": ByteModel(1, 2, "previous gradient; reads g, g_prev for the per-tensor <g, g_prev> and |g|^2"),
+    # the parameter-free baselines (metaopt.external), from their packages' state
+    "schedule-free-adamw": ByteModel(2, 0, "z, v (the parameters hold y)"),
+    "prodigy": ByteModel(4, 3, "s, p0, m, v; reads g, p0, p for <g, p0 - p> before the update"),
+    "d-adapt-adam": ByteModel(3, 2, "s, m, v; reads g, s for <g, s> before the update"),
+    "dog": ByteModel(2, 3, "x0, the polynomial-decay average; reads p, x0, g for |x - x0| and |g|^2"),
+    "mechanic-adam": ByteModel(4, 4, "Adam's m, v, the reference x0, the offset; copies g and p before Adam's step"),
     "torch-adam-foreach": ByteModel(2, 0, "m, v"),
     "torch-adam-fused": ByteModel(2, 0, "m, v"),
 }

@@ -246,7 +246,7 @@ def test_results_files_match_hand_computations(tmp_path):
     result = evaluate.run_suite(QUADRATIC_SUITE, seeds=6, tune=False, out=tmp_path, progress=False)
     data = json.loads((tmp_path / "results.json").read_text())
     assert [f.name for f in result.files] == ["results.json", "table.md", "steps.csv", "finals.csv", "evals.csv",
-                                              "curves.png", "schedules.png"]
+                                              "curves.png", "schedules.png", "aggregate.json", "aggregate.png"]
     assert all(f.stat().st_size > 0 for f in result.files)
     assert data["meta"]["seeds"] == list(range(6)) and data["meta"]["reference"] == "adam"
     table = (tmp_path / "table.md").read_text()

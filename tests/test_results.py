@@ -7,6 +7,7 @@ import shlex
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import scipy.stats
 
@@ -36,11 +37,13 @@ def table2_dir(tmp_path_factory):
 
 
 def table_rows(text):
-    """Markdown table rows of ``text``, keyed by their first cell."""
+    """Markdown table rows of ``text``'s first table (the suite's; the aggregate's follows), keyed by first cell."""
     rows = {}
     for line in text.splitlines():
         if line.startswith("| ") and not line.startswith("|---"):
             cells = [c.strip() for c in line.strip("|").split("|")]
+            if cells[0] in rows:  # a second table starts
+                break
             rows[cells[0]] = cells[1:]
     return rows
 
@@ -250,6 +253,33 @@ def test_readme_results_block_is_generated_from_committed_files():
     block = rs.readme_block((ROOT / "README.md").read_text(), "README.md")
     assert block == rs.render_results(ROOT / "checkpoints" / "results", relative_to=ROOT), \
         "README.md's Results block is stale: python -m metaopt.evaluate.results --write README.md"
+
+
+def test_committed_aggregates_are_current():
+    """Every committed aggregate.json holds the IQMs of its results.json (recomputed: deterministic; the bootstrap
+    intervals are seeded and recomputed by python -m metaopt.evaluate.results --aggregate)."""
+    from metaopt.evaluate import aggregate
+
+    checked = 0
+    for directory in rs.result_dirs(ROOT / "checkpoints" / "results"):
+        stored = aggregate.load(directory)
+        results = json.loads((directory / rs.RESULTS_FILE).read_text())
+        if stored is None:
+            assert "adam" not in results["meta"]["optimizers"], f"{directory.name}: no aggregate.json; run python " \
+                "-m metaopt.evaluate.results --aggregate --write README.md"
+            continue
+        table, seeds = aggregate.scores(rs.load_runs(results), list(results["meta"]["tasks"]))
+        assert stored["seeds"] == seeds
+        for name in aggregate.SCORES:
+            assert set(stored[name]) == set(table[name]), directory.name
+            for label, values in table[name].items():
+                flat = np.sort(values.ravel())
+                n = len(flat)
+                # rliable's IQM: scipy's trim_mean with 25 % cut at each end
+                assert stored[name][label]["iqm"] == pytest.approx(scipy.stats.trim_mean(flat, 0.25), rel=1e-9,
+                                                                    nan_ok=True), (directory.name, name, label, n)
+        checked += 1
+    assert checked >= 1
 
 
 def test_render_quotes_the_command_as_a_shell_line(tmp_path):

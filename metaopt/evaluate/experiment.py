@@ -26,7 +26,7 @@ import torch
 
 import metaopt
 from metaopt.environment import device_name
-from metaopt.evaluate import report
+from metaopt.evaluate import aggregate, report
 from metaopt.evaluate.runner import (TUNE_SEED_OFFSET, Run, RunConfig, build_tasks, run_grid, run_lrs_opt,
                                      tune_learning_rates)
 from metaopt.evaluate.suites import SUITES, Suite, TaskSpec
@@ -270,18 +270,20 @@ def _report(suite: Suite, runs: Sequence[Run], reference: str, pairs: Mapping[st
 
 def write_outputs(result: SuiteResult, out: Path) -> list[Path]:
     """results.json, table.md, the CSV files and the figures (curves.png; sweep.png and schedules.png where the
-    suite has them)."""
+    suite has them), and aggregate.json / aggregate.png where Adam ran (:mod:`metaopt.evaluate.aggregate`)."""
     out.mkdir(parents=True, exist_ok=True)
-    report.write_json(out / "results.json", {
+    report.write_json(out / report.RESULTS_FILE, {
         "meta": result.meta, "runs": report.runs_to_json(result.runs), "significance": result.significance,
         "tuned": result.tuned, "sweep": result.sweep, "lrs_opt": result.lrs_opt, "skipped": result.skipped})
     (out / "table.md").write_text(result.report + "\n")
-    files = [out / "results.json", out / "table.md", *report.write_csvs(out, result.runs)]
+    files = [out / report.RESULTS_FILE, out / "table.md", *report.write_csvs(out, result.runs)]
     files.append(report.plot_curves(result.runs, out / "curves.png", result.suite.name))
     if result.sweep:
         files.append(report.plot_sweep(result.sweep, result.suite.sweep, out / "sweep.png"))
     if any(r.lrs is not None for r in result.runs):
         files.append(report.plot_schedules(result.runs, _schedule_labels(result), out / "schedules.png"))
+    if aggregate.write_suite(out) is not None:  # where Adam ran: IQM of normalized loss and speedup
+        files += [out / aggregate.AGGREGATE_FILE, out / aggregate.AGGREGATE_PLOT]
     return files
 
 

@@ -21,6 +21,8 @@ from typing import Any
 from metaopt.evaluate.runner import Run
 from metaopt.evaluate.suites import Sweep
 
+RESULTS_FILE = "results.json"  # an --out directory's record of every run (write_outputs in metaopt.evaluate.experiment)
+
 SPLITS = ("test", "val")
 METRIC_KEYS = ("loss", "top1", "top2")
 
@@ -199,6 +201,12 @@ def lrs_opt_table(records: Sequence[Mapping[str, Any]], runs: Sequence[Run]) -> 
 
 def runs_to_json(runs: Sequence[Run]) -> list[dict[str, Any]]:
     return [dataclasses.asdict(r) for r in runs]
+
+
+def runs_from_json(records: Sequence[Mapping[str, Any]]) -> list[Run]:
+    """The :class:`Run` records of :func:`runs_to_json`'s output (keys that are not fields are ignored)."""
+    fields = {f.name for f in dataclasses.fields(Run)}
+    return [Run(**{k: v for k, v in r.items() if k in fields}) for r in records]
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:

@@ -4,6 +4,7 @@ traces to a file::
     python -m metaopt.evaluate.results                       # print the Markdown
     python -m metaopt.evaluate.results --write README.md     # replace the block between the results markers
     python -m metaopt.evaluate.results --check README.md     # exit 1 with a diff when the block is stale
+    python -m metaopt.evaluate.results --aggregate --write README.md   # recompute the aggregates first
 
 The results live in ``checkpoints/results/<run-name>/``, each an ``--out`` directory of ``python -m
 metaopt.evaluate`` (``results.json``, ``table.md``, ``curves.png``, …). :func:`render_results` gives each directory a
@@ -28,17 +29,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from metaopt.evaluate import report
+from metaopt.evaluate import aggregate, report
 from metaopt.evaluate.runner import Run
 from metaopt.evaluate.suites import SUITES
 from metaopt.learned.base import CHECKPOINT_ROOT
 
 REPO_ROOT = CHECKPOINT_ROOT.parent
 RESULTS_ROOT = CHECKPOINT_ROOT / "results"
-RESULTS_FILE = "results.json"
+RESULTS_FILE = report.RESULTS_FILE
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 FIGURES = ("curves.png", "sweep.png", "schedules.png")
 ALPHA = 0.05  # significance level of every verdict
+AGGREGATE_CAPTION = ("metaopt.evaluate.aggregate: rliable's interquartile mean over runs x tasks with a 95% "
+                     "stratified bootstrap interval; loss normalized by Adam's mean final loss per task, speedup = "
+                     "steps / the step where the run's trailing mean first reaches Adam's final one on the same seed")
 
 DATASET_NAMES = {"fashion-mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10"}
 METRIC_NAMES = {"train_loss": "final training loss", "test_loss": "test loss", "test_top1": "test top-1",
@@ -243,8 +247,7 @@ def verdicts(results: Mapping[str, Any]) -> list[str]:
 
 def load_runs(results: Mapping[str, Any]) -> list[Run]:
     """The :class:`Run` records of a results.json payload (its ``runs``)."""
-    fields = {f.name for f in dataclasses.fields(Run)}
-    return [Run(**{k: v for k, v in r.items() if k in fields}) for r in results["runs"]]
+    return report.runs_from_json(results["runs"])
 
 
 def result_dirs(root: str | os.PathLike[str]) -> list[Path]:
@@ -356,7 +359,12 @@ def render_one(directory: Path, relative_to: Path) -> str:
     skipped = results.get("skipped", {})
     if skipped:
         parts.append("Not run: " + "; ".join(f"{label} ({why})" for label, why in skipped.items()) + ".")
-    figures = [f"![{meta['suite']}: {name[:-4]}]({link}/{name})" for name in FIGURES if (directory / name).is_file()]
+    agg = aggregate.load(directory)
+    if agg is not None:
+        parts += [f"Aggregate over the {len(agg['tasks'])} tasks and {len(agg['seeds'])} seeds "
+                  f"({AGGREGATE_CAPTION}):", aggregate.markdown(agg)]
+    figures = [f"![{meta['suite']}: {name[:-4]}]({link}/{name})" for name in (*FIGURES, aggregate.AGGREGATE_PLOT)
+               if (directory / name).is_file()]
     if figures:
         parts.append("\n".join(figures))
     return "\n\n".join(parts)
@@ -371,7 +379,34 @@ def render_results(root: str | os.PathLike[str] = RESULTS_ROOT, *, relative_to: 
     if not directories:
         return (f"No evaluation results are committed yet: `{_link(root, relative_to)}/` holds no directory with a "
                 f"{RESULTS_FILE}.")
-    return "\n\n".join(render_one(d, relative_to) for d in directories)
+    sections = [render_one(d, relative_to) for d in directories]
+    summary = aggregate.load(root / aggregate.SUMMARY_DIR)
+    if summary is not None:
+        link = _link(root / aggregate.SUMMARY_DIR, relative_to)
+        sections.insert(0, "\n\n".join([
+            "### Across suites",
+            f"The optimizers that ran in each of {', '.join(f'`{d}`' for d in summary['directories'])} (the newest result set of each suite with Adam), their {len(summary['tasks'])} tasks pooled, the first "
+            f"{len(summary['seeds'])} seeds of each ({AGGREGATE_CAPTION}); files: [`{link}/`]({link}/).",
+            aggregate.markdown(summary), f"![aggregate across suites]({link}/{aggregate.AGGREGATE_PLOT})"]))
+    return "\n\n".join(sections)
+
+
+def write_aggregates(root: str | os.PathLike[str] = RESULTS_ROOT) -> list[Path]:
+    """Write every results directory's aggregate (where Adam ran) and the summary across suites (the newest
+    directory of each suite by its date) into ``root/aggregate``; returns the directories written."""
+    root = Path(root)
+    written, newest = [], {}
+    for d in result_dirs(root):
+        result = aggregate.write_suite(d)
+        if result is None:
+            continue
+        written.append(d)
+        date = json.loads((d / RESULTS_FILE).read_text())["meta"]["date"]
+        if result["suite"] not in newest or date > newest[result["suite"]][0]:
+            newest[result["suite"]] = (date, d)
+    if aggregate.write_summary([d for _, d in newest.values()], root / aggregate.SUMMARY_DIR) is not None:
+        written.append(root / aggregate.SUMMARY_DIR)
+    return written
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -405,11 +440,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  "results (each an --out directory of python -m metaopt.evaluate).")
     parser.add_argument("--root", default=str(RESULTS_ROOT), metavar="DIR",
                         help="where the results directories are (default: the repository's checkpoints/results)")
+    parser.add_argument("--aggregate", action="store_true",
+                        help="first write aggregate.json / aggregate.png into every results directory where Adam ran "
+                             "and the summary across suites into ROOT/aggregate (metaopt.evaluate.aggregate)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--write", metavar="README", help=f"replace the lines between {BEGIN} and {END} in README")
     mode.add_argument("--check", metavar="README",
                       help="exit 1 with a diff when README's results block differs from the render")
     args = parser.parse_args(argv)
+    if args.aggregate:
+        for d in write_aggregates(args.root):
+            print(f"wrote {d}/{aggregate.AGGREGATE_FILE}, {aggregate.AGGREGATE_PLOT}", file=sys.stderr)
     path = Path(args.write or args.check or REPO_ROOT / "README.md")
     block = render_results(args.root, relative_to=path.resolve().parent)
     if args.write is None and args.check is None:
