@@ -263,7 +263,7 @@ def test_committed_aggregates_are_current():
     checked = 0
     for directory in rs.result_dirs(ROOT / "checkpoints" / "results"):
         stored = aggregate.load(directory)
-        results = json.loads((directory / rs.RESULTS_FILE).read_text())
+        results = report.read_results(directory)
         if stored is None:
             assert "adam" not in results["meta"]["optimizers"], f"{directory.name}: no aggregate.json; run python " \
                 "-m metaopt.evaluate.results --aggregate --write README.md"
@@ -280,6 +280,26 @@ def test_committed_aggregates_are_current():
                                                                     nan_ok=True), (directory.name, name, label, n)
         checked += 1
     assert checked >= 1
+
+
+def test_a_gzipped_results_file_is_read_like_a_plain_one(tmp_path):
+    import gzip
+
+    payload = table1(BASE, BASE, BASE, BASE)
+    plain = write(tmp_path / "plain" / "r", payload)
+    zipped = tmp_path / "zipped" / "r"
+    zipped.mkdir(parents=True)
+    with gzip.open(zipped / "results.json.gz", "wt") as f:
+        json.dump(payload, f)
+    assert report.read_results(zipped) == report.read_results(plain) == payload
+    assert rs.result_dirs(zipped.parent) == [zipped]
+    assert rs.render_results(zipped.parent, relative_to=zipped.parent) == \
+        rs.render_results(plain.parent, relative_to=plain.parent)
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        report.read_results(tmp_path)
+    (plain / "steps.csv").write_text("task,optimizer,seed,step,loss\n")
+    assert rs.compact(plain) == [plain / "results.json", plain / "steps.csv"]
+    assert sorted(p.name for p in plain.iterdir()) == ["results.json.gz"] and report.read_results(plain) == payload
 
 
 def test_render_quotes_the_command_as_a_shell_line(tmp_path):

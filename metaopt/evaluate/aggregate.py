@@ -175,7 +175,7 @@ def plot(result: Mapping[str, Any], path: Path, title: str) -> None:
 
 
 def _load(directory: Path) -> tuple[dict[str, Any], list[Run]]:
-    results = json.loads((directory / report.RESULTS_FILE).read_text())
+    results = report.read_results(directory)
     return results, report.runs_from_json(results["runs"])
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,28 @@ from metaopt.evaluate.runner import Run
 from metaopt.evaluate.suites import Sweep
 
 RESULTS_FILE = "results.json"  # an --out directory's record of every run (write_outputs in metaopt.evaluate.experiment)
+
+
+def results_file(directory: str | os.PathLike[str]) -> Path | None:
+    """The directory's ``results.json``, or its gzipped ``results.json.gz`` (how large committed result sets are
+    kept), or None."""
+    for name in (RESULTS_FILE, RESULTS_FILE + ".gz"):
+        path = Path(directory) / name
+        if path.is_file():
+            return path
+    return None
+
+
+def read_results(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The payload of the directory's ``results.json`` (plain or gzipped); ``FileNotFoundError`` if neither."""
+    path = results_file(directory)
+    if path is None:
+        raise FileNotFoundError(f"{directory}: no {RESULTS_FILE} (or {RESULTS_FILE}.gz); is it an --out directory of "
+                                "python -m metaopt.evaluate?")
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt") as f:
+            return json.load(f)
+    return json.loads(path.read_text())
 
 SPLITS = ("test", "val")
 METRIC_KEYS = ("loss", "top1", "top2")

@@ -5,6 +5,7 @@ traces to a file::
     python -m metaopt.evaluate.results --write README.md     # replace the block between the results markers
     python -m metaopt.evaluate.results --check README.md     # exit 1 with a diff when the block is stale
     python -m metaopt.evaluate.results --aggregate --write README.md   # recompute the aggregates first
+    python -m metaopt.evaluate.results --compact             # gzip results.json, drop steps.csv (for committing)
 
 The results live in ``checkpoints/results/<run-name>/``, each an ``--out`` directory of ``python -m
 metaopt.evaluate`` (``results.json``, ``table.md``, ``curves.png``, …). :func:`render_results` gives each directory a
@@ -20,10 +21,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import gzip
 import json
 import math
 import os
 import shlex
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -251,13 +254,13 @@ def load_runs(results: Mapping[str, Any]) -> list[Run]:
 
 
 def result_dirs(root: str | os.PathLike[str]) -> list[Path]:
-    """The directories under ``root`` holding a results.json, in the order of :data:`SUITES`, then by name."""
+    """The directories under ``root`` holding a results.json (or results.json.gz), in the order of :data:`SUITES`, then by name."""
     root = Path(root)
     if not root.is_dir():
         return []
     order = {name: i for i, name in enumerate(SUITES)}
-    found = [(json.loads((d / RESULTS_FILE).read_text())["meta"]["suite"], d) for d in sorted(root.iterdir())
-             if (d / RESULTS_FILE).is_file()]
+    found = [(report.read_results(d)["meta"]["suite"], d) for d in sorted(root.iterdir())
+             if report.results_file(d) is not None]
     return [d for _, d in sorted(found, key=lambda item: (order.get(item[0], len(order)), item[1].name))]
 
 
@@ -320,7 +323,7 @@ NOTE_FILE = "NOTE.md"  # optional, beside results.json: a paragraph shown under 
 
 def render_one(directory: Path, relative_to: Path) -> str:
     """The section of one results directory (see the module docstring)."""
-    results = json.loads((directory / RESULTS_FILE).read_text())
+    results = report.read_results(directory)
     meta = results["meta"]
     device = meta["device_name"] if meta["device_name"] == meta["device"] else \
         f"{meta['device_name']} ({meta['device']})"
@@ -391,6 +394,25 @@ def render_results(root: str | os.PathLike[str] = RESULTS_ROOT, *, relative_to: 
     return "\n\n".join(sections)
 
 
+def compact(directory: str | os.PathLike[str]) -> list[Path]:
+    """Shrink a results directory for committing: ``results.json`` gzipped to ``results.json.gz`` (every reader here
+    takes either) and ``steps.csv`` removed (its per-step losses are the runs' ``losses`` in ``results.json``).
+    Returns the files removed."""
+    directory = Path(directory)
+    removed = []
+    plain = directory / RESULTS_FILE
+    if plain.is_file():
+        with open(plain, "rb") as src, gzip.open(directory / (RESULTS_FILE + ".gz"), "wb", compresslevel=9) as dst:
+            shutil.copyfileobj(src, dst)
+        plain.unlink()
+        removed.append(plain)
+    for name in ("steps.csv", "steps.csv.gz"):
+        if (directory / name).is_file():
+            (directory / name).unlink()
+            removed.append(directory / name)
+    return removed
+
+
 def write_aggregates(root: str | os.PathLike[str] = RESULTS_ROOT) -> list[Path]:
     """Write every results directory's aggregate (where Adam ran) and the summary across suites (the newest
     directory of each suite by its date) into ``root/aggregate``; returns the directories written."""
@@ -401,7 +423,7 @@ def write_aggregates(root: str | os.PathLike[str] = RESULTS_ROOT) -> list[Path]:
         if result is None:
             continue
         written.append(d)
-        date = json.loads((d / RESULTS_FILE).read_text())["meta"]["date"]
+        date = report.read_results(d)["meta"]["date"]
         if result["suite"] not in newest or date > newest[result["suite"]][0]:
             newest[result["suite"]] = (date, d)
     if aggregate.write_summary([d for _, d in newest.values()], root / aggregate.SUMMARY_DIR) is not None:
@@ -443,11 +465,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--aggregate", action="store_true",
                         help="first write aggregate.json / aggregate.png into every results directory where Adam ran "
                              "and the summary across suites into ROOT/aggregate (metaopt.evaluate.aggregate)")
+    parser.add_argument("--compact", action="store_true",
+                        help="first gzip every results.json under ROOT to results.json.gz and remove steps.csv (its "
+                             "losses are in results.json): how result sets are committed")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--write", metavar="README", help=f"replace the lines between {BEGIN} and {END} in README")
     mode.add_argument("--check", metavar="README",
                       help="exit 1 with a diff when README's results block differs from the render")
     args = parser.parse_args(argv)
+    if args.compact:
+        for d in result_dirs(args.root):
+            for path in compact(d):
+                print(f"compacted {path}", file=sys.stderr)
     if args.aggregate:
         for d in write_aggregates(args.root):
             print(f"wrote {d}/{aggregate.AGGREGATE_FILE}, {aggregate.AGGREGATE_PLOT}", file=sys.stderr)
