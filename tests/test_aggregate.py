@@ -11,6 +11,7 @@ import scipy.stats
 from metaopt.evaluate import aggregate, report
 from metaopt.evaluate import results as rs
 from metaopt.evaluate.runner import Run
+from metaopt.evaluate.suites import PARAMETER_FREE
 
 pytest.importorskip("rliable")
 
@@ -88,16 +89,27 @@ def write(directory, payload):
 
 
 def test_files_per_suite_and_across_suites_and_their_readme_sections(tmp_path):
+    others = {label: [curve(3, 1.5)] * 4 for label in PARAMETER_FREE if label not in ("prodigy", "dog")}
     one = write(tmp_path / "one", results_payload("hyperadam-table1", {
         ("adam", "mlp-sigmoid"): [curve(3, 1)] * 4, ("prodigy", "mlp-sigmoid"): [curve(3, 0.5)] * 4,
-        ("dog", "mlp-sigmoid"): [curve(3, 2)] * 4}, 4))
+        ("dog", "mlp-sigmoid"): [curve(3, 2)] * 4, ("hyperadam", "mlp-sigmoid"): [curve(3, 0.9)] * 4,
+        **{(label, "mlp-sigmoid"): c for label, c in others.items()}}, 4))
     two = write(tmp_path / "two", results_payload("hypergrad-lenet", {
-        ("adam", "lenet5-5k"): [curve(3, 1)] * 3, ("prodigy", "lenet5-5k"): [curve(3, 2)] * 3}, 3))
+        ("adam", "lenet5-5k"): [curve(3, 1)] * 3, ("prodigy", "lenet5-5k"): [curve(3, 2)] * 3,
+        ("dog", "lenet5-5k"): [curve(3, 2)] * 3, **{(label, "lenet5-5k"): c[:3] for label, c in others.items()}}, 3))
     older = write(tmp_path / "older", results_payload("hypergrad-lenet", {
-        ("adam", "lenet5-5k"): [curve(3, 1)] * 3, ("prodigy", "lenet5-5k"): [curve(3, 9)] * 3}, 3, "2025-01-01"))
+        ("adam", "lenet5-5k"): [curve(3, 1)] * 3, ("prodigy", "lenet5-5k"): [curve(3, 9)] * 3,
+        ("dog", "lenet5-5k"): [curve(3, 2)] * 3, **{(label, "lenet5-5k"): c[:3] for label, c in others.items()}}, 3,
+        "2025-01-01"))
+    no_pf = write(tmp_path / "no-pf", results_payload("learned-rules", {
+        ("adam", "mlp-elu"): [curve(3, 1)] * 3, ("sgd", "mlp-elu"): [curve(3, 2)] * 3}, 3, "2027-01-01"))
     none = write(tmp_path / "none", results_payload("hypergrad-lenet", {("sgd", "lenet5-5k"): [curve(3, 1)]}, 1))
+    for d in (one, two, older, no_pf, none):
+        payload = json.loads((d / report.RESULTS_FILE).read_text())
+        payload["meta"]["optimizers"] = {r["optimizer"]: {} for r in payload["runs"]}
+        (d / report.RESULTS_FILE).write_text(json.dumps(payload))
     written = rs.write_aggregates(tmp_path)
-    assert set(written) == {one, two, older, tmp_path / aggregate.SUMMARY_DIR}
+    assert set(written) == {one, two, older, no_pf, tmp_path / aggregate.SUMMARY_DIR}
     assert not (none / aggregate.AGGREGATE_FILE).exists()
     for d in written:
         assert (d / aggregate.AGGREGATE_PLOT).stat().st_size > 1000
@@ -105,9 +117,10 @@ def test_files_per_suite_and_across_suites_and_their_readme_sections(tmp_path):
     assert first["normalized_loss"]["prodigy"]["iqm"] == pytest.approx(0.5)
     assert first["speedup"]["dog"]["iqm"] == 0.0
     summary = aggregate.load(tmp_path / aggregate.SUMMARY_DIR)
-    # the newest lenet set only; the labels in both; three seeds of each (the smaller count)
+    # the newest lenet set with the parameter-free baselines; not the set without them; the labels in all (not
+    # hyperadam); three seeds of each (the smaller count)
     assert summary["directories"] == ["one", "two"] and summary["seeds"] == [0, 1, 2]
-    assert set(summary["normalized_loss"]) == {"adam", "prodigy"}
+    assert set(summary["normalized_loss"]) == {"adam", *PARAMETER_FREE}
     assert summary["tasks"] == ["one/mlp-sigmoid", "two/lenet5-5k"]
     # prodigy: 0.5 on one task and 2.0 on the other, three seeds each: the IQM of six values, three of each
     assert summary["normalized_loss"]["prodigy"]["iqm"] == pytest.approx(scipy.stats.trim_mean([0.5] * 3 + [2] * 3,

@@ -34,7 +34,7 @@ from typing import Any
 
 from metaopt.evaluate import aggregate, report
 from metaopt.evaluate.runner import Run
-from metaopt.evaluate.suites import SUITES
+from metaopt.evaluate.suites import PARAMETER_FREE, SUITES
 from metaopt.learned.base import CHECKPOINT_ROOT
 
 REPO_ROOT = CHECKPOINT_ROOT.parent
@@ -254,7 +254,8 @@ def load_runs(results: Mapping[str, Any]) -> list[Run]:
 
 
 def result_dirs(root: str | os.PathLike[str]) -> list[Path]:
-    """The directories under ``root`` holding a results.json (or results.json.gz), in the order of :data:`SUITES`, then by name."""
+    """The directories under ``root`` holding a results.json (or results.json.gz), in the order of :data:`SUITES`,
+    then by name."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -388,8 +389,10 @@ def render_results(root: str | os.PathLike[str] = RESULTS_ROOT, *, relative_to: 
         link = _link(root / aggregate.SUMMARY_DIR, relative_to)
         sections.insert(0, "\n\n".join([
             "### Across suites",
-            f"The optimizers that ran in each of {', '.join(f'`{d}`' for d in summary['directories'])} (the newest result set of each suite with Adam), their {len(summary['tasks'])} tasks pooled, the first "
-            f"{len(summary['seeds'])} seeds of each ({AGGREGATE_CAPTION}); files: [`{link}/`]({link}/).",
+            f"The optimizers that ran in each of {', '.join(f'`{d}`' for d in summary['directories'])} (of each "
+            f"suite, the newest result set with Adam and the parameter-free baselines), their "
+            f"{len(summary['tasks'])} tasks pooled, the first {len(summary['seeds'])} seeds of each "
+            f"({AGGREGATE_CAPTION}); files: [`{link}/`]({link}/).",
             aggregate.markdown(summary), f"![aggregate across suites]({link}/{aggregate.AGGREGATE_PLOT})"]))
     return "\n\n".join(sections)
 
@@ -414,8 +417,10 @@ def compact(directory: str | os.PathLike[str]) -> list[Path]:
 
 
 def write_aggregates(root: str | os.PathLike[str] = RESULTS_ROOT) -> list[Path]:
-    """Write every results directory's aggregate (where Adam ran) and the summary across suites (the newest
-    directory of each suite by its date) into ``root/aggregate``; returns the directories written."""
+    """Write every results directory's aggregate (where Adam ran) and the summary across suites into
+    ``root/aggregate``: the newest directory (by its date) of each suite among those that ran Adam and every
+    parameter-free baseline (:data:`PARAMETER_FREE`, the yardstick every suite can share), over the optimizers that
+    ran in all of them. Returns the directories written."""
     root = Path(root)
     written, newest = [], {}
     for d in result_dirs(root):
@@ -423,7 +428,10 @@ def write_aggregates(root: str | os.PathLike[str] = RESULTS_ROOT) -> list[Path]:
         if result is None:
             continue
         written.append(d)
-        date = report.read_results(d)["meta"]["date"]
+        meta = report.read_results(d)["meta"]
+        if not set(PARAMETER_FREE) <= set(meta["optimizers"]):
+            continue
+        date = meta["date"]
         if result["suite"] not in newest or date > newest[result["suite"]][0]:
             newest[result["suite"]] = (date, d)
     if aggregate.write_summary([d for _, d in newest.values()], root / aggregate.SUMMARY_DIR) is not None:
