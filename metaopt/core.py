@@ -88,7 +88,41 @@ def _to_group_value(value: Any) -> Any:
     return value
 
 
-class CoreOptimizer(torch.optim.Optimizer):
+class NonfiniteGuard:
+    """What a face does with a non-finite gradient or rate (``self.nonfinite``: ``"skip"`` or ``"raise"``; the class
+    sets ``self.nonfinite`` and ``self._warned_nonfinite = False`` in its ``__init__``). Shared by
+    :class:`CoreOptimizer` and the package-backed faces of :mod:`metaopt.external`."""
+
+    nonfinite: str
+    _warned_nonfinite: bool
+
+    def check_finite(self, group: dict[str, Any], tensors: Iterable[Tensor]) -> bool:
+        """True if every tensor is finite; otherwise count/warn (``skip``) or raise (``raise``)."""
+        tensors = list(tensors)
+        if not tensors:
+            return True
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        return finite or self.skip_nonfinite(group, "gradient (NaN or inf)")
+
+    def skip_nonfinite(self, group: dict[str, Any], what: str, error: Exception | None = None) -> bool:
+        """Refuse a group's step because ``what`` is not finite: raise (``nonfinite="raise"``; ``error`` if given),
+        or count it in ``group["nonfinite_skipped"]`` and warn once. The caller must not have written anything yet.
+        Returns False (the step was skipped)."""
+        if self.nonfinite == "raise":
+            raise error or FloatingPointError(
+                f"{type(self).__name__}: non-finite {what}; the step was not applied. Lower the learning rate, clip "
+                "gradients, or pass nonfinite='skip' to skip such steps.")
+        group["nonfinite_skipped"] = group.get("nonfinite_skipped", 0) + 1
+        if not self._warned_nonfinite:
+            warnings.warn(
+                f"{type(self).__name__}: skipped a step with a non-finite {what}; parameters and optimizer state are "
+                "unchanged. Further skips are counted in param_groups[i]['nonfinite_skipped'].",
+                RuntimeWarning, stacklevel=4)
+            self._warned_nonfinite = True
+        return False
+
+
+class CoreOptimizer(NonfiniteGuard, torch.optim.Optimizer):
     """``torch.optim.Optimizer`` face over a :class:`FunctionalOptimizer`.
 
     Subclasses implement :meth:`rule`, which builds the functional rule from one parameter group's
@@ -169,31 +203,6 @@ class CoreOptimizer(torch.optim.Optimizer):
         params = list(group["params"])
         names = group.get("param_names") or [str(i) for i in range(len(params))]
         return list(names), params
-
-    def check_finite(self, group: dict[str, Any], tensors: Iterable[Tensor]) -> bool:
-        """True if every tensor is finite; otherwise count/warn (``skip``) or raise (``raise``)."""
-        tensors = list(tensors)
-        if not tensors:
-            return True
-        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-        return finite or self.skip_nonfinite(group, "gradient (NaN or inf)")
-
-    def skip_nonfinite(self, group: dict[str, Any], what: str, error: Exception | None = None) -> bool:
-        """Refuse a group's step because ``what`` is not finite: raise (``nonfinite="raise"``; ``error`` if given),
-        or count it in ``group["nonfinite_skipped"]`` and warn once. The caller must not have written anything yet.
-        Returns False (the step was skipped)."""
-        if self.nonfinite == "raise":
-            raise error or FloatingPointError(
-                f"{type(self).__name__}: non-finite {what}; the step was not applied. Lower the learning rate, clip "
-                "gradients, or pass nonfinite='skip' to skip such steps.")
-        group["nonfinite_skipped"] = group.get("nonfinite_skipped", 0) + 1
-        if not self._warned_nonfinite:
-            warnings.warn(
-                f"{type(self).__name__}: skipped a step with a non-finite {what}; parameters and optimizer state are "
-                "unchanged. Further skips are counted in param_groups[i]['nonfinite_skipped'].",
-                RuntimeWarning, stacklevel=4)
-            self._warned_nonfinite = True
-        return False
 
     def load_rule_state(self, group: dict[str, Any], rule: FunctionalOptimizer, params: Params) -> NamedTuple:
         """Rebuild the rule's NamedTuple state from ``self.state`` and the group (``rule.init`` where missing).

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metaopt.core import NONFINITE_MODES
+from metaopt.core import NONFINITE_MODES, NonfiniteGuard
 from metaopt.registry import register_optimizer
 
 # name -> (pip requirement, module) of the packages behind the registered names
@@ -89,7 +89,7 @@ def evaluation_mode(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 def _guarded(base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
     """``base`` with metaopt's non-finite guard in front of its ``step`` (see the module docstring)."""
 
-    class Guarded(base):  # type: ignore[misc, valid-type]
+    class Guarded(NonfiniteGuard, base):  # type: ignore[misc, valid-type]
         def __init__(self, params: Iterable[Any], *args: Any, nonfinite: str = "skip", **kwargs: Any):
             if nonfinite not in NONFINITE_MODES:
                 raise ValueError(f"Invalid nonfinite: {nonfinite!r} (expected one of {NONFINITE_MODES})")
@@ -105,19 +105,11 @@ def _guarded(base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
                 closure = None
             else:
                 loss = None
+            # the package steps every group at once, so a non-finite gradient anywhere skips (and counts in) all
             grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-            if grads and not bool(torch.stack(
-                    [torch.isfinite(g).all() for g in grads]).all()):
-                if self.nonfinite == "raise":
-                    raise FloatingPointError(f"{type(self).__name__}: a gradient holds NaN or inf; fix the loss or "
-                                             "pass nonfinite='skip' to skip such steps.")
-                for group in self.param_groups:
-                    group["nonfinite_skipped"] = group.get("nonfinite_skipped", 0) + 1
-                if not self._warned_nonfinite:
-                    warnings.warn(f"{type(self).__name__}: skipped a step with a non-finite gradient (NaN or inf); "
-                                  "parameters and state unchanged. Further skips are counted in "
-                                  "param_groups[i]['nonfinite_skipped'].", RuntimeWarning, stacklevel=2)
-                    self._warned_nonfinite = True
+            if not self.check_finite(self.param_groups[0], grads):
+                for group in self.param_groups[1:]:
+                    self.skip_nonfinite(group, "gradient (NaN or inf)")
                 return loss
             grad_mode = torch.is_grad_enabled()
             try:

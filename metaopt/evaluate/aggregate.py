@@ -124,8 +124,10 @@ def interval_estimates(score: Mapping[str, np.ndarray]) -> dict[str, dict[str, f
             point, interval = rly.get_interval_estimates({label: values}, iqm, reps=REPS,
                                                          confidence_interval_size=CONFIDENCE,
                                                          random_state=np.random.RandomState(SEED))
-        out[label] = {"iqm": float(point[label][0]), "low": float(interval[label][0, 0]),
-                      "high": float(interval[label][1, 0])}
+        # a bound between two infinite resample IQMs comes out of numpy's interpolation as inf - inf = NaN; scores
+        # are never -inf, so that bound is +inf
+        low, high = (math.inf if math.isnan(b) else float(b) for b in interval[label][:, 0])
+        out[label] = {"iqm": float(point[label][0]), "low": low, "high": high}
     np.random.set_state(saved)
     return out
 
@@ -136,18 +138,6 @@ def aggregate(runs: Sequence[Run], tasks: Sequence[str], baseline: str = BASELIN
     table, seeds = scores(runs, tasks, baseline)
     return {"baseline": baseline, "tasks": list(tasks), "seeds": seeds, "reps": REPS, "confidence": CONFIDENCE,
             "window": "steps // 10", **{name: interval_estimates(table[name]) for name in SCORES}}
-
-
-def _finite(x: float) -> float | str:
-    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
-
-
-def _jsonable(payload: Any) -> Any:
-    if isinstance(payload, dict):
-        return {k: _jsonable(v) for k, v in payload.items()}
-    if isinstance(payload, list):
-        return [_jsonable(v) for v in payload]
-    return _finite(payload) if isinstance(payload, float) else payload
 
 
 def plot(result: Mapping[str, Any], path: Path, title: str) -> None:
@@ -190,7 +180,7 @@ def write_suite(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     except ValueError:
         return None
     result = {"suite": results["meta"]["suite"], "device_name": results["meta"].get("device_name"), **result}
-    (directory / AGGREGATE_FILE).write_text(json.dumps(_jsonable(result), indent=1) + "\n")
+    report.write_json(directory / AGGREGATE_FILE, result)
     plot(result, directory / AGGREGATE_PLOT, f"{result['suite']} ({directory.name}), {len(result['seeds'])} seeds")
     return result
 
@@ -225,18 +215,15 @@ def write_summary(directories: Sequence[str | os.PathLike[str]], out: str | os.P
     result = {"suite": "all", "directories": used, **aggregate(pooled, tasks)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / AGGREGATE_FILE).write_text(json.dumps(_jsonable(result), indent=1) + "\n")
+    report.write_json(out / AGGREGATE_FILE, result)
     plot(result, out / AGGREGATE_PLOT, f"across {len(used)} result sets, {k} seeds each, {len(tasks)} tasks")
     return result
 
 
 def load(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """A directory's ``aggregate.json`` (infinities restored), or None."""
+    """A directory's ``aggregate.json`` (an infinite IQM, of diverged runs, reads back as ``inf``), or None."""
     path = Path(directory) / AGGREGATE_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(), parse_constant=float,
-                      object_hook=lambda d: {k: float(v) if v in ("inf", "-inf") else v for k, v in d.items()})
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def markdown(result: Mapping[str, Any]) -> str:
