@@ -2,6 +2,7 @@
 to the per-seed loop, tuning on separate seeds, the statistics and files it writes, and every suite in reduced form."""
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -251,9 +252,11 @@ def test_results_files_match_hand_computations(tmp_path):
     assert data["meta"]["seeds"] == list(range(6)) and data["meta"]["reference"] == "adam"
     table = (tmp_path / "table.md").read_text()
     finals = {}
+    exact = report.runs_from_json(data["runs"])  # the float32 losses are written in float32's shortest decimal
+    assert [dataclasses.asdict(r) for r in exact] == [dataclasses.asdict(r) for r in result.runs]
     for label in ("adam", "sgd", "adam-hd"):
-        runs = sorted((r for r in data["runs"] if r["optimizer"] == label), key=lambda r: r["seed"])
-        finals[label] = [r["losses"][-1] for r in runs]
+        runs = sorted((r for r in exact if r.optimizer == label), key=lambda r: r.seed)
+        finals[label] = [r.losses[-1] for r in runs]
         n = len(finals[label])
         mean = sum(finals[label]) / n
         se = math.sqrt(sum((v - mean) ** 2 for v in finals[label]) / (n - 1) / n)
@@ -269,7 +272,7 @@ def test_results_files_match_hand_computations(tmp_path):
     with open(tmp_path / "steps.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * 6 * 25
-    by_run = {(r["optimizer"], r["seed"]): r for r in data["runs"]}
+    by_run = {(r.optimizer, r.seed): dataclasses.asdict(r) for r in exact}
     for row in rows:
         run = by_run[(row["optimizer"], int(row["seed"]))]
         assert float(row["loss"]) == run["losses"][int(row["step"])]
@@ -288,6 +291,22 @@ def test_results_files_match_hand_computations(tmp_path):
         assert float(row["test_loss"]) == point["test_loss"]
     # adam-hd adapts its rate, adam does not
     assert len(set(by_run[("adam", 0)]["lrs"])) == 1 and len(set(by_run[("adam-hd", 0)]["lrs"])) > 1
+
+
+def test_float32_losses_are_written_short_and_read_back_exactly():
+    f32 = [float(torch.tensor(v, dtype=torch.float32)) for v in (16.33769989, 0.1, 2.5e-8, 1234567.0)]
+    f64 = [0.1, 1 / 3]  # not float32 values: written as they are
+    runs = [evaluate.Run("adam", "t", 0, f32 + [float("nan"), float("inf")], 0.01, {"loss": 0.5},
+                         lrs=[1e-3, 1e-3 * 2 ** 0.5]),
+            evaluate.Run("sgd", "t", 0, f64, 0.01, {})]
+    records = report.runs_to_json(runs)
+    assert records[0]["float32"] == ["losses"] and "float32" not in records[1]  # the √2 rate is float64
+    assert records[0]["losses"][0] == 16.3377 and records[0]["losses"][1] == 0.1 != f32[1]
+    assert records[1]["losses"] == f64 and records[0]["lrs"] == runs[0].lrs
+    back = report.runs_from_json(json.loads(json.dumps(records)))
+    assert back[0].losses[:4] == f32 and math.isnan(back[0].losses[4]) and back[0].losses[5] == math.inf
+    assert back[1] == runs[1] and back[0].lrs == runs[0].lrs
+    assert report.runs_from_json([dataclasses.asdict(runs[1])]) == [runs[1]]  # records written before the encoding
 
 
 def test_mean_se_and_wilcoxon_edge_cases():

@@ -66,7 +66,8 @@ def test_render_of_a_results_dir_written_by_run_suite(table2_dir):
     p_values = {(s["task"], s["optimizer"]): s["p"] for s in results["significance"]}
     for label in ("hyperadam", "adam"):
         for j, task in enumerate(tasks):
-            finals = [r["losses"][-1] for r in results["runs"] if r["optimizer"] == label and r["task"] == task]
+            finals = [r.losses[-1] for r in report.runs_from_json(results["runs"])
+                      if r.optimizer == label and r.task == task]
             expected = f"{statistics.mean(finals):.4f} ± {statistics.stdev(finals) / 2 ** 0.5:.4f}"
             if label == "adam":
                 expected += f" (p = {p_values[(task, 'adam')]:.2g})"
@@ -300,6 +301,25 @@ def test_a_gzipped_results_file_is_read_like_a_plain_one(tmp_path):
     (plain / "steps.csv").write_text("task,optimizer,seed,step,loss\n")
     assert rs.compact(plain) == [plain / "results.json", plain / "steps.csv"]
     assert sorted(p.name for p in plain.iterdir()) == ["results.json.gz"] and report.read_results(plain) == payload
+    packed = (plain / "results.json.gz").read_bytes()
+    assert rs.compact(plain) == [] and (plain / "results.json.gz").read_bytes() == packed  # idempotent, same bytes
+
+
+def test_compact_rewrites_float32_losses_short_and_losslessly(tmp_path):
+    import numpy
+
+    payload = table1(BASE, BASE, BASE, BASE)
+    for i, record in enumerate(payload["runs"]):  # float32 losses written at float64's 17 digits, as before
+        record["losses"] = [float(numpy.float32(v / 3 + i)) for v in record["losses"]]
+    directory = write(tmp_path / "r", payload)
+    before = report.runs_from_json(payload["runs"])
+    assert rs.compact(directory) == [directory / "results.json"]
+    packed = report.read_results(directory)
+    assert all(r["float32"] == ["losses"] for r in packed["runs"])
+    assert len(json.dumps([r["losses"] for r in packed["runs"]])) < \
+        0.7 * len(json.dumps([r["losses"] for r in payload["runs"]]))
+    assert report.runs_from_json(packed["runs"]) == before
+    assert rs.render_results(tmp_path, relative_to=tmp_path) == rs.render_results(tmp_path, relative_to=tmp_path)
 
 
 def test_render_quotes_the_command_as_a_shell_line(tmp_path):

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy
+
 from metaopt.evaluate.runner import Run
 from metaopt.evaluate.suites import Sweep
 
@@ -223,19 +225,57 @@ def lrs_opt_table(records: Sequence[Mapping[str, Any]], runs: Sequence[Run]) -> 
 # Files
 
 
+FLOAT32_KEY = "float32"       # a run record's list of its per-step fields written as float32 (see runs_to_json)
+PER_STEP_FIELDS = ("losses", "lrs")
+
+
+def _is_float32(values: Sequence[float]) -> bool:
+    return all(not math.isfinite(v) or float(numpy.float32(v)) == v for v in values)
+
+
+def _float32_text(values: Sequence[float]) -> list[float]:
+    """The shortest decimal that reads back to the same float32 (numpy's repr), as a float: ``16.3377`` instead of
+    ``16.33769989013672``. Non-finite values stay as they are."""
+    return [float(str(numpy.float32(v))) if math.isfinite(v) else v for v in values]
+
+
 def runs_to_json(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    return [dataclasses.asdict(r) for r in runs]
+    """JSON records of ``runs``. A per-step field (losses, lrs) whose every finite value is a float32 (the
+    training losses and rates of float32 models) is written in float32's shortest decimal and named in the record's
+    ``"float32"`` list; :func:`runs_from_json` restores the exact values. Lossless, and half the gzipped size of
+    float64's 17 digits (hyperadam-table2-cpu: 3.7 → 2.0 MB)."""
+    records = []
+    for r in runs:
+        record = dataclasses.asdict(r)
+        narrow = [k for k in PER_STEP_FIELDS if record[k] and _is_float32(record[k])]
+        for k in narrow:
+            record[k] = _float32_text(record[k])
+        if narrow:
+            record[FLOAT32_KEY] = narrow
+        records.append(record)
+    return records
 
 
 def runs_from_json(records: Sequence[Mapping[str, Any]]) -> list[Run]:
     """The :class:`Run` records of :func:`runs_to_json`'s output (keys that are not fields are ignored)."""
     fields = {f.name for f in dataclasses.fields(Run)}
-    return [Run(**{k: v for k, v in r.items() if k in fields}) for r in records]
+    runs = []
+    for r in records:
+        values = {k: v for k, v in r.items() if k in fields}
+        for k in r.get(FLOAT32_KEY, ()):
+            values[k] = [float(numpy.float32(v)) for v in values[k]]
+        runs.append(Run(**values))
+    return runs
+
+
+def json_text(payload: Mapping[str, Any]) -> str:
+    """How results are written. Python's json writes non-finite losses of diverged runs as NaN / Infinity, which
+    json.loads reads back."""
+    return json.dumps(payload, indent=1, default=str) + "\n"
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    # Python's json writes non-finite losses of diverged runs as NaN / Infinity, which json.loads reads back.
-    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    path.write_text(json_text(payload))
 
 
 def write_csvs(out: Path, runs: Sequence[Run]) -> list[Path]:

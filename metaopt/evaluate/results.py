@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -398,22 +397,30 @@ def render_results(root: str | os.PathLike[str] = RESULTS_ROOT, *, relative_to: 
 
 
 def compact(directory: str | os.PathLike[str]) -> list[Path]:
-    """Shrink a results directory for committing: ``results.json`` gzipped to ``results.json.gz`` (every reader here
-    takes either) and ``steps.csv`` removed (its per-step losses are the runs' ``losses`` in ``results.json``).
-    Returns the files removed."""
+    """Shrink a results directory for committing: ``results.json`` rewritten as ``results.json.gz`` with the runs
+    re-encoded by :func:`report.runs_to_json` (float32 losses in their shortest decimal, lossless; every reader here
+    takes either file) and ``steps.csv`` removed (its per-step losses are the runs' ``losses`` in ``results.json``).
+    Returns the files removed or rewritten."""
     directory = Path(directory)
-    removed = []
-    plain = directory / RESULTS_FILE
-    if plain.is_file():
-        with open(plain, "rb") as src, gzip.open(directory / (RESULTS_FILE + ".gz"), "wb", compresslevel=9) as dst:
-            shutil.copyfileobj(src, dst)
-        plain.unlink()
-        removed.append(plain)
+    changed = []
+    source = report.results_file(directory)
+    if source is not None:
+        payload = report.read_results(directory)
+        payload["runs"] = report.runs_to_json(report.runs_from_json(payload["runs"]))
+        text = report.json_text(payload)
+        target = directory / (RESULTS_FILE + ".gz")
+        old = gzip.decompress(target.read_bytes()).decode() if source == target else None
+        if text != old:
+            # mtime=0: the same payload gives the same bytes, so an unchanged set stays unchanged in git
+            target.write_bytes(gzip.compress(text.encode(), compresslevel=9, mtime=0))
+            changed.append(source)
+        if source != target:
+            source.unlink()
     for name in ("steps.csv", "steps.csv.gz"):
         if (directory / name).is_file():
             (directory / name).unlink()
-            removed.append(directory / name)
-    return removed
+            changed.append(directory / name)
+    return changed
 
 
 def write_aggregates(root: str | os.PathLike[str] = RESULTS_ROOT) -> list[Path]:
