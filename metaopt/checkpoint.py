@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-GOLDEN_FILE = "golden.json"
+from metaopt.learned.base import GOLDEN_FILE
+
 CARD_FILE = "README.md"
 TRAIN_LOG_FILE = "train-log.jsonl"          # the run's log.jsonl, copied beside the weights
 TRAIN_SUMMARY_FILE = "train-summary.json"   # the run's summary.json

@@ -3,6 +3,7 @@ to the per-seed loop, tuning on separate seeds, the statistics and files it writ
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 
@@ -364,6 +365,10 @@ def test_checkpoints_are_loaded_by_label_and_missing_ones_can_be_skipped(tmp_pat
     assert {r.optimizer for r in result.runs} == {"hyperadam"}
     assert set(result.skipped) == set(suites.ABLATION_CHECKPOINTS) - {"hyperadam"}
     assert result.meta["sources"]["hyperadam"] == str(tmp_path / "hyperadam")
+    weights = (tmp_path / "hyperadam" / "model.safetensors").read_bytes()
+    assert result.meta["checkpoints"] == {"hyperadam": {"path": (tmp_path / "hyperadam").resolve().as_posix(),
+                                                        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+                                                        "golden_loss": None}}
     fresh = evaluate.train(meta_tasks.get_task("mlp-deep", depth=3), "x", {}, 1, 2, lopt)
     assert result.runs[1].losses == pytest.approx(fresh.losses, rel=1e-5)
 

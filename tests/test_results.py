@@ -283,6 +283,41 @@ def test_committed_aggregates_are_current():
     assert checked >= 1
 
 
+def test_committed_results_name_the_checkpoints_they_evaluated_and_those_are_current():
+    """A result whose learned optimizer's weights have been replaced since is stale: rerun the suite (or remove the
+    result) when a checkpoint changes."""
+    for directory in rs.result_dirs(ROOT / "checkpoints" / "results"):
+        results = report.read_results(directory)
+        meta = results["meta"]
+        learned = [label for label in meta["optimizers"]
+                   if label in SUITES[meta["suite"]].learned or "/" in label]
+        assert set(learned) <= set(meta.get("checkpoints", {})), f"{directory.name}: no fingerprint of {learned}"
+        for label, record, state in rs.checkpoint_states(results):
+            assert state == "current", f"{directory.name}: {label} = {record['path']} is {state}; rerun the suite"
+        assert (rs.checkpoints_line(results) is not None) == bool(learned)
+
+
+def test_checkpoint_states_tell_current_stale_missing_and_uncommitted_weights(tmp_path):
+    from metaopt.evaluate.experiment import checkpoint_fingerprints
+
+    for name in ("shipped", "replaced", "removed"):
+        HyperAdam(num_candidates=2).save_pretrained(tmp_path / "checkpoints" / name)
+    (tmp_path / "checkpoints" / "shipped" / "golden.json").write_text('{"final_loss": 162.5}')
+    scratch = tmp_path / "runs" / "candidate"
+    HyperAdam(num_candidates=2).save_pretrained(scratch)
+    records = checkpoint_fingerprints({name: str(tmp_path / "checkpoints" / name)
+                                       for name in ("shipped", "replaced", "removed")}
+                                      | {"candidate": str(scratch), "adam": "adam"})
+    assert records["shipped"]["golden_loss"] == 162.5 and "adam" not in records
+    for label, record in records.items():  # paths as a result inside the repository records them
+        record["path"] = Path(record["path"]).relative_to(tmp_path).as_posix()
+    HyperAdam(num_candidates=3).save_pretrained(tmp_path / "checkpoints" / "replaced")
+    (tmp_path / "checkpoints" / "removed" / "model.safetensors").unlink()
+    results = {"meta": {"checkpoints": records}}
+    states = {label: state for label, _, state in rs.checkpoint_states(results, repo_root=tmp_path)}
+    assert states == {"shipped": "current", "replaced": "stale", "removed": "missing", "candidate": "uncommitted"}
+
+
 def test_a_gzipped_results_file_is_read_like_a_plain_one(tmp_path):
     import gzip
 

@@ -31,7 +31,7 @@ from metaopt.evaluate.runner import (TUNE_SEED_OFFSET, Run, RunConfig, build_tas
                                      tune_learning_rates)
 from metaopt.evaluate.suites import SUITES, Suite, TaskSpec
 from metaopt.learned import LEARNED_NAMES
-from metaopt.learned.base import CHECKPOINT_ROOT, CONFIG_FILE, WEIGHTS_FILE
+from metaopt.learned.base import CHECKPOINT_ROOT, CONFIG_FILE, WEIGHTS_FILE, fingerprint
 
 QUICK_LRS_OUTER_STEPS = 2
 
@@ -159,6 +159,21 @@ def _describe(source: Any) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__} instance>"
 
 
+def repository_path(path: str | os.PathLike[str]) -> str:
+    """``path`` relative to the repository when it lies inside it (how results name committed checkpoints, so that
+    a clone elsewhere finds them), else absolute."""
+    path = Path(path).resolve()
+    root = CHECKPOINT_ROOT.parent.resolve()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+
+
+def checkpoint_fingerprints(sources: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """label → the path and :func:`metaopt.learned.base.fingerprint` of each source that is a checkpoint
+    directory."""
+    return {label: {"path": repository_path(source), **fingerprint(source)} for label, source in sources.items()
+            if isinstance(source, (str, os.PathLike)) and _is_checkpoint(Path(source))}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The run
 
@@ -238,6 +253,7 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
             "tasks": {s.label: {"name": s.name, "options": dict(s.options), "train_size": s.train_size}
                       for s in specs},
             "optimizers": chosen, "sources": {label: _describe(all_sources[label]) for label in chosen},
+            "checkpoints": checkpoint_fingerprints({label: all_sources[label] for label in chosen}),
             "reference": default_ref, "references": pairs, "compare": suite.compare,
             "tuned_on_seeds": tune_seed_list if tuned else [],
             "quick": quick, "eval_size": eval_size, "batched": batched, "date": time.strftime("%Y-%m-%d"),

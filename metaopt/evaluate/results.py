@@ -244,6 +244,55 @@ def verdicts(results: Mapping[str, Any]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The checkpoints a result evaluated
+
+SCRATCH_DIR = "runs"  # the repository's git-ignored directory of run outputs: checkpoints there are never committed
+
+
+def checkpoint_states(results: Mapping[str, Any], repo_root: str | os.PathLike[str] = REPO_ROOT
+                      ) -> list[tuple[str, Mapping[str, Any], str]]:
+    """(label, record, state) for each checkpoint the result recorded (``meta["checkpoints"]``, written by
+    ``run_suite``), where state is ``"current"`` (the weights at the recorded path are the ones evaluated),
+    ``"stale"`` (they have been replaced since: rerun the suite), ``"missing"`` (a path in the repository that no
+    longer holds a checkpoint) or ``"uncommitted"`` (under ``runs/`` or outside the repository: not checkable)."""
+    from metaopt.learned.base import WEIGHTS_FILE, fingerprint
+
+    states = []
+    for label, record in results["meta"].get("checkpoints", {}).items():
+        path = Path(record["path"])
+        if path.is_absolute() or path.parts[:1] == (SCRATCH_DIR,):
+            state = "uncommitted"
+        elif not (Path(repo_root) / path / WEIGHTS_FILE).is_file():
+            state = "missing"
+        else:
+            now = fingerprint(Path(repo_root) / path)["weights_sha256"]
+            state = "current" if now == record["weights_sha256"] else "stale"
+        states.append((label, record, state))
+    return states
+
+
+STATE_NOTES = {"current": "the weights committed there now",
+               "stale": "**stale**: the weights there have been replaced since; rerun the suite",
+               "missing": "**missing**: no checkpoint is committed there any more",
+               "uncommitted": "not committed"}
+
+
+def checkpoints_line(results: Mapping[str, Any]) -> str | None:
+    """The learned optimizers' checkpoints a result evaluated, each with its fingerprint and its state."""
+    states = checkpoint_states(results)
+    if not states:
+        return None
+    items = []
+    for label, record, state in states:
+        golden = record.get("golden_loss")
+        golden = f", golden loss {golden:.6g}" if golden is not None else ""
+        name = f"`{label}` = `{record['path']}`" if label != record["path"] else f"`{label}`"
+        items.append(f"{name} (weights sha256 `{record['weights_sha256'][:12]}`{golden}; "
+                     f"{STATE_NOTES[state]})")
+    return "Checkpoints evaluated: " + "; ".join(items) + "."
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Rendering
 
 
@@ -359,6 +408,9 @@ def render_one(directory: Path, relative_to: Path) -> str:
                         f"{DATASET_NAMES.get(paper.dataset, paper.dataset)}; the losses are not directly comparable.")
     parts += [caption, results_table(results)]
     parts += verdicts(results)
+    line = checkpoints_line(results)
+    if line is not None:
+        parts.append(line)
     skipped = results.get("skipped", {})
     if skipped:
         parts.append("Not run: " + "; ".join(f"{label} ({why})" for label, why in skipped.items()) + ".")

@@ -19,6 +19,7 @@ class from :data:`LEARNED_CLASSES` and checks every tensor's name and shape; pic
 from __future__ import annotations
 
 import abc
+import hashlib
 import json
 import os
 import weakref
@@ -38,6 +39,7 @@ Params = dict[str, Tensor]
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "model.safetensors", "README.md"
+GOLDEN_FILE = "golden.json"  # the final loss of a committed checkpoint's golden run (metaopt.checkpoint)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Committed pretrained weights: <repo>/checkpoints/<name>/ (override with $METAOPT_CHECKPOINTS)
 
@@ -52,6 +54,21 @@ CHECKPOINT_ROOT = _checkpoint_root()
 
 LEARNED_CLASSES: dict[str, type["LearnedOptimizer"]] = {}  # class name -> class
 LEARNED_NAMES: dict[str, type["LearnedOptimizer"]] = {}  # registry name ("hyperadam") -> class
+
+
+def fingerprint(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """What identifies a checkpoint's weights in an evaluation's results: the SHA-256 of its ``model.safetensors``
+    and, where it has one, the final loss of its golden run (``golden.json``). A result whose recorded weights differ
+    from those now at its path evaluated weights since replaced (:func:`metaopt.evaluate.results.checkpoint_states`).
+    """
+    directory = Path(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing: {directory} is not a checkpoint directory ({CONFIG_FILE} and "
+                                f"{WEIGHTS_FILE}, as save_pretrained writes them)")
+    golden = directory / GOLDEN_FILE
+    return {"weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            "golden_loss": json.loads(golden.read_text())["final_loss"] if golden.is_file() else None}
 
 
 class CheckpointError(ValueError):
