@@ -292,7 +292,7 @@ def test_committed_results_name_the_checkpoints_they_evaluated_and_those_are_cur
         learned = [label for label in meta["optimizers"]
                    if label in SUITES[meta["suite"]].learned or "/" in label]
         assert set(learned) <= set(meta.get("checkpoints", {})), f"{directory.name}: no fingerprint of {learned}"
-        for label, record, state in rs.checkpoint_states(results):
+        for label, record, state in report.checkpoint_states(results):
             assert state == "current", f"{directory.name}: {label} = {record['path']} is {state}; rerun the suite"
         assert (rs.checkpoints_line(results) is not None) == bool(learned)
 
@@ -314,7 +314,7 @@ def test_checkpoint_states_tell_current_stale_missing_and_uncommitted_weights(tm
     HyperAdam(num_candidates=3).save_pretrained(tmp_path / "checkpoints" / "replaced")
     (tmp_path / "checkpoints" / "removed" / "model.safetensors").unlink()
     results = {"meta": {"checkpoints": records}}
-    states = {label: state for label, _, state in rs.checkpoint_states(results, repo_root=tmp_path)}
+    states = {label: state for label, _, state in report.checkpoint_states(results, repo_root=tmp_path)}
     assert states == {"shipped": "current", "replaced": "stale", "removed": "missing", "candidate": "uncommitted"}
 
 
@@ -368,5 +368,6 @@ def test_a_note_beside_the_results_is_shown_under_the_heading(tmp_path):
     directory = write(tmp_path / "r", table1(BASE, BASE, BASE, BASE))
     (directory / rs.NOTE_FILE).write_text("These runs evaluated weights since replaced.\n")
     text = rs.render_results(tmp_path, relative_to=tmp_path)
-    heading, facts, note = text.split("\n\n")[:3]
+    assert text.startswith("### The papers' claims")  # the verdicts first, then one section per result set
+    heading, facts, note = text[text.index("### hyperadam-table1"):].split("\n\n")[:3]
     assert heading.startswith("### hyperadam-table1") and note == "These runs evaluated weights since replaced."

@@ -49,6 +49,38 @@ def read_results(directory: str | os.PathLike[str]) -> dict[str, Any]:
             return json.load(f)
     return json.loads(path.read_text())
 
+DATASET_NAMES = {"fashion-mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10"}
+METRIC_NAMES = {"train_loss": "final training loss", "test_loss": "test loss", "test_top1": "test top-1",
+                "test_top2": "test top-2", "val_loss": "validation loss", "val_top1": "validation top-1",
+                "val_top2": "validation top-2"}
+
+
+SCRATCH_DIR = "runs"  # the repository's git-ignored directory of run outputs: never committed
+
+
+def checkpoint_states(results: Mapping[str, Any], repo_root: str | os.PathLike[str] | None = None
+                      ) -> list[tuple[str, Mapping[str, Any], str]]:
+    """(label, record, state) for each checkpoint the result recorded (``meta["checkpoints"]``, written by
+    ``run_suite``), where state is ``"current"`` (the weights at the recorded path are the ones evaluated),
+    ``"stale"`` (they have been replaced since: rerun the suite), ``"missing"`` (a path in the repository that no
+    longer holds a checkpoint) or ``"uncommitted"`` (under ``runs/`` or outside the repository: not checkable)."""
+    from metaopt.learned.base import CHECKPOINT_ROOT, WEIGHTS_FILE, fingerprint
+
+    repo_root = CHECKPOINT_ROOT.parent if repo_root is None else repo_root
+    states = []
+    for label, record in results["meta"].get("checkpoints", {}).items():
+        path = Path(record["path"])
+        if path.is_absolute() or path.parts[:1] == (SCRATCH_DIR,):
+            state = "uncommitted"
+        elif not (Path(repo_root) / path / WEIGHTS_FILE).is_file():
+            state = "missing"
+        else:
+            now = fingerprint(Path(repo_root) / path)["weights_sha256"]
+            state = "current" if now == record["weights_sha256"] else "stale"
+        states.append((label, record, state))
+    return states
+
+
 SPLITS = ("test", "val")
 METRIC_KEYS = ("loss", "top1", "top2")
 

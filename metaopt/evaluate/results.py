@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from metaopt.evaluate import aggregate, report
+from metaopt.evaluate import aggregate, claims, report
 from metaopt.evaluate.runner import Run
 from metaopt.evaluate.suites import PARAMETER_FREE, SUITES
 from metaopt.learned.base import CHECKPOINT_ROOT
@@ -46,10 +46,7 @@ AGGREGATE_CAPTION = ("metaopt.evaluate.aggregate: rliable's interquartile mean o
                      "stratified bootstrap interval; loss normalized by Adam's mean final loss per task, speedup = "
                      "steps / the step where the run's trailing mean first reaches Adam's final one on the same seed")
 
-DATASET_NAMES = {"fashion-mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10"}
-METRIC_NAMES = {"train_loss": "final training loss", "test_loss": "test loss", "test_top1": "test top-1",
-                "test_top2": "test top-2", "val_loss": "validation loss", "val_top1": "validation top-1",
-                "val_top2": "validation top-2"}
+DATASET_NAMES, METRIC_NAMES = report.DATASET_NAMES, report.METRIC_NAMES
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -246,31 +243,6 @@ def verdicts(results: Mapping[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 # The checkpoints a result evaluated
 
-SCRATCH_DIR = "runs"  # the repository's git-ignored directory of run outputs: checkpoints there are never committed
-
-
-def checkpoint_states(results: Mapping[str, Any], repo_root: str | os.PathLike[str] = REPO_ROOT
-                      ) -> list[tuple[str, Mapping[str, Any], str]]:
-    """(label, record, state) for each checkpoint the result recorded (``meta["checkpoints"]``, written by
-    ``run_suite``), where state is ``"current"`` (the weights at the recorded path are the ones evaluated),
-    ``"stale"`` (they have been replaced since: rerun the suite), ``"missing"`` (a path in the repository that no
-    longer holds a checkpoint) or ``"uncommitted"`` (under ``runs/`` or outside the repository: not checkable)."""
-    from metaopt.learned.base import WEIGHTS_FILE, fingerprint
-
-    states = []
-    for label, record in results["meta"].get("checkpoints", {}).items():
-        path = Path(record["path"])
-        if path.is_absolute() or path.parts[:1] == (SCRATCH_DIR,):
-            state = "uncommitted"
-        elif not (Path(repo_root) / path / WEIGHTS_FILE).is_file():
-            state = "missing"
-        else:
-            now = fingerprint(Path(repo_root) / path)["weights_sha256"]
-            state = "current" if now == record["weights_sha256"] else "stale"
-        states.append((label, record, state))
-    return states
-
-
 STATE_NOTES = {"current": "the weights committed there now",
                "stale": "**stale**: the weights there have been replaced since; rerun the suite",
                "missing": "**missing**: no checkpoint is committed there any more",
@@ -279,7 +251,7 @@ STATE_NOTES = {"current": "the weights committed there now",
 
 def checkpoints_line(results: Mapping[str, Any]) -> str | None:
     """The learned optimizers' checkpoints a result evaluated, each with its fingerprint and its state."""
-    states = checkpoint_states(results)
+    states = report.checkpoint_states(results)
     if not states:
         return None
     items = []
@@ -378,8 +350,9 @@ def render_one(directory: Path, relative_to: Path) -> str:
         f"{meta['device_name']} ({meta['device']})"
     dataset = DATASET_NAMES.get(meta["dataset"], meta["dataset"])
     link = _link(directory, relative_to)
-    facts = [f"{_seeds(meta['seeds'])} × {meta['steps']} steps", f"image dataset {dataset}",
-             f"torch {meta['torch']}, metaopt {meta['metaopt']}"]
+    generated = all(t.get("name", label).startswith(claims.GENERATED_TASKS) for label, t in meta["tasks"].items())
+    facts = [f"{_seeds(meta['seeds'])} × {meta['steps']} steps"] + ([] if generated else [f"image dataset {dataset}"])
+    facts.append(f"torch {meta['torch']}, metaopt {meta['metaopt']}")
     if meta.get("quick"):
         facts.append("--quick (the suite's reduced lists)")
     if meta.get("eval_size"):
@@ -445,6 +418,12 @@ def render_results(root: str | os.PathLike[str] = RESULTS_ROOT, *, relative_to: 
             f"{len(summary['tasks'])} tasks pooled, the first {len(summary['seeds'])} seeds of each "
             f"({AGGREGATE_CAPTION}); files: [`{link}/`]({link}/).",
             aggregate.markdown(summary), f"![aggregate across suites]({link}/{aggregate.AGGREGATE_PLOT})"]))
+    sections.insert(0, "\n\n".join([
+        "### The papers' claims",
+        "One verdict per claim, from the committed result sets below (metaopt.evaluate.claims: each comparison from "
+        "the newest set that ran both optimizers on the task with the checkpoints shipped now; p < 0.05 in the "
+        "paired Wilcoxon test where the claim is about one optimizer beating another).",
+        claims.claims_table(directories)]))
     return "\n\n".join(sections)
 
 

@@ -59,7 +59,7 @@ LEARNED_NAMES: dict[str, type["LearnedOptimizer"]] = {}  # registry name ("hyper
 def fingerprint(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """What identifies a checkpoint's weights in an evaluation's results: the SHA-256 of its ``model.safetensors``
     and, where it has one, the final loss of its golden run (``golden.json``). A result whose recorded weights differ
-    from those now at its path evaluated weights since replaced (:func:`metaopt.evaluate.results.checkpoint_states`).
+    from those now at its path evaluated weights since replaced (:func:`metaopt.evaluate.report.checkpoint_states`).
     """
     directory = Path(directory)
     weights = directory / WEIGHTS_FILE
