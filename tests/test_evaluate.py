@@ -14,7 +14,7 @@ import torch
 import meta_tasks
 from meta_tasks import datasets
 from metaopt import evaluate
-from metaopt.evaluate import report, suites
+from metaopt.evaluate import experiment, report, suites
 from metaopt.learned import DMOptimizer, HyperAdam, RNNprop
 
 needs_fmnist = pytest.mark.skipif(datasets.find_dataset("fashion-mnist") is None,
@@ -292,6 +292,62 @@ def test_results_files_match_hand_computations(tmp_path):
         assert float(row["test_loss"]) == point["test_loss"]
     # adam-hd adapts its rate, adam does not
     assert len(set(by_run[("adam", 0)]["lrs"])) == 1 and len(set(by_run[("adam-hd", 0)]["lrs"])) > 1
+
+
+MERGE_SUITE = evaluate.Suite(
+    "merge-test", (evaluate.TaskSpec("q1", "quadratic", {"dim": 4, "seed": 0}),
+                   evaluate.TaskSpec("q2", "quadratic", {"dim": 4, "seed": 1})), 12,
+    {"adam": dict(lr=0.05), "sgd": dict(lr=0.01), "adam-hd": dict(lr=0.05, hypergrad_lr=1e-4)},
+    reference="adam", tune={"sgd": (1e-3, 1e-2, 3e-2)})
+
+
+def test_a_suite_run_in_pieces_and_merged_equals_the_suite_run_at_once(tmp_path, monkeypatch):
+    whole = evaluate.run_suite(MERGE_SUITE, seeds=4, out=tmp_path / "whole", progress=False)
+    out = tmp_path / "pieces"
+    pieces = [dict(optimizers=["sgd"], tasks=["q1"], seeds=4),          # nothing there yet: an ordinary run
+              dict(optimizers=["adam", "adam-hd"], seeds=[0, 1]),      # by optimizer
+              dict(optimizers=["adam", "adam-hd"], seeds=[2, 3]),      # by seed
+              dict(optimizers=["sgd"], tasks=["q2"], seeds=4)]         # by task
+    for i, piece in enumerate(pieces):
+        merged = evaluate.run_suite(MERGE_SUITE, out=out, merge=True, progress=False, command=["piece", str(i)],
+                                    **piece)
+
+    def key(r):
+        return r.task, r.optimizer, r.seed
+
+    def timeless(runs):
+        return sorted((dataclasses.replace(r, seconds_per_step=0.0) for r in runs), key=key)
+
+    assert timeless(merged.runs) == timeless(whole.runs)
+    assert timeless(report.runs_from_json(report.read_results(out)["runs"])) == timeless(whole.runs)
+    assert sorted(merged.significance, key=lambda s: (s["task"], s["optimizer"])) == \
+        sorted(whole.significance, key=lambda s: (s["task"], s["optimizer"]))
+    assert merged.tuned == whole.tuned and merged.meta["seeds"] == [0, 1, 2, 3]
+    assert list(merged.meta["tasks"]) == ["q1", "q2"] and merged.meta["references"] == whole.meta["references"]
+    assert merged.meta["earlier_commands"] == [["piece", "0"], ["piece", "1"], ["piece", "2"]]
+    assert merged.meta["command"] == ["piece", "3"]
+
+    # a rerun replaces the runs it repeats
+    again = evaluate.run_suite(MERGE_SUITE, out=out, merge=True, progress=False, optimizers=["adam"], seeds=[1])
+    assert timeless(again.runs) == timeless(whole.runs)
+    # refused: another protocol, or a pair rerun at another rate than the kept runs used
+    with pytest.raises(evaluate.SelectionError, match="steps 12 there, 5 here"):
+        evaluate.run_suite(MERGE_SUITE, out=out, merge=True, progress=False, steps=5, seeds=1, optimizers=["adam"])
+    with pytest.raises(evaluate.SelectionError, match="learning rate differs .* sgd on q1"):
+        evaluate.run_suite(MERGE_SUITE, out=out, merge=True, progress=False, seeds=[0], tasks=["q1"], tune=False,
+                           optimizers={"sgd": {"lr": 0.123}})
+    # a rate retuned to another value is refused before anything runs
+    payload = report.read_results(out)
+    payload["tuned"]["q2"]["sgd"]["lr"] = 0.5
+    report.write_json(out / "results.json", payload)
+    monkeypatch.setattr(experiment, "run_grid", lambda *a, **k: pytest.fail("ran a piece that cannot be merged"))
+    with pytest.raises(evaluate.SelectionError, match=r"sgd on q2 \(0.5 there"):
+        evaluate.run_suite(MERGE_SUITE, out=out, merge=True, progress=False, seeds=[0], optimizers=["sgd"])
+    with pytest.raises(evaluate.SelectionError, match="dataset 'fashion-mnist' there, 'mnist' here"):
+        evaluate.run_suite(MERGE_SUITE, out=out, merge=True, progress=False, seeds=[0], dataset="mnist")
+    with pytest.raises(evaluate.SelectionError, match="merge needs out"):
+        evaluate.run_suite(MERGE_SUITE, merge=True, progress=False, seeds=1)
+    assert timeless(report.runs_from_json(report.read_results(out)["runs"])) == timeless(whole.runs)  # untouched
 
 
 def test_float32_losses_are_written_short_and_read_back_exactly():

@@ -362,6 +362,9 @@ def test_render_quotes_the_command_as_a_shell_line(tmp_path):
     payload["meta"]["command"] = ["python", "-m", "metaopt.evaluate", "--optimizers", "a b,c"]
     text = rs.render_results(write(tmp_path / "r", payload).parent, relative_to=tmp_path)
     assert f"Command: `{shlex.join(payload['meta']['command'])}`" in text and "'a b,c'" in text
+    payload["meta"]["earlier_commands"] = [["python", "-m", "metaopt.evaluate", "--tasks", "mlp-relu"]]
+    text = rs.render_results(write(tmp_path / "merged" / "r", payload).parent, relative_to=tmp_path)
+    assert "merged into the runs of `python -m metaopt.evaluate --tasks mlp-relu`" in text
 
 
 def test_a_note_beside_the_results_is_shown_under_the_heading(tmp_path):

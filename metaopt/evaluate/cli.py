@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lrs-outer-steps", type=_non_negative, default=None, metavar="K",
         help="LRS-OPT iterations (marthe-schedules; default the paper's 5000)")
     add("--lrs-outer-lr", type=float, default=None, metavar="LR", help="LRS-OPT step size (default 0.1)")
+    add("--merge", action="store_true",
+        help="add the runs to the results already in --out (same suite, --steps, --dataset, --eval-size): a suite "
+             "run in pieces by task, optimizer or seed; a rerun (task, optimizer, seed) replaces the old run")
     add("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
 
@@ -100,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            quick=args.quick, reference=args.reference, batched=args.batch,
                            eval_every=args.eval_every, eval_size=args.eval_size,
                            lrs_outer_steps=args.lrs_outer_steps, lrs_outer_lr=args.lrs_outer_lr, out=args.out,
-                           progress=not args.quiet, command=["python", "-m", "metaopt.evaluate", *argv])
+                           merge=args.merge, progress=not args.quiet,
+                           command=["python", "-m", "metaopt.evaluate", *argv])
     except SelectionError as err:
         raise SystemExit(str(err)) from None
     print(result.report)

@@ -184,8 +184,8 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
               checkpoints: str | Path | None = None, skip_missing: bool = False, tune: bool | None = None,
               tune_seeds: int = 3, quick: bool = False, reference: str | None = None, batched: bool | None = None,
               eval_every: int | None = None, eval_size: int | None = None, lrs_outer_steps: int | None = None,
-              lrs_outer_lr: float | None = None, out: str | Path | None = None, progress: bool = True,
-              command: Sequence[str] | None = None) -> SuiteResult:
+              lrs_outer_lr: float | None = None, out: str | Path | None = None, merge: bool = False,
+              progress: bool = True, command: Sequence[str] | None = None) -> SuiteResult:
     """Run ``suite`` (a :class:`Suite` or a name in :data:`SUITES`) and, with ``out``, write its files.
 
     Args:
@@ -203,9 +203,17 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
         eval_every, eval_size: periodic held-out evaluation (default the suite's) and held-out subset size.
         lrs_outer_steps, lrs_outer_lr: override LRS-OPT's iterations and step size.
         out: directory for results.json, table.md, steps.csv, finals.csv, evals.csv and the PNG figures.
+        merge: where ``out`` already holds results of this suite (same steps, dataset, held-out size), add these
+            runs to them (:func:`merge_results`): a suite run in pieces, by task, optimizer or seed.
         command: the command line, recorded in the results.
     """
     suite = SUITES[suite] if isinstance(suite, str) else suite
+    previous = None
+    if merge:
+        if out is None:
+            raise SelectionError("merge needs out: the results directory to add the runs to")
+        if report.results_file(out) is not None:
+            previous = report.read_results(out)
     seed_list = list(range(suite.seeds if seeds is None else seeds)) if not isinstance(seeds, Sequence) \
         else list(seeds)
     if not seed_list:
@@ -229,6 +237,10 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
     if (bool(suite.tune) if tune is None else tune) and grids:
         tuned = tune_learning_rates(built, chosen, all_sources, grids, tune_seed_list, steps, progress,
                                     refine=not quick)
+    if previous is not None:  # before the runs: a piece that cannot be merged is refused before it is computed
+        check_mergeable(previous["meta"], {"suite": suite.name, "steps": steps, "dataset": dataset,
+                                           "eval_size": eval_size, "quick": quick})
+        check_tuned_rates(previous, tuned, seed_list)
     config = RunConfig(steps, suite.splits, suite.eval_every if eval_every is None else eval_every, suite.record_lr,
                        batched, progress)
     runs = run_grid(built, chosen, all_sources, seed_list, config,
@@ -258,12 +270,93 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
             "tuned_on_seeds": tune_seed_list if tuned else [],
             "quick": quick, "eval_size": eval_size, "batched": batched, "date": time.strftime("%Y-%m-%d"),
             "command": list(command) if command is not None else None}
-    text = _report(suite, runs, default_ref, pairs, sweep, tuned, lrs_records, skipped, seed_list, steps)
+    if previous is not None:
+        runs, meta, tuned, lrs_records, skipped = merge_results(previous, runs, meta, tuned, lrs_records, skipped)
+        labels = [label for label in meta["optimizers"] if label != "lrs-opt"]
+        meta["reference"], pairs = reference_map(suite, labels, reference)
+        if any(r.optimizer == "lrs-opt" for r in runs):
+            pairs["lrs-opt"] = meta["reference"]
+        meta["references"] = pairs
+        seed_list = meta["seeds"]
+        task_x = {spec.label: spec.x for spec in suite.task_specs}
+        sweep = report.sweep_points(runs, suite.sweep, task_x) if suite.sweep else []
+        meta["tuned_on_seeds"] = tune_seed_list if tuned else []
+    text = _report(suite, runs, meta["reference"], pairs, sweep, tuned, lrs_records, skipped, seed_list, steps)
     result = SuiteResult(suite, runs, meta, tuned, report.significance(runs, pairs.get, suite.compare), sweep,
                          lrs_records, skipped, text)
     if out is not None:
         result.files = write_outputs(result, Path(out))
     return result
+
+
+# What a merged result set must share: runs of one suite with one protocol, so that every seed's weights and
+# minibatches are the same whichever piece ran them.
+MERGE_KEYS = ("suite", "steps", "dataset", "eval_size", "quick")
+
+
+def check_mergeable(previous: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """Raise :class:`SelectionError` naming every protocol difference between two result sets' ``meta``."""
+    differ = [f"{key} {previous.get(key)!r} there, {meta.get(key)!r} here" for key in MERGE_KEYS
+              if previous.get(key) != meta.get(key)]
+    if differ:
+        raise SelectionError("Cannot merge into the results already in --out: " + "; ".join(differ) + ". Write to "
+                             "another directory, or run with the same suite, --steps, --dataset, --eval-size and "
+                             "--quick.")
+
+
+def check_tuned_rates(previous: Mapping[str, Any], tuned: Mapping[str, Mapping[str, Any]], seeds: Sequence[int]
+                      ) -> None:
+    """Raise :class:`SelectionError` where a rate tuned now differs from the one tuned for runs that the merge would
+    keep (those on other seeds)."""
+    kept = {(r["task"], r["optimizer"]) for r in previous["runs"] if r["seed"] not in set(seeds)}
+    clash = [f"{label} on {task} ({before[label]['lr']:g} there, {now['lr']:g} now)"
+             for task, labels in tuned.items() for label, now in labels.items()
+             if (task, label) in kept and label in (before := previous.get("tuned", {}).get(task, {}))
+             and before[label]["lr"] != now["lr"]]
+    if clash:
+        raise SelectionError("Cannot merge: the learning rate differs from the kept runs' for " + ", ".join(clash)
+                             + "; rerun those pairs for every seed, or write to another directory.")
+
+
+def merge_results(previous: Mapping[str, Any], runs: Sequence[Run], meta: dict[str, Any],
+                  tuned: Mapping[str, Any], lrs_records: Sequence[Mapping[str, Any]], skipped: Mapping[str, str]
+                  ) -> tuple[list[Run], dict[str, Any], dict, list, dict]:
+    """The runs of a results payload ``previous`` and the new ones as one set: a new run replaces the old one of the
+    same (task, optimizer, seed); tasks, optimizers, seeds, sources, checkpoints and tuned rates are united (the
+    new ones win), and the earlier commands are kept in ``meta["earlier_commands"]``. The caller recomputes the
+    references over the united optimizers.
+
+    A rate tuned anew must equal the one the kept runs used (tuning is on the same separate seeds, so it does
+    unless the grid or the code changed): otherwise the set would mix two rates under one label, and the merge is
+    refused."""
+    old_meta = previous["meta"]
+    new_keys = {(r.task, r.optimizer, r.seed) for r in runs}
+    kept = [r for r in report.runs_from_json(previous["runs"]) if (r.task, r.optimizer, r.seed) not in new_keys]
+    new_lr = {(r.task, r.optimizer): r.hparams.get("lr") for r in runs}
+    clash = sorted({(r.task, r.optimizer) for r in kept
+                    if (r.task, r.optimizer) in new_lr and r.hparams.get("lr") != new_lr[(r.task, r.optimizer)]})
+    if clash:
+        raise SelectionError("Cannot merge: the learning rate differs from the kept runs' for " + ", ".join(
+            f"{o} on {t}" for t, o in clash) + " (retuned to another value); rerun those pairs for every seed, or "
+            "write to another directory.")
+    merged_tuned = {t: dict(v) for t, v in previous.get("tuned", {}).items()}
+    for t, labels in tuned.items():
+        merged_tuned.setdefault(t, {}).update(labels)
+    all_runs = kept + list(runs)
+    ran = {r.optimizer for r in all_runs}
+    lrs_new = {(rec.get("task"), rec.get("seed")) for rec in lrs_records}
+    merged = dict(meta)
+    merged.update(
+        seeds=sorted(set(old_meta["seeds"]) | set(meta["seeds"])),
+        tasks=dict(old_meta["tasks"]) | meta["tasks"],
+        optimizers=dict(old_meta["optimizers"]) | meta["optimizers"],
+        sources=dict(old_meta.get("sources", {})) | meta["sources"],
+        checkpoints=dict(old_meta.get("checkpoints", {})) | meta["checkpoints"],
+        earlier_commands=[*old_meta.get("earlier_commands", []), old_meta.get("command")],
+        date=max(old_meta["date"], meta["date"]))
+    old_lrs = [rec for rec in previous.get("lrs_opt", []) if (rec.get("task"), rec.get("seed")) not in lrs_new]
+    old_skipped = {label: why for label, why in previous.get("skipped", {}).items() if label not in ran}
+    return all_runs, merged, merged_tuned, old_lrs + list(lrs_records), old_skipped | dict(skipped)
 
 
 def _report(suite: Suite, runs: Sequence[Run], reference: str, pairs: Mapping[str, str],

@@ -358,8 +358,10 @@ def render_one(directory: Path, relative_to: Path) -> str:
     if meta.get("eval_size"):
         facts.append(f"held-out subsets of {meta['eval_size']}")
     command = shlex.join(meta["command"]) if meta.get("command") else "not recorded"
+    earlier = [f"`{shlex.join(c)}`" for c in meta.get("earlier_commands", []) if c]
     parts = [f"### {meta['suite']} — {device}, {meta['date']}",
-             f"{'; '.join(facts)}; files: [`{link}/`]({link}/). Command: `{command}`"]
+             f"{'; '.join(facts)}; files: [`{link}/`]({link}/). Command: `{command}`"
+             + (f", merged into the runs of {', '.join(earlier)}" if earlier else "")]
     if (directory / NOTE_FILE).is_file():  # what the files cannot say themselves (e.g. weights since replaced)
         parts.append((directory / NOTE_FILE).read_text().strip())
 
