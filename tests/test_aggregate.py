@@ -126,7 +126,8 @@ def test_files_per_suite_and_across_suites_and_their_readme_sections(tmp_path):
     assert summary["normalized_loss"]["prodigy"]["iqm"] == pytest.approx(scipy.stats.trim_mean([0.5] * 3 + [2] * 3,
                                                                                                0.25))
     text = rs.render_results(tmp_path, relative_to=tmp_path)
-    assert text.startswith("### Across suites")
+    sections = text.split("\n\n### ")
+    assert sections[0].startswith("### The papers' claims") and sections[1].startswith("Across suites")
     assert "| prodigy | 0.500 [0.500, 0.500] |" in text
     assert "![hyperadam-table1: aggregate](one/aggregate.png)" in text
 

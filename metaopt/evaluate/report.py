@@ -24,6 +24,7 @@ import numpy
 
 from metaopt.evaluate.runner import Run
 from metaopt.evaluate.suites import Sweep
+from metaopt.learned.base import CHECKPOINT_ROOT, WEIGHTS_FILE, fingerprint
 
 RESULTS_FILE = "results.json"  # an --out directory's record of every run (write_outputs in metaopt.evaluate.experiment)
 
@@ -64,8 +65,6 @@ def checkpoint_states(results: Mapping[str, Any], repo_root: str | os.PathLike[s
     ``run_suite``), where state is ``"current"`` (the weights at the recorded path are the ones evaluated),
     ``"stale"`` (they have been replaced since: rerun the suite), ``"missing"`` (a path in the repository that no
     longer holds a checkpoint) or ``"uncommitted"`` (under ``runs/`` or outside the repository: not checkable)."""
-    from metaopt.learned.base import CHECKPOINT_ROOT, WEIGHTS_FILE, fingerprint
-
     repo_root = CHECKPOINT_ROOT.parent if repo_root is None else repo_root
     states = []
     for label, record in results["meta"].get("checkpoints", {}).items():
