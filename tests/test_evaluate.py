@@ -366,6 +366,21 @@ def test_float32_losses_are_written_short_and_read_back_exactly():
     assert report.runs_from_json([dataclasses.asdict(runs[1])]) == [runs[1]]  # records written before the encoding
 
 
+def test_heatmap_grids_put_each_series_mean_in_its_task_row_and_x_column(tmp_path):
+    points = [{"panel": t, "series": series, "x": x, "mean": mean, "se": 0.0, "optimizer": f"{series} {x}"}
+              for series, offset in (("tlr", 0.0), ("sgd", 1.0)) for t, bs in (("bs64", 0.1), ("bs512", 0.2))
+              for x, mean in ((0.1, 0.3 + bs + offset), (0.001, 0.5 + bs + offset))]
+    points[0]["mean"] = float("nan")  # a diverged cell
+    grids = report.heatmap_grids(points)
+    rows, cols, cells = grids["tlr"]
+    assert rows == ["bs64", "bs512"] and cols == [0.001, 0.1]
+    assert math.isnan(cells[0][1]) and cells[0][0] == 0.6 and cells[1] == [0.7, 0.5]
+    assert grids["sgd"][2] == [[1.6, 1.4], [1.7, 1.5]]
+    path = report.plot_heatmaps(points, suites.Sweep("initial learning rate", "train_loss", heatmap=True),
+                                tmp_path / "heatmap.png")
+    assert path.stat().st_size > 1000
+
+
 def test_mean_se_and_wilcoxon_edge_cases():
     assert evaluate.mean_se([1.0, 2.0, 3.0]) == (2.0, pytest.approx(math.sqrt(1 / 3)), 3)
     mean, se, n = evaluate.mean_se([1.0, float("nan"), float("inf"), 3.0])  # diverged runs are left out and counted
@@ -492,6 +507,13 @@ def _check_suite_specifics(name, result):
                 assert r.hparams["steps_per_epoch"] == math.ceil(55_000 / bs)
         assert all(row["reference"] == "tlr lr=" + row["optimizer"].split("lr=")[1].split()[0]
                    for row in result.significance)
+        heatmap = next(f for f in result.files if f.name == "heatmap.png")  # TLR Figs. 1-2: one grid per method
+        assert heatmap.stat().st_size > 1000
+        grids = report.heatmap_grids(result.sweep)
+        assert set(grids) == {p["series"] for p in result.sweep}
+        for rows, cols, cells in grids.values():
+            assert rows == list(dict.fromkeys(r.task for r in result.runs)) and cols == sorted(cols)
+            assert len(cells) == len(rows) and all(len(row) == len(cols) for row in cells)
     if name == "marthe-schedules":  # LRS-OPT starts from the online methods' weights and sees their batches
         task = evaluate.build_task(evaluate.SUITES[name].task_specs[0])
         assert (len(task.data.train), len(task.data.val)) == (7000, 700)

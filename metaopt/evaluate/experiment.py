@@ -378,8 +378,8 @@ def _report(suite: Suite, runs: Sequence[Run], reference: str, pairs: Mapping[st
 
 
 def write_outputs(result: SuiteResult, out: Path) -> list[Path]:
-    """results.json, table.md, the CSV files and the figures (curves.png; sweep.png and schedules.png where the
-    suite has them), and aggregate.json / aggregate.png where Adam ran (:mod:`metaopt.evaluate.aggregate`)."""
+    """results.json, table.md, the CSV files and the figures (curves.png; sweep.png, heatmap.png and schedules.png
+    where the suite has them), and aggregate.json / aggregate.png where Adam ran (:mod:`metaopt.evaluate.aggregate`)."""
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / report.RESULTS_FILE, {
         "meta": result.meta, "runs": report.runs_to_json(result.runs), "significance": result.significance,
@@ -389,6 +389,8 @@ def write_outputs(result: SuiteResult, out: Path) -> list[Path]:
     files.append(report.plot_curves(result.runs, out / "curves.png", result.suite.name))
     if result.sweep:
         files.append(report.plot_sweep(result.sweep, result.suite.sweep, out / "sweep.png"))
+        if result.suite.sweep.heatmap:
+            files.append(report.plot_heatmaps(result.sweep, result.suite.sweep, out / "heatmap.png"))
     if any(r.lrs is not None for r in result.runs):
         files.append(report.plot_schedules(result.runs, _schedule_labels(result), out / "schedules.png"))
     if aggregate.write_suite(out) is not None:  # where Adam ran: IQM of normalized loss and speedup

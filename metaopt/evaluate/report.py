@@ -437,6 +437,57 @@ def plot_sweep(points: Sequence[Mapping[str, Any]], sweep: Sweep, path: Path) ->
     return _finish(plt, fig, axes, path)
 
 
+def heatmap_grids(points: Sequence[Mapping[str, Any]]) -> dict[str, tuple[list[str], list[float], list[list[float]]]]:
+    """Per series of the sweep's points: its panels (rows: the tasks), its x values (columns) and the mean of each
+    cell (nan where the series has no finite mean there)."""
+    grids = {}
+    for series in dict.fromkeys(p["series"] for p in points):
+        mine = [p for p in points if p["series"] == series]
+        rows = list(dict.fromkeys(p["panel"] for p in mine))
+        cols = sorted({p["x"] for p in mine})
+        cell = {(p["panel"], p["x"]): p["mean"] for p in mine}
+        grids[series] = (rows, cols, [[cell.get((r, c), math.nan) for c in cols] for r in rows])
+    return grids
+
+
+def plot_heatmaps(points: Sequence[Mapping[str, Any]], sweep: Sweep, path: Path) -> Path:
+    """One heatmap per series (TLR Figs. 1-2): tasks down, the sweep's axis across, the cell's mean metric written in
+    it and coloured on one scale shared by every panel (logarithmic for losses), so that a method whose result does
+    not depend on the grid shows one colour; cells without a finite mean (diverged) are grey."""
+    import numpy as np
+    from matplotlib.colors import LogNorm, Normalize
+
+    grids = heatmap_grids(points)
+    plt, fig, axes = _panels(max(len(grids), 1))
+    values = np.array([v for _, _, cells in grids.values() for row in cells for v in row], dtype=float)
+    finite = values[np.isfinite(values)]
+    if finite.size and not higher_is_better(sweep.metric) and finite.min() > 0:
+        norm = LogNorm(finite.min(), max(finite.max(), finite.min() * 1.0001))
+    else:
+        norm = Normalize(*(finite.min(), finite.max()) if finite.size else (0.0, 1.0))
+    cmap = plt.get_cmap("viridis_r" if not higher_is_better(sweep.metric) else "viridis").with_extremes(bad="0.8")
+    image, first_rows = None, None
+    columns = 2 if len(grids) == 4 else min(len(grids), 3)  # as _panels lays them out
+    for k, (ax, (series, (rows, cols, cells))) in enumerate(zip(axes, grids.items())):
+        grid = np.ma.masked_invalid(np.array(cells, dtype=float))
+        image = ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto")
+        for i, row in enumerate(cells):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.3g}" if math.isfinite(v) else "–", ha="center", va="center", fontsize="small",
+                        color="white" if math.isfinite(v) and norm(v) > 0.6 else "black")
+        ax.set_xticks(range(len(cols)), [f"{c:g}" for c in cols])
+        first_rows = rows if k == 0 else first_rows
+        # the task names once per row of panels where every panel has the same tasks
+        ax.set_yticks(range(len(rows)), rows if k % columns == 0 or rows != first_rows else [])
+        ax.set_xlabel(sweep.axis)
+        ax.set_title(series)
+    if image is not None:
+        fig.colorbar(image, ax=axes, label=sweep.metric, shrink=0.8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def plot_schedules(runs: Sequence[Run], labels: Sequence[str], path: Path) -> Path:
     """The learning rate each step used (MARTHE Fig. 2 centre): ``labels`` on the smallest seed present, and every
     seed of ``lrs-opt`` (dashed, Fig. 2 left), one panel per task."""

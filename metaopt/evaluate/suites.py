@@ -54,6 +54,7 @@ class Sweep:
     ("sgd-hd beta=1e-05", 0.01) on an initial-learning-rate axis; labels not in ``points`` are left out.
     ``over="tasks"``: x is each task's :attr:`TaskSpec.x`, the series is the optimizer, one panel.
     ``metric``: ``train_loss`` (final training loss) or ``<split>_<key>`` (``test_top1``, ``val_top1``, ``test_loss``).
+    ``heatmap``: also draw ``heatmap.png``, one heatmap per series over (task, x) — TLR Figs. 1-2's robustness grids.
     """
 
     axis: str
@@ -61,6 +62,7 @@ class Sweep:
     over: str = "optimizers"
     points: Mapping[str, tuple[str, float]] = dataclasses.field(default_factory=dict)
     log_x: bool = True
+    heatmap: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,7 +354,7 @@ _TLR_SUITES = [
                       "0.8, weight decay 5e-4, App. D) vs SGD with the same base vs SGD-HD over beta {1e-5, 1e-4, "
                       "1e-3}; each is tested against TLR at the same initial rate. 4,000 updates for every batch "
                       "size and 3 seeds (the paper: 3 runs) are our choices. Fashion-MNIST stands in for MNIST.",
-          sweep=Sweep("initial learning rate", "train_loss", points=_TLR_POINTS),
+          sweep=Sweep("initial learning rate", "train_loss", points=_TLR_POINTS, heatmap=True),
           quick_tasks=("mlp-1000-bs64", "mlp-1000-bs512"),
           quick_optimizers=tuple(f"{m} lr={lr:g}{b}" for lr in (1e-2, 1e-1)
                                  for m, b in (("tlr", ""), ("sgd", ""), ("sgd-hd", " beta=0.0001")))),
