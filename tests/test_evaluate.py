@@ -381,6 +381,13 @@ def test_heatmap_grids_put_each_series_mean_in_its_task_row_and_x_column(tmp_pat
     assert path.stat().st_size > 1000
 
 
+@pytest.mark.parametrize("n", [3, 14, 30])
+def test_every_label_of_a_figure_has_its_own_look(n):
+    styles = report._styles([f"opt{i}" for i in range(n)] + ["opt0"])
+    looks = [tuple(sorted((k, str(v)) for k, v in style.items())) for style in styles.values()]
+    assert len(styles) == n and len(set(looks)) == n
+
+
 def test_mean_se_and_wilcoxon_edge_cases():
     assert evaluate.mean_se([1.0, 2.0, 3.0]) == (2.0, pytest.approx(math.sqrt(1 / 3)), 3)
     mean, se, n = evaluate.mean_se([1.0, float("nan"), float("inf"), 3.0])  # diverged runs are left out and counted

@@ -384,6 +384,17 @@ def _finish(plt, fig, axes, path: Path) -> Path:
     return path
 
 
+def _styles(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """A distinct look per label: matplotlib's ten default colours where they suffice; beyond ten (a full lineup
+    has 14), tab20's colours with a marker and line style cycling apart, so no two labels share a look."""
+    labels = list(dict.fromkeys(labels))
+    if len(labels) <= 10:
+        return {label: {"color": f"C{i}"} for i, label in enumerate(labels)}
+    cmap = _pyplot().get_cmap("tab20")
+    return {label: {"color": cmap(i % 20), "marker": "osD^v<>p*h"[i % 10], "linestyle": ("-", "--", ":")[i % 3]}
+            for i, label in enumerate(labels)}
+
+
 def plot_curves(runs: Sequence[Run], path: Path, title: str = "") -> Path:
     """Training loss per step: the mean over seeds with a ± standard-error band, log scale, one panel per task."""
     import numpy as np
@@ -391,6 +402,7 @@ def plot_curves(runs: Sequence[Run], path: Path, title: str = "") -> Path:
     tasks = list(dict.fromkeys(r.task for r in runs))
     plt, fig, axes = _panels(len(tasks))
     groups = _groups(runs)
+    styles = _styles([label for _, label in groups])
     for ax, task in zip(axes, tasks):
         for (t, label), group in groups.items():
             if t != task or not group[0].losses:
@@ -404,7 +416,8 @@ def plot_curves(runs: Sequence[Run], path: Path, title: str = "") -> Path:
             with np.errstate(invalid="ignore", divide="ignore"):
                 mean = np.nanmean(np.where(counts > 0, losses, 0.0), 0)
                 se = np.where(counts > 1, np.nanstd(losses, 0, ddof=1) / np.sqrt(np.maximum(counts, 1)), 0.0)
-            line, = ax.plot(steps, mean, label=label, linewidth=1.2)
+            style = {**styles[label], "marker": None}  # markers would hide the curve; colour and dash suffice
+            line, = ax.plot(steps, mean, label=label, linewidth=1.2, **style)
             ax.fill_between(steps, np.maximum(mean - se, 1e-12), mean + se, color=line.get_color(), alpha=0.2,
                             linewidth=0)
         ax.set_yscale("log")
@@ -420,6 +433,7 @@ def plot_sweep(points: Sequence[Mapping[str, Any]], sweep: Sweep, path: Path) ->
     """The sweep's metric (mean ± s.e.) against its axis, one line per series, one panel per task."""
     panels = list(dict.fromkeys(p["panel"] for p in points)) or [sweep.metric]
     plt, fig, axes = _panels(len(panels))
+    styles = _styles([p["series"] for p in points])
     for ax, panel in zip(axes, panels):
         series = list(dict.fromkeys(p["series"] for p in points if p["panel"] == panel))
         for name in series:
@@ -427,8 +441,8 @@ def plot_sweep(points: Sequence[Mapping[str, Any]], sweep: Sweep, path: Path) ->
             pts = [p for p in pts if math.isfinite(p["mean"])]
             if pts:
                 ax.errorbar([p["x"] for p in pts], [p["mean"] for p in pts],
-                            yerr=[0.0 if math.isnan(p["se"]) else p["se"] for p in pts], marker="o", capsize=3,
-                            label=name)
+                            yerr=[0.0 if math.isnan(p["se"]) else p["se"] for p in pts], capsize=3, label=name,
+                            **{"marker": "o", **styles[name]})
         if sweep.log_x:
             ax.set_xscale("log")
         ax.set_title(panel)
