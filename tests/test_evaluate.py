@@ -350,6 +350,20 @@ def test_a_suite_run_in_pieces_and_merged_equals_the_suite_run_at_once(tmp_path,
     assert timeless(report.runs_from_json(report.read_results(out)["runs"])) == timeless(whole.runs)  # untouched
 
 
+def test_a_suite_that_tunes_in_hindsight_tunes_on_the_evaluation_seeds(tmp_path):
+    suite = dataclasses.replace(MERGE_SUITE, tune_in_hindsight=True, tune={"adam": (0.01, 0.05, 0.2)})
+    result = evaluate.run_suite(suite, seeds=3, optimizers=["adam"], out=tmp_path / "r", progress=False)
+    assert result.meta["tuned_on_seeds"] == [0, 1, 2]
+    for task in ("q1", "q2"):
+        chosen = result.tuned[task]["adam"]
+        finals = [r.losses[-1] for r in result.runs if r.task == task]
+        # the evaluation runs are the tuning runs of the chosen rate: their mean is the grid's best objective
+        assert sum(finals) / 3 == pytest.approx(min(chosen["objective"]), rel=1e-12)
+    assert "### Learning rates tuned in hindsight, on the evaluation seeds" in result.report
+    from metaopt.evaluate import results as rs
+    assert "chosen per task in hindsight, on the evaluation seeds themselves" in rs.render_results(tmp_path)
+
+
 def test_float32_losses_are_written_short_and_read_back_exactly():
     f32 = [float(torch.tensor(v, dtype=torch.float32)) for v in (16.33769989, 0.1, 2.5e-8, 1234567.0)]
     f64 = [0.1, 1 / 3]  # not float32 values: written as they are

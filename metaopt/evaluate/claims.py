@@ -70,6 +70,7 @@ class Claim:
     paper: str
     check: Check
     difference: str = ""
+    paper_dataset: str | None = "mnist"  # the paper's image dataset (None: this project's own claim)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -398,9 +399,14 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("marthe-schedules", "MARTHE, Fig. 2",
           "MARTHE's online schedules resemble LRS-OPT's",
           "a plot", untestable("a likeness of curves; compare them in the suite's schedules.png")),
+    Claim("learned-heldout", "this project (issue 12)",
+          "the shipped HyperAdam, DMoptimizer and RNNprop at their own step size at least match Adam with its rate "
+          "chosen in hindsight, on tasks no suite or meta-training family contains",
+          "—", matches((("hyperadam", "adam"), ("dm", "adam"), ("rnnprop", "adam"))), paper_dataset=None),
     Claim("learned-rules", "this project",
           "the learned γ and μ rules at least match CAM-HD-Adam and MARTHE on held-out tasks",
-          "—", matches((("cam-hd-learned-gamma", "cam-hd-adam"), ("marthe-learned-mu", "marthe")))),
+          "—", matches((("cam-hd-learned-gamma", "cam-hd-adam"), ("marthe-learned-mu", "marthe"))),
+          paper_dataset=None),
 )
 
 
@@ -419,9 +425,10 @@ def protocol(claim: Claim, verdict: Verdict, directories: Sequence[Path]) -> str
     facts = []
     metas = [report.read_results(d)["meta"] for d in directories if d.name in verdict.used]
     generated = all(spec.name.startswith(GENERATED_TASKS) for spec in suite.task_specs)
-    datasets = sorted({m["dataset"] for m in metas if m["dataset"] != "mnist"})
-    if datasets and not generated:
-        facts.append(", ".join(report.DATASET_NAMES.get(d, d) for d in datasets) + " for MNIST")
+    datasets = sorted({m["dataset"] for m in metas if m["dataset"] != claim.paper_dataset})
+    if datasets and not generated and claim.paper_dataset is not None:
+        theirs = report.DATASET_NAMES.get(claim.paper_dataset, claim.paper_dataset)
+        facts.append(", ".join(report.DATASET_NAMES.get(d, d) for d in datasets) + f" for {theirs}")
     seeds = sorted({len(m["seeds"]) for m in metas})
     if seeds and seeds != [suite.seeds]:
         facts.append(f"{'–'.join(map(str, seeds))} seeds (suite: {suite.seeds})")

@@ -195,7 +195,8 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
         sources: label → ``LearnedOptimizer`` instance, checkpoint directory or registered name.
         checkpoints, skip_missing: where learned labels are looked for, and whether missing ones are dropped.
         tune: tune the suite's baselines' learning rates (default: where the suite has a grid) on ``tune_seeds``
-            seeds ``10_000 …``; the chosen rates are used for every evaluation seed of that task.
+            seeds ``10_000 …`` (on the evaluation seeds where the suite tunes in hindsight); the chosen rates are
+            used for every evaluation seed of that task.
         quick: the suite's reduced optimizer and task lists, two rates per tuning grid, two LRS-OPT iterations.
         reference: the optimizer every other is tested against (default: the suite's pairs and reference).
         batched: run all seeds of a learned optimizer in one vmapped loop where possible (default: on CUDA only; on a
@@ -232,7 +233,7 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
 
     built = build_tasks(specs, dataset, device, eval_size)
     tuned: dict[str, dict[str, dict[str, Any]]] = {}
-    tune_seed_list = [TUNE_SEED_OFFSET + i for i in range(tune_seeds)]
+    tune_seed_list = seed_list if suite.tune_in_hindsight else [TUNE_SEED_OFFSET + i for i in range(tune_seeds)]
     grids = {label: (grid[1::2] if quick else grid) for label, grid in suite.tune.items() if label in chosen}
     if (bool(suite.tune) if tune is None else tune) and grids:
         tuned = tune_learning_rates(built, chosen, all_sources, grids, tune_seed_list, steps, progress,
@@ -369,7 +370,8 @@ def _report(suite: Suite, runs: Sequence[Run], reference: str, pairs: Mapping[st
     if sweep:
         parts += [f"### Sweep over {suite.sweep.axis}: {suite.sweep.metric}", report.sweep_table(sweep, suite.sweep)]
     if tuned:
-        parts += ["### Learning rates tuned on separate seeds", report.tuned_table(tuned)]
+        where = "in hindsight, on the evaluation seeds" if suite.tune_in_hindsight else "on separate seeds"
+        parts += [f"### Learning rates tuned {where}", report.tuned_table(tuned)]
     if lrs_records:
         parts += ["### LRS-OPT", report.lrs_opt_table(lrs_records, runs)]
     if skipped:

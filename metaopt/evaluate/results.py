@@ -373,8 +373,12 @@ def render_one(directory: Path, relative_to: Path) -> str:
     tuned_labels = list(dict.fromkeys(label for per_task in results.get("tuned", {}).values() for label in per_task))
     if tuned_labels:
         seeds = meta.get("tuned_on_seeds", [])
-        caption += (f" Learning rates of {', '.join(tuned_labels)} tuned per task on separate seeds "
-                    f"({', '.join(map(str, seeds))}; grid and choice in `table.md`).")
+        if seeds and seeds == meta["seeds"]:
+            caption += (f" Learning rates of {', '.join(tuned_labels)} chosen per task in hindsight, on the "
+                        "evaluation seeds themselves (grid and choice in `table.md`).")
+        else:
+            caption += (f" Learning rates of {', '.join(tuned_labels)} tuned per task on separate seeds "
+                        f"({', '.join(map(str, seeds))}; grid and choice in `table.md`).")
     paper = PAPER_TABLES.get(meta["suite"])
     if paper is not None and metric == "train_loss":
         caption += f" Rows \"{paper.row_label}\": {paper.source} (a mean only)."

@@ -88,6 +88,8 @@ class Suite:
         sources: label → registered name for labels that are not registered names.
         learned: labels that need a checkpoint (``<checkpoints>/<label>``) or a ``LearnedOptimizer`` instance.
         tune: label → learning-rate grid, searched on separate seeds when tuning is on (the default when non-empty).
+        tune_in_hindsight: search the grid on the evaluation seeds themselves (the rate chosen in hindsight: the
+            strongest version of the baseline) instead of on separate seeds.
         splits: held-out splits evaluated after training (``test``; ``val`` where the method targets it).
         eval_every: evaluate the first of ``splits`` every this many steps (0: only at the end).
         compare: the final value the Wilcoxon test compares: ``train_loss`` or ``<split>_<key>`` (``test_top1``).
@@ -108,6 +110,7 @@ class Suite:
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
     learned: tuple[str, ...] = ()
     tune: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+    tune_in_hindsight: bool = False
     splits: tuple[str, ...] = ("test",)
     eval_every: int = 0
     compare: str = "train_loss"
@@ -433,5 +436,31 @@ _LEARNED_RULES_SUITES = [
           quick_tasks=("mlp-tanh", "lenet5")),
 ]
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The shipped learned optimizers on tasks that neither a suite nor a meta-training family contains (issue 12's
+# held-out target: parity or better with Adam at its rate chosen in hindsight, at the learned optimizer's own step)
+
+HELDOUT_TASKS = (
+    TaskSpec("mlp-elu-40", "mlp-elu", {"hidden": 40}),            # Table 1's activations at other widths
+    TaskSpec("mlp-sigmoid-50", "mlp-sigmoid", {"hidden": 50}),
+    TaskSpec("mlp-tanh-3x24", "mlp-deep", {"depth": 3, "hidden": 24, "activation": "tanh"}),
+    TaskSpec("ffnn-64-relu", "ffnn", {"hidden": (64,)}),
+    TaskSpec("cnn-1-6x12", "cnn-1", {"channels": (6, 12)}),      # a CNN-1 of other widths
+    TaskSpec("lstm-sine-16", "lstm-sine", {"hidden": 16}),       # the LSTM sine task at another width
+    TaskSpec("quadratic-50", "quadratic", {"dim": 50}),
+)
+
+_HELDOUT_SUITES = [
+    Suite("learned-heldout", HELDOUT_TASKS, 100, seeds=10,
+          optimizers={**{name: {} for name in HYPERADAM_LEARNED}, "adam": {"lr": 1e-3}},
+          learned=HYPERADAM_LEARNED, reference="adam", tune={"adam": LR_GRIDS["adam"]}, tune_in_hindsight=True,
+          description="The shipped learned optimizers at their own step size on tasks that no suite and no "
+                      "meta-training family contains (MLPs of other widths and depths, a one-layer ReLU FFNN, a "
+                      "CNN-1 of other widths, the LSTM sine task with 16 units, a 50-dimensional quadratic), 100 "
+                      "steps, against Adam with its learning rate chosen in hindsight per task (the √2-refined grid "
+                      "searched on the evaluation seeds themselves). 10 seeds (our choice). Fashion-MNIST.",
+          quick_tasks=("mlp-elu-40", "quadratic-50")),
+]
+
 SUITES: dict[str, Suite] = {s.name: s for s in (*_HYPERADAM_SUITES, *_CAMHD_SUITES, *_TLR_SUITES, *_MARTHE_SUITES,
-                                                 *_LEARNED_RULES_SUITES)}
+                                                 *_LEARNED_RULES_SUITES, *_HELDOUT_SUITES)}
