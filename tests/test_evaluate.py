@@ -465,6 +465,23 @@ def test_checkpoints_are_loaded_by_label_and_missing_ones_can_be_skipped(tmp_pat
     assert result.runs[1].losses == pytest.approx(fresh.losses, rel=1e-5)
 
 
+def test_a_label_mapped_to_a_learned_name_loads_its_checkpoint_and_tunes_its_step(tmp_path):
+    lopt = HyperAdam(num_candidates=2)
+    lopt.save_pretrained(tmp_path / "hyperadam")
+    label = suites.HYPERADAM_TUNED
+    result = evaluate.run_suite("hyperadam-table2", checkpoints=tmp_path, optimizers=[label], tasks=["lstm-sine"],
+                                seeds=2, steps=3, tune_seeds=1, progress=False)
+    assert result.meta["checkpoints"][label]["path"] == (tmp_path / "hyperadam").resolve().as_posix()
+    chosen = result.tuned["lstm-sine"][label]
+    assert chosen["lr"] in chosen["grid"] and set(suites.HYPERADAM_LR_GRID) <= set(chosen["grid"])
+    assert chosen["objective"][chosen["grid"].index(chosen["lr"])] == min(chosen["objective"])
+    run = result.runs[0]
+    assert run.hparams["lr"] == chosen["lr"]
+    fresh = evaluate.train(evaluate.build_task(evaluate.SUITES["hyperadam-table2"].task_specs[0]), "x",
+                           {"lr": chosen["lr"]}, 0, 3, lopt)
+    assert run.losses == pytest.approx(fresh.losses, rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Every suite, reduced
 

@@ -127,13 +127,16 @@ def select_tasks(suite: Suite, names: Sequence[str] | None, quick: bool = False)
 
 def resolve_learned(suite: Suite, labels: Sequence[str], sources: Mapping[str, Any], checkpoints: Path | None,
                     skip_missing: bool) -> tuple[dict[str, Any], dict[str, str]]:
-    """Sources for the learned labels (``<checkpoints>/<label>`` where no source is given) and the skipped ones."""
+    """Sources for the learned labels (``<checkpoints>/<label>``, or ``<checkpoints>/<source>`` for a label the suite
+    maps to a learned name, where no source is given) and the skipped ones."""
     root = checkpoint_root() if checkpoints is None else Path(checkpoints)
     resolved, missing = dict(sources), {}
     for label in labels:
         if label in resolved or not (label in suite.learned or suite.source_of(label) in LEARNED_NAMES):
             continue
         path = root / label
+        if not _is_checkpoint(path) and suite.source_of(label) != label:  # "hyperadam tuned-lr": its source's weights
+            path = root / suite.source_of(label)
         if _is_checkpoint(path):
             resolved[label] = str(path)
         else:
