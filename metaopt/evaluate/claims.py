@@ -39,6 +39,7 @@ class ResultSet:
     directory: Path
     results: Mapping[str, Any]
     groups: dict[tuple[str, str], dict[int, Run]]
+    current: frozenset[str]  # labels whose recorded checkpoint is checkpoints/<label> with the weights there now
 
     @property
     def name(self) -> str:
@@ -87,17 +88,16 @@ def load_sets(directories: Sequence[Path]) -> list[ResultSet]:
         groups: dict[tuple[str, str], dict[int, Run]] = {}
         for r in report.runs_from_json(results["runs"]):
             groups.setdefault((r.task, r.optimizer), {})[r.seed] = r
-        sets.append(ResultSet(Path(d), results, groups))
+        current = frozenset(label for label, record, state in report.checkpoint_states(results)
+                            if record["path"] == f"checkpoints/{label}" and state == "current")
+        sets.append(ResultSet(Path(d), results, groups, current))
     return sorted(sets, key=lambda s: (s.meta["date"], s.name), reverse=True)
 
 
 def shipped(result: ResultSet, label: str) -> bool:
     """Whether ``label`` in ``result`` is what its name promises: a hand-designed optimizer, or a learned one whose
     recorded checkpoint is ``checkpoints/<label>`` with the weights committed there now."""
-    if label not in SUITES[result.meta["suite"]].learned:
-        return True
-    return any(l == label and record["path"] == f"checkpoints/{label}" and state == "current"
-               for l, record, state in report.checkpoint_states(result.results))
+    return label not in SUITES[result.meta["suite"]].learned or label in result.current
 
 
 def pair(sets: Sequence[ResultSet], task: str, label: str, baseline: str, metric: str
