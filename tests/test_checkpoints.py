@@ -121,7 +121,80 @@ def test_golden_run_takes_a_step_size_and_refuses_a_non_finite_fingerprint(tmp_p
         write_golden(directory, lr=1e20)  # the quadratic overflows to inf
 
 
-@pytest.mark.parametrize("name", ["hyperadam", "dm", "rnnprop", "cam-hd-learned-gamma", "marthe-learned-mu"])
+CAMPAIGN_RUN = ["--preset", "hyperadam-paper", "--optimizer-kwargs", '{"num_candidates": 2}', "--family", "quadratic",
+                "--horizon", "4", "--truncation", "2", "--meta-batch", "2", "--val-every", "2", "--val-tasks", "2",
+                "--lr", "0.05", "--batch-size", "4", "--convex-k", "3", "--no-compile", "--outer-lr", "1e-2"]
+
+
+def test_campaign_card_reports_the_pieces_the_weights_and_their_evaluation(tmp_path, monkeypatch):
+    from metaopt import checkpoint, evaluate
+    from metaopt.checkpoint import split_front_matter
+    from metaopt.meta import campaign
+    from metaopt.meta.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    camp, ckpt, eval_dir = tmp_path / "campaign", tmp_path / "ckpt", tmp_path / "eval"
+    assert main([*CAMPAIGN_RUN, "--meta-steps", "2", "--run-dir", "a", "--campaign", str(camp)]) == 0
+    assert main([*CAMPAIGN_RUN, "--meta-steps", "6", "--run-dir", "b", "--campaign", str(camp), "--export", "best",
+                 "--out", str(ckpt)]) == 0
+    scores = {m["meta_step"]: m["val_score"] for m in campaign.log(camp) if "val_score" in m}
+    best = min(scores, key=lambda k: (scores[k], k))
+    evaluate.run_suite("hyperadam-table1", optimizers=["hyperadam", "adam"], tasks=["quadratic"], seeds=3, steps=3,
+                       sources={"hyperadam": str(ckpt)}, tune=False, out=eval_dir, progress=False)
+    command = "python -m metaopt.checkpoint ckpt --card --campaign campaign"
+    assert checkpoint.main([str(ckpt), "--card", "--campaign", str(camp), "--command", command, "--eval-dir",
+                            str(eval_dir)]) == 0
+
+    header, card = split_front_matter((ckpt / "README.md").read_text())
+    assert f"value: {round(scores[best], 6)}" in header and f"meta_steps: {best}" in header
+    assert card.startswith("# ckpt — HyperAdam meta-trained on `quadratic` (a campaign)\n")
+    assert f"θ at meta-step {best:,} of the campaign in [`../campaign/`](../campaign/) ({best * 4:,} inner steps)" \
+        in card
+    assert f"{scores[best]:.4f} at meta-step {best:,}" in card
+    assert "| 1 | 0–2 | 8 |" in card and "| 2 | 2–6 | 16 |" in card  # both pieces
+    assert "Campaign so far**: 2 piece(s), 6 meta-steps, 24 inner steps" in card
+    assert f"```bash\n{command}\n```" in card and "| `family` | `quadratic` |" in card
+    (row,) = [line for line in card.splitlines() if line.startswith("| quadratic |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 5 and cells[1].count("±") == 1 and cells[2].count("±") == 1  # hyperadam, adam, p, ratio
+    assert 0 < float(cells[3]) <= 1 and float(cells[4]) > 0
+    assert (ckpt / "validation.png").stat().st_size > 0
+    assert json.loads((ckpt / "train-summary.json").read_text())["meta_step"] == best
+
+    other = next(k for k in scores if k != best)
+    with pytest.raises(ValueError, match="meta-step 5 was not validated"):
+        checkpoint.main([str(ckpt), "--card", "--campaign", str(camp), "--command", command, "--meta-step", "5"])
+    assert checkpoint.main([str(ckpt), "--card", "--campaign", str(camp), "--command", command, "--meta-step",
+                            str(other)]) == 0  # a stated step: trusted, and the card says that step
+    assert f"θ at meta-step {other:,} of the campaign" in (ckpt / "README.md").read_text()
+    HyperAdam(num_candidates=2).save_pretrained(ckpt)  # no longer the campaign's best
+    with pytest.raises(ValueError, match="not the campaign's best/.*--meta-step"):
+        checkpoint.main([str(ckpt), "--card", "--campaign", str(camp), "--command", command])
+    with pytest.raises(ValueError, match="did not evaluate the weights now in"):
+        checkpoint.main([str(ckpt), "--card", "--campaign", str(camp), "--command", command, "--meta-step",
+                         str(best), "--eval-dir", str(eval_dir)])
+
+
+def test_a_pretrained_name_loads_its_own_weights_and_is_not_meta_trained():
+    from metaopt.learned.base import is_class_name, register_pretrained
+    from metaopt.meta.config import MetaConfig
+    from metaopt.meta.trainer import build_optimizer
+
+    assert LEARNED_NAMES["hyperadam-general"] is HyperAdam and is_class_name("hyperadam")
+    assert not is_class_name("hyperadam-general")
+    general, paper = metaopt.from_pretrained("hyperadam-general"), metaopt.from_pretrained("hyperadam")
+    assert type(general) is HyperAdam and any(not torch.equal(a, b) for a, b in zip(general.state_dict().values(),
+                                                                                    paper.state_dict().values()))
+    with pytest.raises(ValueError, match="names pretrained weights of HyperAdam.*--optimizer hyperadam"):
+        build_optimizer(MetaConfig(optimizer="hyperadam-general"))
+    with pytest.raises(ValueError, match="already registered"):
+        register_pretrained("hyperadam-general", HyperAdam)
+    with pytest.raises(ValueError, match="not a registered learned optimizer class"):
+        register_pretrained("something-new", torch.nn.Module)
+
+
+@pytest.mark.parametrize("name", ["hyperadam", "hyperadam-general", "dm", "rnnprop", "cam-hd-learned-gamma",
+                                  "marthe-learned-mu"])
 def test_shipped_cards_carry_current_machine_readable_front_matter(name, tmp_path):
     """Model-hub front matter (library, tags, training data, metrics) that agrees with the checkpoint's own files,
     and is what ``python -m metaopt.checkpoint --front-matter`` writes (so a stale header fails here)."""

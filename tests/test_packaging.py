@@ -11,7 +11,7 @@ from pathlib import Path
 import setuptools
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ("hyperadam", "dm", "rnnprop", "cam-hd-learned-gamma", "marthe-learned-mu")
+SHIPPED = ("hyperadam", "hyperadam-general", "dm", "rnnprop", "cam-hd-learned-gamma", "marthe-learned-mu")
 
 
 def test_every_package_of_the_tree_is_listed_in_pyproject():

@@ -128,7 +128,7 @@ def table1(sigmoid, relu, elu, tanh, **kw):
 
 def test_beat_verdict_counts_significant_wins_only():
     assert P_SIX == pytest.approx(2 / 64) and scipy.stats.wilcoxon(MIXED, BASE).pvalue >= 0.05
-    target = rs.BEAT_TARGETS["hyperadam-table1"]
+    target = rs.BEAT_TARGETS["hyperadam-table1"][0]
     line = rs.beat_verdict(table1(WIN, LOSS, BASE, MIXED, tuned=("adam",)), target)
     assert line.startswith("**Target**: HyperAdam below tuned Adam at p < 0.05 on 1 of 4 activations (target: 3) — "
                            "not met. ")
@@ -143,7 +143,7 @@ def test_beat_verdict_counts_significant_wins_only():
 
 def test_beat_verdict_says_when_an_optimizer_was_not_run():
     payload = synthetic("hyperadam-table2", {("lstm-sine", "adam"): BASE}, skipped={"hyperadam": "no checkpoint"})
-    line = rs.beat_verdict(payload, rs.BEAT_TARGETS["hyperadam-table2"])
+    line = rs.beat_verdict(payload, rs.BEAT_TARGETS["hyperadam-table2"][0])
     assert line.endswith("(target: all): not evaluated (no runs of hyperadam (no checkpoint)).")
 
 

@@ -403,6 +403,21 @@ CLAIMS: tuple[Claim, ...] = (
           "the shipped HyperAdam, DMoptimizer and RNNprop at their own step size at least match Adam with its rate "
           "chosen in hindsight, on tasks no suite or meta-training family contains",
           "—", matches((("hyperadam", "adam"), ("dm", "adam"), ("rnnprop", "adam"))), paper_dataset=None),
+    # issue 12's targets for the HyperAdam meta-trained on the broad `general` family (checkpoints/hyperadam-general)
+    Claim("hyperadam-table1", "this project (issue 12), `hyperadam-general`",
+          "the HyperAdam meta-trained on the broad family below tuned Adam on at least 3 of Table 1's 4 activations",
+          "—", beats("hyperadam-general", ("adam",), need=3),
+          "its meta-training family contains these four MLPs (as the paper's contained the sigmoid one)",
+          paper_dataset=None),
+    Claim("hyperadam-table2", "this project (issue 12), `hyperadam-general`",
+          "the HyperAdam meta-trained on the broad family below tuned Adam on the three LSTM tasks",
+          "—", beats("hyperadam-general", ("adam",)),
+          "its meta-training family contains the one-layer LSTM sine task with 10 units (these have 20)",
+          paper_dataset=None),
+    Claim("learned-heldout", "this project (issue 12), `hyperadam-general`",
+          "the HyperAdam meta-trained on the broad family at its own step size at least matches Adam with its rate "
+          "chosen in hindsight, on tasks no suite or meta-training family contains",
+          "—", matches((("hyperadam-general", "adam"),)), paper_dataset=None),
     Claim("learned-rules", "this project",
           "the learned γ and μ rules at least match CAM-HD-Adam and MARTHE on held-out tasks",
           "—", matches((("cam-hd-learned-gamma", "cam-hd-adam"), ("marthe-learned-mu", "marthe"))),

@@ -155,7 +155,7 @@ class Suite:
 # HyperAdam (Wang, Sun & Xu, AAAI 2019), Sec. 5
 
 
-HYPERADAM_LEARNED = ("hyperadam", "dm", "rnnprop")
+HYPERADAM_LEARNED = ("hyperadam", "hyperadam-general", "dm", "rnnprop")
 # The shipped HyperAdam with its step size α tuned per task on the baselines' separate seeds: a diagnostic beside the
 # paper's protocol (the checkpoint's own α). Measured on hyperadam-table2 (5 seeds, Adam at lr 0.03): at its
 # α = 0.005 it ends at 1.8-4.2x Adam's loss on the LSTM tasks, at the best α of 0.01 / 0.02 / 0.04 below Adam's on all

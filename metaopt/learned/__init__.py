@@ -1,7 +1,8 @@
 """Learned optimizers: HyperAdam, DMoptimizer, RNNprop and the learnable CAM-HD γ / MARTHE μ rules."""
 
 from metaopt.learned.base import (LEARNED_CLASSES, LEARNED_NAMES, CheckpointError, CoordinatewiseOptimizer,
-                                  FrozenLearnedOptimizer, LearnedOptimizer, from_pretrained, register_learned)
+                                  FrozenLearnedOptimizer, LearnedOptimizer, from_pretrained, register_learned,
+                                  register_pretrained)
 from metaopt.learned.dm import DMOptimizer
 from metaopt.learned.hyperadam import HyperAdam
 from metaopt.learned.rnnprop import RNNprop
@@ -23,5 +24,5 @@ for _name in LEARNED_NAMES:
     register_optimizer(_name)(_pretrained_factory(_name))
 
 __all__ = ["LEARNED_CLASSES", "LEARNED_NAMES", "CheckpointError", "CoordinatewiseOptimizer", "FrozenLearnedOptimizer",
-           "LearnedOptimizer", "from_pretrained", "register_learned", "DMOptimizer", "HyperAdam",
-           "LearnedGammaCAMHD", "LearnedMuMARTHE", "RNNprop"]
+           "LearnedOptimizer", "from_pretrained", "register_learned", "register_pretrained", "DMOptimizer",
+           "HyperAdam", "LearnedGammaCAMHD", "LearnedMuMARTHE", "RNNprop"]

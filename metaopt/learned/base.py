@@ -54,6 +54,8 @@ CHECKPOINT_ROOT = _checkpoint_root()
 
 LEARNED_CLASSES: dict[str, type["LearnedOptimizer"]] = {}  # class name -> class
 LEARNED_NAMES: dict[str, type["LearnedOptimizer"]] = {}  # registry name ("hyperadam") -> class
+# Every name make_optimizer / from_pretrained load from checkpoints/<name>: the class names above, and more pretrained
+# checkpoints of those classes (register_pretrained: "hyperadam-general" is a HyperAdam meta-trained on another family)
 
 
 def fingerprint(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -85,6 +87,22 @@ def register_learned(name: str):
         return cls
 
     return decorate
+
+
+def register_pretrained(name: str, cls: type["LearnedOptimizer"]) -> None:
+    """Register ``name`` as one more pretrained checkpoint of the registered class ``cls``: ``make_optimizer(name,
+    params)`` and ``from_pretrained(name)`` load ``checkpoints/<name>``. It is a name for weights, not a class:
+    meta-training builds ``cls.registry_name`` (:func:`is_class_name`)."""
+    if LEARNED_NAMES.get(getattr(cls, "registry_name", None)) is not cls:
+        raise ValueError(f"{cls.__name__} is not a registered learned optimizer class (register_learned first)")
+    if name in LEARNED_NAMES:
+        raise ValueError(f"learned optimizer name {name!r} is already registered")
+    LEARNED_NAMES[name] = cls
+
+
+def is_class_name(name: str) -> bool:
+    """Whether ``name`` names a learned optimizer class (one ``train_meta.py`` can build), not only a checkpoint."""
+    return name in LEARNED_NAMES and LEARNED_NAMES[name].registry_name == name
 
 
 class LearnedOptimizer(nn.Module, abc.ABC):

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaopt.learned import fused
-from metaopt.learned.base import CoordinatewiseOptimizer, register_learned
+from metaopt.learned.base import CoordinatewiseOptimizer, register_learned, register_pretrained
 from metaopt.learned.cells import ACCUMULATOR_EPS, LSTMCellParams, rms_normalize, safe_sqrt
 
 MOMENT_EPS = 1e-24  # ε inside the square root (Alg. 2, line 3)
@@ -173,3 +173,7 @@ class HyperAdam(CoordinatewiseOptimizer):
         rho = F.elu(self.weight(s))
         direction = (rho * moment_field).sum(dim=-1)
         return direction, HyperAdamState(s, c, m, v, beta_hat, gamma_hat)
+
+
+# HyperAdam meta-trained on the broad `general` family (train_meta.py --preset hyperadam-general; see its card)
+register_pretrained("hyperadam-general", HyperAdam)

@@ -138,12 +138,14 @@ def write_card(directory: str | os.PathLike[str]) -> Path:
               "Commands:", ""] + [f"    {r['command']}" for r in records] + [""]
     if vals:
         lines.insert(4, f"![validation score and meta-loss against the meta-step]({PLOT_FILE})\n")
-        _plot(directory / PLOT_FILE, metrics, initial)
+        plot(directory / PLOT_FILE, metrics, initial)
     (directory / CARD_FILE).write_text("\n".join(lines))
     return directory / CARD_FILE
 
 
-def _plot(path: Path, metrics: list[dict[str, Any]], initial: float) -> None:
+def plot(path: Path, metrics: list[dict[str, Any]], initial: float, mark: int | None = None) -> None:
+    """The validation score (``initial`` at meta-step 0) and the meta-loss against the meta-step, as ``path``;
+    ``mark``: a meta-step whose validation point is circled (the θ a checkpoint was taken at)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,6 +154,11 @@ def _plot(path: Path, metrics: list[dict[str, Any]], initial: float) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     vals = [(0, initial)] + [(m["meta_step"], m["val_score"]) for m in metrics if "val_score" in m]
     top.plot(*zip(*vals), marker="o", ms=3)
+    marked = [(step, score) for step, score in vals if step == mark]
+    if marked:
+        top.plot(*marked[-1], marker="o", ms=11, mfc="none", mec="C3", mew=2, ls="none",
+                 label=f"these weights (meta-step {mark:,})")
+        top.legend(loc="upper right")
     top.set_ylabel("validation score")
     steps = [(m["meta_step"], m["meta_loss"]) for m in metrics if "meta_loss" in m]
     if steps:

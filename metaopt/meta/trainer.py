@@ -34,7 +34,7 @@ import meta_tasks
 from meta_tasks.base import Task, TaskFamily, TransformedFamily
 from meta_tasks.tricks import hyperadam_tricks
 from metaopt.environment import time_left
-from metaopt.learned.base import LEARNED_NAMES, LearnedOptimizer
+from metaopt.learned.base import LEARNED_NAMES, LearnedOptimizer, is_class_name
 from metaopt.meta.config import MetaConfig
 from metaopt.meta.unroll import Slot, unroll
 
@@ -62,8 +62,13 @@ def resolve_device(device: str) -> torch.device:
 
 def build_optimizer(config: MetaConfig) -> LearnedOptimizer:
     """The learned optimizer ``config`` names, its θ initialized from ``config.seed`` (global RNG left untouched)."""
-    if config.optimizer not in LEARNED_NAMES:
-        raise ValueError(f"Unknown learned optimizer {config.optimizer!r}. Valid names: {', '.join(LEARNED_NAMES)}")
+    if not is_class_name(config.optimizer):
+        valid = ", ".join(n for n in LEARNED_NAMES if is_class_name(n))
+        if config.optimizer in LEARNED_NAMES:
+            cls = LEARNED_NAMES[config.optimizer]
+            raise ValueError(f"{config.optimizer!r} names pretrained weights of {cls.__name__}, not an optimizer to "
+                             f"meta-train: use --optimizer {cls.registry_name}. Valid names: {valid}")
+        raise ValueError(f"Unknown learned optimizer {config.optimizer!r}. Valid names: {valid}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return LEARNED_NAMES[config.optimizer](**config.optimizer_options())
