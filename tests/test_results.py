@@ -147,6 +147,21 @@ def test_beat_verdict_says_when_an_optimizer_was_not_run():
     assert line.endswith("(target: all): not evaluated (no runs of hyperadam (no checkpoint)).")
 
 
+def test_health_verdict_counts_stuck_and_diverged_runs_of_the_shipped_hyperadams():
+    # every synthetic run starts at 3.0: 2.98 is within 1 % of it (stuck), 3.5 ended above it, nan diverged
+    finals = {("mlp-sigmoid", "hyperadam"): [0.5, 2.98, 0.4], ("mlp-relu", "hyperadam"): [float("nan"), 3.5, 0.4],
+              ("mlp-sigmoid", "adam"): [3.0, 3.0, 3.0], ("mlp-relu", "adam"): [0.5, 0.5, 0.5]}
+    lines = [line for line in rs.verdicts(synthetic("hyperadam-table1", finals)) if "stuck" in line]
+    assert lines == ["**Target**: no seed of hyperadam stuck at its initial loss (final training loss ≥ 0.99 × the "
+                     "first step's) or diverged (a non-finite loss) — not met: 3 of 6 runs (mlp-sigmoid: 1 stuck; "
+                     "mlp-relu: 1 diverged, 1 stuck)."]  # Adam's stuck seeds are not this target's
+    finals[("mlp-sigmoid", "hyperadam-general")] = [0.5, 0.6, 2.96]
+    lines = [line for line in rs.verdicts(synthetic("hyperadam-table1", finals)) if "stuck" in line]
+    assert len(lines) == 2 and lines[1].startswith("**Target**: no seed of hyperadam-general stuck") and \
+        lines[1].endswith("— met (none of 3 runs).")
+    assert [line for line in rs.verdicts(synthetic("learned-heldout", finals)) if "stuck" in line] == []
+
+
 def test_match_verdict_accepts_wins_and_ties_and_rejects_losses_and_divergence():
     tasks = ("mlp-elu", "mlp-tanh", "cnn-2", "lenet5")
     finals = {}

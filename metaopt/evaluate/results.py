@@ -237,6 +237,38 @@ def match_verdict(results: Mapping[str, Any], label: str, baseline: str) -> str:
     return f"{head} on {k} of {total} tasks ({rule}) — {'met' if k == total else 'not met'}. {details}."
 
 
+# Issue 12: "no seed of any hyperadam-* task stuck at its initial loss or diverged", for the shipped HyperAdams
+HEALTH_SUITES, HEALTH_LABELS = "hyperadam-", ("hyperadam", "hyperadam-general")
+STUCK_FRACTION = 0.99  # a run is stuck when its final training loss is not below this fraction of its first
+
+
+def run_health(run: Run) -> str | None:
+    """``"diverged"`` (a non-finite training loss at some step), ``"stuck"`` (the final loss not below
+    :data:`STUCK_FRACTION` of the first step's: it never left its initial loss, or ended above it), else None."""
+    if not run.losses or not all(math.isfinite(v) for v in run.losses):
+        return "diverged"
+    return "stuck" if run.losses[-1] >= STUCK_FRACTION * run.losses[0] else None
+
+
+def health_verdict(results: Mapping[str, Any], label: str) -> str:
+    """One line: how many of ``label``'s runs were stuck at their initial loss or diverged, by task."""
+    runs = [r for r in load_runs(results) if r.optimizer == label]
+    bad: dict[str, dict[str, int]] = {}
+    for r in runs:
+        state = run_health(r)
+        if state is not None:
+            bad.setdefault(r.task, {}).setdefault(state, 0)
+            bad[r.task][state] += 1
+    head = (f"**Target**: no seed of {label} stuck at its initial loss (final training loss ≥ {STUCK_FRACTION:g} × "
+            f"the first step's) or diverged (a non-finite loss)")
+    total = sum(sum(by.values()) for by in bad.values())
+    if not total:
+        return f"{head} — met (none of {len(runs)} runs)."
+    details = "; ".join(f"{task}: " + ", ".join(f"{n} {state}" for state, n in by.items())
+                        for task, by in bad.items())
+    return f"{head} — not met: {total} of {len(runs)} runs ({details})."
+
+
 def verdicts(results: Mapping[str, Any]) -> list[str]:
     """The verdict lines of the quality targets that apply to the result's suite (none for most suites)."""
     suite = results["meta"]["suite"]
@@ -244,6 +276,8 @@ def verdicts(results: Mapping[str, Any]) -> list[str]:
     lines = [beat_verdict(results, target) for target in BEAT_TARGETS.get(suite, ())
              if not target.optional or target.learned in ran]
     lines += [match_verdict(results, label, baseline) for label, baseline in MATCH_TARGETS.get(suite, ())]
+    if suite.startswith(HEALTH_SUITES):
+        lines += [health_verdict(results, label) for label in HEALTH_LABELS if label in ran]
     return lines
 
 
