@@ -169,11 +169,13 @@ def _load(directory: Path) -> tuple[dict[str, Any], list[Run]]:
     return results, report.runs_from_json(results["runs"])
 
 
-def write_suite(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+def write_suite(directory: str | os.PathLike[str], results: Mapping[str, Any] | None = None
+                ) -> dict[str, Any] | None:
     """Write ``aggregate.json`` / ``aggregate.png`` into a results directory; None (nothing written) when Adam did
-    not run there."""
+    not run there. ``results``: the directory's payload where the caller has read it already."""
     directory = Path(directory)
-    results, runs = _load(directory)
+    results = report.read_results(directory) if results is None else results
+    runs = report.runs_from_json(results["runs"])
     tasks = list(results["meta"]["tasks"])
     try:
         result = aggregate(runs, tasks)

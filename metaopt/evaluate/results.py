@@ -509,11 +509,12 @@ def write_aggregates(root: str | os.PathLike[str] = RESULTS_ROOT) -> list[Path]:
     root = Path(root)
     written, newest = [], {}
     for d in result_dirs(root):
-        result = aggregate.write_suite(d)
+        payload = report.read_results(d)
+        result = aggregate.write_suite(d, payload)
         if result is None:
             continue
         written.append(d)
-        meta = report.read_results(d)["meta"]
+        meta = payload["meta"]
         if not set(PARAMETER_FREE) <= set(meta["optimizers"]):
             continue
         date = meta["date"]
