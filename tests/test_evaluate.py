@@ -301,6 +301,82 @@ MERGE_SUITE = evaluate.Suite(
     reference="adam", tune={"sgd": (1e-3, 1e-2, 3e-2)})
 
 
+def _timeless(runs):
+    return sorted((dataclasses.replace(r, seconds_per_step=0.0) for r in runs),
+                  key=lambda r: (r.task, r.optimizer, r.seed))
+
+
+class Killed(Exception):
+    """Stands for the end of the process (a signal, a session's end) in the middle of a suite."""
+
+
+def test_an_interrupted_suite_continues_from_its_journal_and_equals_the_run_at_once(tmp_path, monkeypatch):
+    from metaopt.evaluate import journal, runner
+
+    whole = evaluate.run_suite(MERGE_SUITE, seeds=2, tune=False, out=tmp_path / "whole", progress=False)
+    assert not (tmp_path / "whole" / journal.JOURNAL_FILE).exists()  # removed once the results are written
+    out, calls = tmp_path / "out", []
+    real_train = runner.train
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 5:  # the third group's first seed: two groups are finished
+            raise Killed
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train", interrupted)
+    with pytest.raises(Killed):
+        evaluate.run_suite(MERGE_SUITE, seeds=2, tune=False, out=out, progress=False)
+    lines = (out / journal.JOURNAL_FILE).read_text().splitlines()
+    assert len(lines) == 4 and "protocol" in json.loads(lines[0]) and json.loads(lines[1]) == {"tuned": {}}
+    with open(out / journal.JOURNAL_FILE, "a") as f:
+        f.write('{"task": "q1", "optimizer": "ad')  # a line the interruption cut: that group runs again
+    calls.clear()
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train", counted)
+    resumed = evaluate.run_suite(MERGE_SUITE, seeds=2, tune=False, out=out, progress=False)
+    assert len(calls) == 2 * 4  # the four groups left, two seeds each: the finished two were not rerun
+    assert _timeless(resumed.runs) == _timeless(whole.runs)
+    assert _timeless(report.runs_from_json(report.read_results(out)["runs"])) == _timeless(whole.runs)
+    assert not (out / journal.JOURNAL_FILE).exists()
+
+    # a journal of another protocol is refused, naming the difference, and left as it is
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(runner, "train", killed)
+    with pytest.raises(Killed):
+        evaluate.run_suite(MERGE_SUITE, seeds=2, tune=False, out=out, progress=False)
+    monkeypatch.setattr(runner, "train", real_train)
+    with pytest.raises(evaluate.SelectionError, match=r"another protocol \(seeds: \[0, 1\] there, \[0, 1, 2\] now"):
+        evaluate.run_suite(MERGE_SUITE, seeds=3, tune=False, out=out, progress=False)
+    assert (out / journal.JOURNAL_FILE).exists()
+
+
+def test_a_time_limit_stops_a_suite_cleanly_and_the_same_command_finishes_it(tmp_path, capsys):
+    from metaopt.evaluate import journal
+    from metaopt.evaluate.cli import main
+
+    out = tmp_path / "out"
+    with pytest.raises(evaluate.TimeLimitReached, match="after 0 of 6 run groups; the finished ones are journaled"):
+        evaluate.run_suite(MERGE_SUITE, seeds=2, out=out, progress=False, max_minutes=1e-9)
+    records = [json.loads(line) for line in (out / journal.JOURNAL_FILE).read_text().splitlines()]
+    assert set(records[1]["tuned"]["q1"]) == {"sgd"}  # tuning is kept: the next piece does not repeat it
+    done = evaluate.run_suite(MERGE_SUITE, seeds=2, out=out, progress=False)
+    assert done.tuned == records[1]["tuned"] and len(done.runs) == 2 * 3 * 2
+    assert not (out / journal.JOURNAL_FILE).exists()
+
+    argv = ["--suite", "hyperadam-table1", "--optimizers", "adam", "--tasks", "quadratic", "--seeds", "1",
+            "--steps", "2", "--no-tune", "--out", str(tmp_path / "cli"), "--quiet"]
+    assert main([*argv, "--max-minutes", "1e-9"]) == 3
+    assert "Run the same command again to continue." in capsys.readouterr().err
+    assert main(argv) == 0 and report.results_file(tmp_path / "cli") is not None
+
+
 def test_a_suite_run_in_pieces_and_merged_equals_the_suite_run_at_once(tmp_path, monkeypatch):
     whole = evaluate.run_suite(MERGE_SUITE, seeds=4, out=tmp_path / "whole", progress=False)
     out = tmp_path / "pieces"
@@ -336,6 +412,7 @@ def test_a_suite_run_in_pieces_and_merged_equals_the_suite_run_at_once(tmp_path,
     with pytest.raises(evaluate.SelectionError, match="learning rate differs .* sgd on q1"):
         evaluate.run_suite(MERGE_SUITE, out=out, merge=True, progress=False, seeds=[0], tasks=["q1"], tune=False,
                            optimizers={"sgd": {"lr": 0.123}})
+    assert not (out / "journal.jsonl").exists()  # refused after it ran: nothing kept that would block the next piece
     # a rate retuned to another value is refused before anything runs
     payload = report.read_results(out)
     payload["tuned"]["q2"]["sgd"]["lr"] = 0.5

@@ -16,13 +16,14 @@ This package owns
 """
 
 from metaopt.evaluate.cli import build_parser, main
-from metaopt.evaluate.experiment import MissingCheckpoints, SelectionError, SuiteResult, run_suite
+from metaopt.evaluate.experiment import (MissingCheckpoints, SelectionError, SuiteResult, TimeLimitReached,
+                                         run_suite)
 from metaopt.evaluate.report import markdown_table, mean_se, paired_wilcoxon, significance
 from metaopt.evaluate.runner import (TUNE_SEED_OFFSET, Run, build_task, can_batch, evaluate_suite, seeded_generators,
                                      train, train_batched)
 from metaopt.evaluate.suites import SUITES, LrsOpt, Suite, Sweep, TaskSpec
 
 __all__ = ["SUITES", "TUNE_SEED_OFFSET", "LrsOpt", "MissingCheckpoints", "Run", "SelectionError", "Suite",
-           "SuiteResult", "Sweep", "TaskSpec", "build_parser", "build_task", "can_batch", "evaluate_suite", "main",
-           "markdown_table", "mean_se", "paired_wilcoxon", "run_suite", "seeded_generators", "significance", "train",
-           "train_batched"]
+           "SuiteResult", "Sweep", "TaskSpec", "TimeLimitReached", "build_parser", "build_task", "can_batch",
+           "evaluate_suite", "main", "markdown_table", "mean_se", "paired_wilcoxon", "run_suite",
+           "seeded_generators", "significance", "train", "train_batched"]

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 import meta_tasks
-from metaopt.evaluate.experiment import SelectionError, run_suite
+from metaopt.evaluate.experiment import SelectionError, TimeLimitReached, run_suite
 from metaopt.evaluate.suites import SUITES
 
 DESCRIPTION = """Evaluate optimizers on a suite of tasks from identical initial weights and identical minibatches per
@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--merge", action="store_true",
         help="add the runs to the results already in --out (same suite, --steps, --dataset, --eval-size): a suite "
              "run in pieces by task, optimizer or seed; a rerun (task, optimizer, seed) replaces the old run")
+    add("--max-minutes", type=float, default=None, metavar="M",
+        help="stop after the run group that crosses M minutes (exit status 3); with --out the finished groups and "
+             "tuned rates are journaled there (journal.jsonl) and the same command continues them, as it does after "
+             "any interruption")
     add("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
 
@@ -103,10 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                            quick=args.quick, reference=args.reference, batched=args.batch,
                            eval_every=args.eval_every, eval_size=args.eval_size,
                            lrs_outer_steps=args.lrs_outer_steps, lrs_outer_lr=args.lrs_outer_lr, out=args.out,
-                           merge=args.merge, progress=not args.quiet,
+                           merge=args.merge, max_minutes=args.max_minutes, progress=not args.quiet,
                            command=["python", "-m", "metaopt.evaluate", *argv])
     except SelectionError as err:
         raise SystemExit(str(err)) from None
+    except TimeLimitReached as err:
+        print(err, file=sys.stderr)
+        return 3
     print(result.report)
     if args.out and not args.quiet:
         names = ", ".join(path.name for path in result.files)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,7 +28,8 @@ import torch
 import metaopt
 from metaopt.environment import device_name
 from metaopt.evaluate import aggregate, report
-from metaopt.evaluate.runner import (TUNE_SEED_OFFSET, Run, RunConfig, build_tasks, run_grid, run_lrs_opt,
+from metaopt.evaluate.journal import Journal, JournalMismatch
+from metaopt.evaluate.runner import (TUNE_SEED_OFFSET, Run, RunConfig, Stopped, build_tasks, run_grid, run_lrs_opt,
                                      tune_learning_rates)
 from metaopt.evaluate.suites import SUITES, Suite, TaskSpec
 from metaopt.learned import LEARNED_NAMES
@@ -38,6 +40,11 @@ QUICK_LRS_OUTER_STEPS = 2
 
 class SelectionError(ValueError):
     """An optimizer, task or reference that the suite cannot resolve; the message lists the valid choices."""
+
+
+class TimeLimitReached(RuntimeError):
+    """``run_suite(max_minutes=...)`` stopped at its time limit; the finished run groups are journaled in ``out``
+    (:mod:`metaopt.evaluate.journal`) and the same call continues them."""
 
 
 class MissingCheckpoints(SelectionError):
@@ -188,7 +195,8 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
               tune_seeds: int = 3, quick: bool = False, reference: str | None = None, batched: bool | None = None,
               eval_every: int | None = None, eval_size: int | None = None, lrs_outer_steps: int | None = None,
               lrs_outer_lr: float | None = None, out: str | Path | None = None, merge: bool = False,
-              progress: bool = True, command: Sequence[str] | None = None) -> SuiteResult:
+              max_minutes: float | None = None, progress: bool = True, command: Sequence[str] | None = None
+              ) -> SuiteResult:
     """Run ``suite`` (a :class:`Suite` or a name in :data:`SUITES`) and, with ``out``, write its files.
 
     Args:
@@ -209,8 +217,12 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
         out: directory for results.json, table.md, steps.csv, finals.csv, evals.csv and the PNG figures.
         merge: where ``out`` already holds results of this suite (same steps, dataset, held-out size), add these
             runs to them (:func:`merge_results`): a suite run in pieces, by task, optimizer or seed.
+        max_minutes: stop after the run group that crosses this many minutes (raising :class:`TimeLimitReached`);
+            with ``out``, the tuned rates and finished groups are journaled there (:mod:`metaopt.evaluate.journal`)
+            and the same call continues them, interrupted or stopped.
         command: the command line, recorded in the results.
     """
+    started = time.monotonic()
     suite = SUITES[suite] if isinstance(suite, str) else suite
     previous = None
     if merge:
@@ -234,21 +246,53 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
     all_sources = {label: suite.source_of(label) for label in chosen} | learned_sources
     default_ref, pairs = reference_map(suite, list(chosen), reference)
 
-    built = build_tasks(specs, dataset, device, eval_size)
+    if previous is not None:
+        check_mergeable(previous["meta"], {"suite": suite.name, "steps": steps, "dataset": dataset,
+                                           "eval_size": eval_size, "quick": quick})
     tuned: dict[str, dict[str, dict[str, Any]]] = {}
     tune_seed_list = seed_list if suite.tune_in_hindsight else [TUNE_SEED_OFFSET + i for i in range(tune_seeds)]
     grids = {label: (grid[1::2] if quick else grid) for label, grid in suite.tune.items() if label in chosen}
-    if (bool(suite.tune) if tune is None else tune) and grids:
+    tuning = (bool(suite.tune) if tune is None else tune) and bool(grids)
+    every = suite.eval_every if eval_every is None else eval_every
+    journal = None
+    if out is not None:
+        protocol = {"suite": suite.name, "steps": steps, "seeds": seed_list, "device": str(device),
+                    "dataset": dataset, "tasks": [dataclasses.asdict(s) for s in specs], "optimizers": chosen,
+                    "sources": {label: _describe(all_sources[label]) for label in chosen},
+                    "checkpoints": checkpoint_fingerprints({label: all_sources[label] for label in chosen}),
+                    "tune": {"grids": grids, "seeds": tune_seed_list} if tuning else None, "quick": quick,
+                    "batched": batched, "eval_every": every, "eval_size": eval_size, "merge": merge}
+        try:
+            journal = Journal(out, protocol)
+        except JournalMismatch as err:
+            raise SelectionError(str(err)) from None
+        if journal.resumed and progress:
+            print(f"resuming from {journal.path}: {len(journal.groups)} finished run group(s)"
+                  + (", tuned rates" if journal.tuned else ""), file=sys.stderr)
+    built = build_tasks(specs, dataset, device, eval_size)
+    if tuning and journal is not None and journal.tuned is not None:
+        tuned = journal.tuned
+    elif tuning:
         tuned = tune_learning_rates(built, chosen, all_sources, grids, tune_seed_list, steps, progress,
                                     refine=not quick)
     if previous is not None:  # before the runs: a piece that cannot be merged is refused before it is computed
-        check_mergeable(previous["meta"], {"suite": suite.name, "steps": steps, "dataset": dataset,
-                                           "eval_size": eval_size, "quick": quick})
         check_tuned_rates(previous, tuned, seed_list)
-    config = RunConfig(steps, suite.splits, suite.eval_every if eval_every is None else eval_every, suite.record_lr,
-                       batched, progress)
-    runs = run_grid(built, chosen, all_sources, seed_list, config,
-                    {t: {label: {"lr": v["lr"]} for label, v in labels.items()} for t, labels in tuned.items()})
+    if journal is not None and journal.tuned is None:
+        journal.record_tuned(tuned)
+    config = RunConfig(steps, suite.splits, every, suite.record_lr, batched, progress)
+    deadline = None if max_minutes is None else started + 60 * max_minutes
+    try:
+        runs = run_grid(built, chosen, all_sources, seed_list, config,
+                        {t: {label: {"lr": v["lr"]} for label, v in labels.items()} for t, labels in tuned.items()},
+                        finished=journal.groups if journal is not None else None,
+                        on_group=journal.record_group if journal is not None else None,
+                        stop=None if deadline is None else lambda: time.monotonic() > deadline)
+    except Stopped as stopped:
+        kept = f"; the finished ones are journaled in {journal.path}" if journal is not None else \
+            " (without --out nothing is kept)"
+        raise TimeLimitReached(f"{suite.name}: the time limit of {max_minutes:g} minutes stopped the suite after "
+                               f"{stopped.done} of {stopped.total} run groups{kept}. Run the same command again to "
+                               "continue.") from None
 
     lrs_records: list[dict[str, Any]] = []
     if suite.lrs_opt is not None:
@@ -275,7 +319,13 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
             "quick": quick, "eval_size": eval_size, "batched": batched, "date": time.strftime("%Y-%m-%d"),
             "command": list(command) if command is not None else None}
     if previous is not None:
-        runs, meta, tuned, lrs_records, skipped = merge_results(previous, runs, meta, tuned, lrs_records, skipped)
+        try:
+            runs, meta, tuned, lrs_records, skipped = merge_results(previous, runs, meta, tuned, lrs_records,
+                                                                    skipped)
+        except SelectionError:
+            if journal is not None:  # the same command would be refused again: its runs are of no use
+                journal.remove()
+            raise
         labels = [label for label in meta["optimizers"] if label != "lrs-opt"]
         meta["reference"], pairs = reference_map(suite, labels, reference)
         if any(r.optimizer == "lrs-opt" for r in runs):
@@ -290,6 +340,7 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
                          lrs_records, skipped, text)
     if out is not None:
         result.files = write_outputs(result, Path(out))
+        journal.remove()
     return result
 
 

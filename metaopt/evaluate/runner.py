@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -299,20 +299,45 @@ class RunConfig:
     progress: bool = True
 
 
+class Stopped(Exception):
+    """:func:`run_grid` stopped before its last run group because ``stop()`` said so (a time limit); the groups it
+    finished went to ``on_group``."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"stopped after {done} of {total} run groups")
+        self.done, self.total = done, total
+
+
 def run_grid(tasks: Mapping[str, tuple[TaskSpec, Task]], optimizers: Mapping[str, Mapping[str, Any]],
              sources: Mapping[str, Any], seeds: Sequence[int], config: RunConfig,
-             tuned: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None) -> list[Run]:
+             tuned: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None, *,
+             finished: Mapping[tuple[str, str], Sequence[Run]] | None = None,
+             on_group: Callable[[list[Run]], None] | None = None, stop: Callable[[], bool] | None = None
+             ) -> list[Run]:
     """Every optimizer label on every task for every seed. ``sources[label]`` builds the label (default: the label);
-    ``tuned[task][label]`` overrides hyper-parameters per task. Runs carry the task *label*."""
+    ``tuned[task][label]`` overrides hyper-parameters per task. Runs carry the task *label*.
+
+    ``finished[(task, label)]``: groups already run (a resumed suite, :mod:`metaopt.evaluate.journal`), taken as they
+    are; ``on_group`` receives each group run here when it finishes; ``stop()`` is asked before each group, and
+    :class:`Stopped` is raised when it answers True."""
     runs: list[Run] = []
     learned: dict[str, LearnedOptimizer | None] = {}
-    total, done, started = len(tasks) * len(optimizers), 0, time.monotonic()
+    finished = finished or {}
+    total, started = len(tasks) * len(optimizers), time.monotonic()
+    done = skipped = sum((t, label) in finished for t in tasks for label in optimizers)
     bar = None
     if config.progress and sys.stderr.isatty():
         from tqdm import tqdm
-        bar = tqdm(total=total, desc="evaluating", unit="run group", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=total, initial=done, desc="evaluating", unit="run group", dynamic_ncols=True, leave=False)
     for task_label, (spec, task) in tasks.items():
         for label, base in optimizers.items():
+            if (task_label, label) in finished:
+                runs.extend(finished[(task_label, label)])
+                continue
+            if stop is not None and stop():
+                if bar is not None:
+                    bar.close()
+                raise Stopped(done, total)
             source = sources.get(label, label)
             if label not in learned:
                 learned[label] = learned_instance(source, task.device)
@@ -327,16 +352,18 @@ def run_grid(tasks: Mapping[str, tuple[TaskSpec, Task]], optimizers: Mapping[str
             for run in group:
                 run.task = task_label
             runs.extend(group)
+            if on_group is not None:
+                on_group(group)
+            done += 1
             if config.progress:
                 finals = [r.losses[-1] for r in group if r.losses]
                 mean = sum(finals) / len(finals) if finals else float("nan")
-                done += 1
                 line = f"  {task_label:16s} {label:28s} final loss {mean:.4f}"
                 if bar is not None:
                     bar.write(line, file=sys.stderr)
                     bar.update(1)
                 else:
-                    left = time_left(time.monotonic() - started, done, total)
+                    left = time_left(time.monotonic() - started, done - skipped, total - skipped)
                     print(f"{line}  [{done}/{total}{', ' + left if left != 'done' else ''}]", file=sys.stderr)
     if bar is not None:
         bar.close()
