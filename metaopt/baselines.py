@@ -6,6 +6,11 @@
 The direction helpers (:func:`sgd_direction`, :func:`adam_direction`, :func:`apply_update`) are shared with the
 hypergradient optimizers in :mod:`metaopt.hypergrad`, which add learning-rate adaptation on top of them.
 
+The faces step in place with ``torch._foreach_*`` ops (:class:`ForeachFace`): the same operations in the same order
+as the rule, on all of a group's tensors per call and without the rule's fresh tensors, so a step costs what
+``torch.optim``'s ``foreach`` step costs and equals the rule (``fast=False``) bit for bit (tested). A tensor-valued
+``lr`` takes the rule.
+
 One difference from torch, by design: the step counter is group-level (one per param group, stored in
 ``param_groups[i]["step"]``) rather than per parameter, so every parameter of a group must receive gradients
 together for the bias corrections to match torch (the usual case).
@@ -13,6 +18,7 @@ together for the bias corrections to match torch (the usual case).
 
 from __future__ import annotations
 
+import abc
 from typing import Any, NamedTuple
 
 import torch
@@ -33,6 +39,47 @@ def apply_update(param: Tensor, direction: Tensor, lr: float | Tensor) -> Tensor
 def with_weight_decay(grad: Tensor, param: Tensor, weight_decay: float) -> Tensor:
     """Coupled L2 weight decay, as torch: ``grad + weight_decay * param`` (out of place)."""
     return grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The in-place face
+
+
+class ForeachFace(CoreOptimizer):
+    """A :class:`CoreOptimizer` whose step is :meth:`foreach_step`: the rule's arithmetic in place, with
+    ``torch._foreach_*`` ops over the group's tensors (``fast=True``, the default), else the rule (``fast=False``,
+    the reference the tests hold it to). The state lives where the rule's does (per-parameter fields in
+    ``self.state[p]``, the step counter in the group), so either path resumes the other's ``state_dict()``."""
+
+    fast: bool = True
+
+    @abc.abstractmethod
+    def foreach_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                     state: list[dict[str, Tensor]]) -> None:
+        """One step of the group in place: ``params``, their ``grads`` and per-parameter ``state`` dicts (in the
+        same order); the step counter is ``group["step"]`` (the number of steps taken so far), advanced here."""
+
+    def step_group(self, group: dict[str, Any], grads: Params | None = None) -> bool:
+        if not self.fast or isinstance(group["lr"], Tensor):
+            return super().step_group(group, grads)
+        gathered = self.gather(group, grads)
+        if gathered is None:
+            return False
+        names, params, grads = gathered
+        live = {n: p for n, p in zip(names, params) if n in grads}
+        if any(not self.state[p] for p in live.values()) or "step" not in group:  # first step: the rule's init
+            self.store_rule_state(group, live, self.load_rule_state(group, self.rule(group), live))
+        self.foreach_step(group, list(live.values()), [grads[n] for n in live], [self.state[p] for p in live.values()])
+        return True
+
+
+def _decayed(grads: list[Tensor], params: list[Tensor], weight_decay: float) -> list[Tensor]:
+    """:func:`with_weight_decay` over lists."""
+    return torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
+
+
+def _fields(state: list[dict[str, Tensor]], name: str) -> list[Tensor]:
+    return [s[name] for s in state]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -76,15 +123,16 @@ class SGDRule(FunctionalOptimizer):
         return new_params, SGDState(state.step + 1, bufs)
 
 
-class SGD(CoreOptimizer):
+class SGD(ForeachFace):
     """SGD (Robbins & Monro 1951), with momentum (Polyak 1964) or Nesterov momentum (Sutskever et al. 2013).
 
     Identical to ``torch.optim.SGD`` step for step. State: one momentum buffer per parameter when momentum > 0
-    (+n floats).
+    (+n floats). ``fast=False`` steps through the functional rule instead of in place (same numbers).
     """
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 nesterov: bool = False, weight_decay: float = 0.0, *, nonfinite: str = "skip"):
+                 nesterov: bool = False, weight_decay: float = 0.0, *, nonfinite: str = "skip", fast: bool = True):
+        self.fast = fast
         check_range("learning rate", lr)
         check_range("momentum value", momentum)
         check_range("weight_decay value", weight_decay)
@@ -95,6 +143,20 @@ class SGD(CoreOptimizer):
 
     def rule(self, group: dict[str, Any]) -> SGDRule:
         return SGDRule(group["lr"], group["momentum"], group["dampening"], group["nesterov"], group["weight_decay"])
+
+    def foreach_step(self, group, params, grads, state) -> None:
+        grads = _decayed(grads, params, group["weight_decay"])
+        momentum, direction = group["momentum"], grads
+        if momentum != 0:
+            bufs = _fields(state, "momentum_buffer")
+            if group["step"] == 0:  # torch starts the buffer at the gradient
+                torch._foreach_copy_(bufs, grads)
+            else:
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, grads, alpha=1 - group["dampening"])
+            direction = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+        torch._foreach_add_(params, direction, alpha=-group["lr"])
+        group["step"] += 1
 
 
 @register_optimizer("sgd")
@@ -168,14 +230,16 @@ class AdamRule(FunctionalOptimizer):
         return new_params, AdamState(step, ms, vs)
 
 
-class Adam(CoreOptimizer):
+class Adam(ForeachFace):
     """Adam (Kingma & Ba 2015). Identical to ``torch.optim.Adam(foreach=False)`` step for step.
 
-    Defaults are the paper's: lr 1e-3, betas (0.9, 0.999), eps 1e-8. State: m and v (+2n floats).
+    Defaults are the paper's: lr 1e-3, betas (0.9, 0.999), eps 1e-8. State: m and v (+2n floats). ``fast=False``
+    steps through the functional rule instead of in place (same numbers).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, nonfinite: str = "skip"):
+                 weight_decay: float = 0.0, *, nonfinite: str = "skip", fast: bool = True):
+        self.fast = fast
         check_range("learning rate", lr)
         check_range("epsilon value", eps)
         check_betas(betas)
@@ -185,6 +249,19 @@ class Adam(CoreOptimizer):
 
     def rule(self, group: dict[str, Any]) -> AdamRule:
         return AdamRule(group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"])
+
+    def foreach_step(self, group, params, grads, state) -> None:
+        (beta1, beta2), step = group["betas"], group["step"] + 1
+        grads = _decayed(grads, params, group["weight_decay"])
+        ms, vs = _fields(state, "exp_avg"), _fields(state, "exp_avg_sq")
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(vs)  # adam_denominator
+        torch._foreach_div_(denom, (1 - beta2**step) ** 0.5)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, ms, denom, value=-(group["lr"] / (1 - beta1**step)))
+        group["step"] = step
 
 
 register_optimizer("adam")(Adam)
@@ -238,7 +315,7 @@ class RMSpropRule(FunctionalOptimizer):
         return new_params, RMSpropState(state.step + 1, sq, ga, bufs)
 
 
-class RMSprop(CoreOptimizer):
+class RMSprop(ForeachFace):
     """RMSprop (Tieleman & Hinton 2012). Identical to ``torch.optim.RMSprop`` step for step.
 
     Defaults are torch's: lr 1e-2, alpha 0.99, eps 1e-8. State: square average, plus the gradient average when
@@ -246,7 +323,8 @@ class RMSprop(CoreOptimizer):
     """
 
     def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
-                 momentum: float = 0.0, centered: bool = False, *, nonfinite: str = "skip"):
+                 momentum: float = 0.0, centered: bool = False, *, nonfinite: str = "skip", fast: bool = True):
+        self.fast = fast
         check_range("learning rate", lr)
         check_range("epsilon value", eps)
         check_range("alpha value", alpha)
@@ -258,6 +336,29 @@ class RMSprop(CoreOptimizer):
     def rule(self, group: dict[str, Any]) -> RMSpropRule:
         return RMSpropRule(group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"],
                            group["centered"])
+
+    def foreach_step(self, group, params, grads, state) -> None:
+        alpha, momentum, lr = group["alpha"], group["momentum"], group["lr"]
+        grads = _decayed(grads, params, group["weight_decay"])
+        sq = _fields(state, "square_avg")
+        torch._foreach_mul_(sq, alpha)
+        torch._foreach_addcmul_(sq, grads, grads, value=1 - alpha)
+        if group["centered"]:
+            ga = _fields(state, "grad_avg")
+            torch._foreach_lerp_(ga, grads, 1 - alpha)
+            avg = torch._foreach_addcmul(sq, ga, ga, value=-1)
+            torch._foreach_sqrt_(avg)
+        else:
+            avg = torch._foreach_sqrt(sq)
+        torch._foreach_add_(avg, group["eps"])
+        if momentum > 0:
+            bufs = _fields(state, "momentum_buffer")
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_addcdiv_(bufs, grads, avg)
+            torch._foreach_add_(params, bufs, alpha=-lr)
+        else:
+            torch._foreach_addcdiv_(params, grads, avg, value=-lr)
+        group["step"] += 1
 
 
 register_optimizer("rmsprop")(RMSprop)
@@ -291,14 +392,16 @@ class AdagradRule(FunctionalOptimizer):
         return new_params, AdagradState(step, sums)
 
 
-class Adagrad(CoreOptimizer):
+class Adagrad(ForeachFace):
     """Adagrad (Duchi, Hazan & Singer 2011). Identical to ``torch.optim.Adagrad`` step for step (dense gradients).
 
     Defaults are torch's: lr 1e-2, eps 1e-10. State: the sum of squared gradients (+n floats).
     """
 
     def __init__(self, params, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
-                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, *, nonfinite: str = "skip"):
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, *, nonfinite: str = "skip",
+                 fast: bool = True):
+        self.fast = fast
         check_range("learning rate", lr)
         check_range("lr_decay", lr_decay)
         check_range("weight_decay value", weight_decay)
@@ -311,6 +414,17 @@ class Adagrad(CoreOptimizer):
     def rule(self, group: dict[str, Any]) -> AdagradRule:
         return AdagradRule(group["lr"], group["lr_decay"], group["weight_decay"], group["initial_accumulator_value"],
                            group["eps"])
+
+    def foreach_step(self, group, params, grads, state) -> None:
+        step = group["step"] + 1
+        clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
+        grads = _decayed(grads, params, group["weight_decay"])
+        sums = _fields(state, "sum")
+        torch._foreach_addcmul_(sums, grads, grads, value=1)
+        std = torch._foreach_sqrt(sums)
+        torch._foreach_add_(std, group["eps"])
+        torch._foreach_addcdiv_(params, grads, std, value=-clr)
+        group["step"] = step
 
 
 register_optimizer("adagrad")(Adagrad)
@@ -344,14 +458,15 @@ class AdadeltaRule(FunctionalOptimizer):
         return new_params, AdadeltaState(state.step + 1, sq, acc)
 
 
-class Adadelta(CoreOptimizer):
+class Adadelta(ForeachFace):
     """Adadelta (Zeiler 2012). Identical to ``torch.optim.Adadelta`` step for step.
 
     Defaults are torch's: lr 1.0, rho 0.9, eps 1e-6. State: square average and accumulated delta (+2n floats).
     """
 
     def __init__(self, params, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0,
-                 *, nonfinite: str = "skip"):
+                 *, nonfinite: str = "skip", fast: bool = True):
+        self.fast = fast
         check_range("learning rate", lr)
         check_range("rho value", rho, 0.0, 1.0)
         check_range("epsilon value", eps)
@@ -360,6 +475,23 @@ class Adadelta(CoreOptimizer):
 
     def rule(self, group: dict[str, Any]) -> AdadeltaRule:
         return AdadeltaRule(group["lr"], group["rho"], group["eps"], group["weight_decay"])
+
+    def foreach_step(self, group, params, grads, state) -> None:
+        rho, eps = group["rho"], group["eps"]
+        grads = _decayed(grads, params, group["weight_decay"])
+        sq, acc = _fields(state, "square_avg"), _fields(state, "acc_delta")
+        torch._foreach_mul_(sq, rho)
+        torch._foreach_addcmul_(sq, grads, grads, value=1 - rho)
+        std = torch._foreach_add(sq, eps)
+        torch._foreach_sqrt_(std)
+        delta = torch._foreach_add(acc, eps)
+        torch._foreach_sqrt_(delta)
+        torch._foreach_div_(delta, std)
+        torch._foreach_mul_(delta, grads)
+        torch._foreach_mul_(acc, rho)
+        torch._foreach_addcmul_(acc, delta, delta, value=1 - rho)
+        torch._foreach_add_(params, delta, alpha=-group["lr"])
+        group["step"] += 1
 
 
 register_optimizer("adadelta")(Adadelta)

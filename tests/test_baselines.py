@@ -58,6 +58,52 @@ def test_classic_equals_torch_bit_for_bit(name, kw, torch_cls, torch_kw, dtype):
         assert torch.equal(p, q), f"{name} {kw} differs from torch by {(p - q).abs().max().item()}"
 
 
+@pytest.mark.parametrize("name,kw", [(c[0], c[1]) for c in CLASSICS])
+def test_in_place_face_equals_the_rule_and_resumes_its_state(name, kw):
+    """The default face steps in place with torch._foreach_* ops; fast=False steps through the functional rule. Both
+    give the same bits, keep the same state, and each resumes the other's state_dict."""
+    fast, slow = make_model(torch.float32), make_model(torch.float32)
+    fast_opt = metaopt.make_optimizer(name, fast.parameters(), **kw)
+    slow_opt = metaopt.make_optimizer(name, slow.parameters(), fast=False, **kw)
+    run(fast, fast_opt, 5)
+    run(slow, slow_opt, 5)
+    assert all(torch.equal(p, q) for p, q in zip(fast.parameters(), slow.parameters()))
+    a, b = fast_opt.state_dict(), slow_opt.state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
+    # crossed: the reference path continues from the fast path's state, and the other way round
+    fast_opt.load_state_dict(b)
+    slow_opt.load_state_dict(a)
+    run(fast, fast_opt, 4, seed=2)
+    run(slow, slow_opt, 4, seed=2)
+    assert all(torch.equal(p, q) for p, q in zip(fast.parameters(), slow.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_the_finiteness_check_is_exact(dtype):
+    from metaopt.core import all_finite
+
+    big = torch.finfo(dtype).max / 4
+    tensors = [torch.randn(5, 3).to(dtype), torch.full((7,), big, dtype=dtype)]  # finite, but their sum overflows
+    assert all_finite(tensors)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = [t.clone() for t in tensors]
+        broken[0][2, 1] = bad
+        assert not all_finite(broken)
+    mixed = [torch.full((3,), float("inf")), torch.full((3,), -float("inf"))]  # inf - inf: a NaN sum, still caught
+    assert not all_finite(mixed)
+
+
+def test_a_tensor_learning_rate_takes_the_rule_path():
+    ours, ref = make_model(torch.float64), make_model(torch.float64)
+    opt = metaopt.make_optimizer("adam", ours.parameters(), lr=0.01)
+    opt.param_groups[0]["lr"] = torch.tensor(0.01, dtype=torch.float64)
+    run(ours, opt, 3)
+    run(ref, metaopt.make_optimizer("adam", ref.parameters(), lr=0.01, fast=False), 3)
+    assert all(torch.allclose(p, q, rtol=0, atol=1e-12) for p, q in zip(ours.parameters(), ref.parameters()))
+    assert opt.param_groups[0]["step"] == 3
+
+
 def test_functional_rule_is_pure_and_differentiable():
     """The rule never mutates its inputs, and a tensor learning rate carries gradients (meta-training)."""
     params = {"w": torch.tensor([1.0, -2.0], dtype=torch.float64)}

@@ -53,7 +53,7 @@ from metaopt.baselines import (
     sgd_direction,
     with_weight_decay,
 )
-from metaopt.core import CoreOptimizer, FunctionalOptimizer, Params, check_betas, check_range
+from metaopt.core import CoreOptimizer, FunctionalOptimizer, Params, all_finite, check_betas, check_range
 from metaopt.registry import register_optimizer
 
 logger = logging.getLogger(__name__)
@@ -893,7 +893,7 @@ class CamHD(CoreOptimizer):
         tensors = [state.gamma]
         for rates in level_rates(state, group["levels"]).values():
             tensors.extend(rates.values() if isinstance(rates, dict) else [rates])
-        if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        if all_finite(tensors):
             return True
         return self.skip_nonfinite(group, "learning rate or gamma from the hypergradient (lower hypergrad_lr or "
                                           "gamma_lr)")

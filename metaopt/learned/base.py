@@ -29,7 +29,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from metaopt.core import CoreOptimizer, FunctionalOptimizer, check_range
+from metaopt.core import CoreOptimizer, FunctionalOptimizer, all_finite, check_range
 from metaopt.learned.cells import flatten, unflatten
 from metaopt.learned import kernels
 from metaopt.learned.fast import FlatGroupState, compile_flat_step, flat_step
@@ -432,7 +432,7 @@ class FrozenLearnedOptimizer(CoreOptimizer):
         grad = torch.cat(parts, out=flat_state.grad) if current else torch.cat(parts)
         # One reduction and one host sync for the whole group, before anything is written (the reference checks
         # every tensor and syncs once too).
-        if not bool(torch.isfinite(grad).all()):
+        if not all_finite([grad]):
             return self.skip_nonfinite(group, "gradient (NaN or inf)")
         self._lopt_on(grad.device)
         if not current:

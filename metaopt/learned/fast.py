@@ -5,7 +5,7 @@ concatenates every state field of a param group into one (n, k) tensor before th
 each step. Here a param group keeps its state as ONE flat (n, k) buffer per field, n being the group's coordinates
 with a gradient in group order, and ``optimizer.state[p][field]`` are views into it, shaped like ``p`` plus the
 trailing width: exactly what the reference path stores, so ``state_dict()`` looks the same and either path loads the
-other's. A step is then one ``torch.cat`` of the gradients, one ``isfinite`` check, one call of
+other's. A step is then one ``torch.cat`` of the gradients, one finiteness check, one call of
 :func:`flat_step` (the cell, writing the new state into the buffers in place) and one ``torch._foreach_add_`` of the
 update views into the parameters.
 
