@@ -138,6 +138,14 @@ def test_matches_accepts_ties_and_rejects_significant_losses_and_divergence(tmp_
     verdict = cl.judge(c, [write_set(tmp_path / "c", "s", "learned-rules", some, checkpoints=ckpt,
                                      metric="test_top1")])
     assert verdict.word == cl.NOT_RUN and "3/3 tasks run (of 4)" in verdict.ours
+    # a seed that diverged counts against the rule only where the baseline did not diverge too
+    nan = float("nan")
+    alone = dict(tie) | {(tasks[1], "cam-hd-learned-gamma"): acc[:-1] + [nan]}
+    assert cl.judge(c, [write_set(tmp_path / "d", "s", "learned-rules", alone, checkpoints=ckpt,
+                                  metric="test_top1")]).word == cl.FAILS
+    together = alone | {(tasks[1], "cam-hd-adam"): acc[:-1] + [nan]}
+    assert cl.judge(c, [write_set(tmp_path / "e", "s", "learned-rules", together, checkpoints=ckpt,
+                                  metric="test_top1")]).word == cl.HOLDS
 
 
 def test_interior_best_of_the_gamma_sweep(tmp_path):

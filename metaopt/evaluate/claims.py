@@ -198,7 +198,8 @@ def _severity(gap: tuple[str, str, float, float], metric: str) -> float:
 
 def matches(pairs: Sequence[tuple[str, str]], *, metric: str | None = None) -> Check:
     """Each ``(label, baseline)``: ``label`` at least matches ``baseline`` on every task (mean not worse, or no
-    significant difference, and no diverged seed)."""
+    significant difference, over the seeds both ended finite; and no seed where ``label`` diverged and ``baseline``
+    did not)."""
 
     def check(claim: Claim, sets: Sequence[ResultSet]) -> Verdict:
         m, tasks = _metric(claim, metric), _tasks(claim)
@@ -214,7 +215,7 @@ def matches(pairs: Sequence[tuple[str, str]], *, metric: str | None = None) -> C
                 used.add(s.name)
                 ran += 1
                 a, b = _mean(ours), _mean(theirs)
-                match = all(math.isfinite(v) for v in ours) and (
+                match = all(math.isfinite(x) or not math.isfinite(y) for x, y in zip(ours, theirs)) and (
                     not _better(b, a, m) or report.paired_wilcoxon(ours, theirs) >= ALPHA)
                 good += match
                 if not match:

@@ -133,6 +133,7 @@ class Paired:
     p: float
     n: int
     diverged: bool  # a seed of ``label`` ended non-finite
+    diverged_alone: bool = False  # ... on a seed where ``baseline`` did not
 
     def _key(self, value: float) -> float:
         """Lower is better; a mean that is not finite ranks last."""
@@ -151,8 +152,10 @@ class Paired:
 
     @property
     def at_least_matches(self) -> bool:
-        """Mean not worse, or no significant difference (p ≥ :data:`ALPHA`); a run that diverged never matches."""
-        if self.diverged or self.n == 0:
+        """Mean not worse, or no significant difference (p ≥ :data:`ALPHA`), over the seeds where both ended
+        finite; a seed where ``label`` diverged and the baseline did not never matches (where both diverged, neither
+        is worse there)."""
+        if self.diverged_alone or self.n == 0:
             return False
         return self._key(self.mean) <= self._key(self.baseline_mean) or self.p >= ALPHA
 
@@ -164,7 +167,8 @@ def paired(runs: Sequence[Run], task: str, label: str, baseline: str, metric: st
     seeds = sorted(ours.keys() & theirs.keys())
     a, b = [ours[s] for s in seeds], [theirs[s] for s in seeds]
     return Paired(task, metric, report.mean_se(a)[0], report.mean_se(b)[0], report.paired_wilcoxon(a, b),
-                  len(seeds), not all(math.isfinite(v) for v in a))
+                  len(seeds), not all(math.isfinite(v) for v in a),
+                  any(not math.isfinite(x) and math.isfinite(y) for x, y in zip(a, b)))
 
 
 def _digits(metric: str) -> int:
@@ -226,7 +230,8 @@ def match_verdict(results: Mapping[str, Any], label: str, baseline: str) -> str:
     total = len(results["meta"]["tasks"])
     direction = "higher" if report.higher_is_better(metric) else "lower"
     rule = (f"target: all; at least matches = mean {METRIC_NAMES.get(metric, metric)} not worse ({direction} is "
-            f"better) or Wilcoxon p ≥ {ALPHA:g}, and no diverged seed")
+            f"better) or Wilcoxon p ≥ {ALPHA:g} over the seeds both ended finite, and no seed diverged where the "
+            "baseline did not")
     head = f"**Target**: {label} at least matches {baseline}"
     missing = _not_run(results, (label, baseline), runs)
     if missing:
