@@ -359,6 +359,7 @@ def _comparison(eval_dir: Path, directory: Path) -> str:
     ran = {(r.task, r.optimizer) for r in runs}
     baselines = [b for b in CARD_BASELINES if b != label and any((t, b) in ran for t in meta["tasks"])]
     tuned = results.get("tuned", {})
+    how = "tuned in hindsight" if meta.get("tuned_on_seeds") == meta["seeds"] else "tuned"
     name = report.METRIC_NAMES.get(metric, metric)
     rows = [f"| task | {label} | " + " | ".join(f"{b} | p | ratio" for b in baselines) + " |",
             "|---|---|" + "---|---|---|" * len(baselines)]
@@ -373,7 +374,7 @@ def _comparison(eval_dir: Path, directory: Path) -> str:
                 continue
             c = paired(runs, task, label, b, metric)
             theirs = report.mean_se(report.metric(r, metric) for r in runs if r.task == task and r.optimizer == b)
-            rate = f" (lr {tuned[task][b]['lr']:.3g}, tuned)" if b in tuned.get(task, {}) else ""
+            rate = f" (lr {tuned[task][b]['lr']:.3g}, {how})" if b in tuned.get(task, {}) else ""
             cells += [f"{theirs[0]:.4f} ± {theirs[1]:.4f}{rate}", f"{c.p:.2g}",
                       f"{ours[0] / theirs[0]:.2f}" if theirs[0] else "—"]
         rows.append("| " + " | ".join(cells) + " |")

@@ -450,7 +450,7 @@ def protocol(claim: Claim, verdict: Verdict, directories: Sequence[Path]) -> str
         facts.append(f"{'–'.join(map(str, seeds))} seeds (suite: {suite.seeds})")
     if claim.difference:
         facts.append(claim.difference)
-    return "; ".join(facts) or "as the paper"
+    return "; ".join(facts) or ("as the paper" if claim.paper_dataset is not None else "as the claim states")
 
 
 def claims_table(directories: Sequence[Path]) -> str:
