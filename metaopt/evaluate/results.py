@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import difflib
 import gzip
-import json
 import math
 import os
 import shlex

@@ -41,6 +41,7 @@ from metaopt.environment import time_left
 from metaopt.evaluate.suites import LrsOpt, Suite, TaskSpec, as_spec
 from metaopt.external import evaluation_mode
 from metaopt.learned import LEARNED_NAMES, LearnedOptimizer, from_pretrained
+from metaopt.tree import stack, unstack
 
 TUNE_SEED_OFFSET = 10_000     # tuning seeds: 10_000, 10_001, … (never an evaluation seed)
 LRS_BATCH_SEED_OFFSET = 20_000  # LRS-OPT's fresh minibatches per outer iteration
@@ -209,15 +210,6 @@ def train(task: Task, optimizer: str, hparams: Mapping[str, Any], seed: int, ste
 
 # ----------------------------------------------------------------------------------------------------------------------
 # All seeds at once (learned optimizers)
-
-
-def stack(trees: Sequence[Any]) -> Any:
-    """Stack identically structured pytrees of tensors along a new leading (seed) dimension."""
-    return tree_map(lambda *xs: torch.stack(xs), *trees)
-
-
-def unstack(tree: Any, k: int) -> list[Any]:
-    return [tree_map(lambda x, i=i: x[i], tree) for i in range(k)]
 
 
 def can_batch(task: Task, lopt: LearnedOptimizer | None, hparams: Mapping[str, Any]) -> bool:

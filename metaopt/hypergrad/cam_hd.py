@@ -54,6 +54,7 @@ from metaopt.baselines import (
     with_weight_decay,
 )
 from metaopt.core import CoreOptimizer, FunctionalOptimizer, Params, all_finite, check_betas, check_range
+from metaopt.numerics import dot64
 from metaopt.registry import register_optimizer
 
 logger = logging.getLogger(__name__)
@@ -279,11 +280,6 @@ class ParamLayout:
 # The maths of one step, as functions (spec §6(b) steps 2, 4, 5)
 
 
-def _dot64(a: Tensor, b: Tensor) -> Tensor:
-    """``⟨a, b⟩`` accumulated in float64, exactly as :func:`metaopt.hypergrad.hd.global_hypergradient` does."""
-    return torch.dot(a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64))
-
-
 def level_hypergradients(layout: ParamLayout, levels: Sequence[str], grads: Mapping[str, Tensor],
                          prev_directions: Mapping[str, Tensor], tau: Scalar = 1.0) -> dict[str, Any]:
     """The true hypergradients of every level (spec §6(b) step 2, paper eq. 34 with the sign of spec §1)::
@@ -326,7 +322,7 @@ def level_hypergradients(layout: ParamLayout, levels: Sequence[str], grads: Mapp
             if "unit" in want:
                 cols = e.numel() // n_rows if n_rows else 0
                 rows.append(e.reshape(n_rows, cols).sum(1, dtype=HYPER_DTYPE))
-        totals.append(_dot64(g, d) if want & {"layer", "global"} else zero)
+        totals.append(dot64(g, d) if want & {"layer", "global"} else zero)
 
     def scaled(s: Tensor) -> Tensor:
         return -(s if _is_one(tau) else tau * s)
@@ -667,7 +663,7 @@ class CamHDRule(FunctionalOptimizer):
                         rates[n] = old[level][n] - coef.to(old[level][n].dtype) * h_k[n]
                     else:
                         rates[n] = old[level][n]
-                gamma_grad_terms.append(_sum_or_zero([_dot64(h[level][n], old[level][n]) for n in h[level]],
+                gamma_grad_terms.append(_sum_or_zero([dot64(h[level][n], old[level][n]) for n in h[level]],
                                                      device))
                 negative.extend((r < 0).any() for r in rates.values())
                 if self.clip_lr_at_zero:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from metaopt.baselines import adam_apply, adam_direction, adam_moments, apply_update, sgd_direction, with_weight_decay
 from metaopt.core import CoreOptimizer, FunctionalOptimizer, Params, check_betas, check_range
+from metaopt.numerics import dot64
 from metaopt.registry import register_optimizer
 
 logger = logging.getLogger(__name__)
@@ -46,11 +47,6 @@ class NonFiniteLearningRate(FloatingPointError):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The shared pieces
-
-
-def _dot64(a: Tensor, b: Tensor) -> Tensor:
-    """``⟨a, b⟩`` accumulated in float64 (0-dim float64 tensor; differentiable)."""
-    return torch.dot(a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64))
 
 
 def global_hypergradient(grads: Mapping[str, Tensor], prev_directions: Mapping[str, Tensor]) -> Tensor:
@@ -70,7 +66,7 @@ def global_hypergradient(grads: Mapping[str, Tensor], prev_directions: Mapping[s
         d = prev_directions.get(name)
         if d is None:
             continue
-        term = _dot64(g, d)
+        term = dot64(g, d)
         h = -term if h is None else h - term
     if h is None:
         device = next(iter(grads.values())).device if grads else None
@@ -100,7 +96,7 @@ def adam_hypergradient(grads: Mapping[str, Tensor], exp_avg: Mapping[str, Tensor
     h = None
     for name, g in grads.items():
         d = adam_previous_direction(exp_avg[name], exp_avg_sq[name], step, beta1, beta2, eps, gbaydin_compat)
-        term = _dot64(g, d)
+        term = dot64(g, d)
         h = -term if h is None else h - term
     return h if h is not None else global_hypergradient(grads, {})
 

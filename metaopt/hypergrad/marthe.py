@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from metaopt.baselines import (adam_apply, adam_denominator, adam_direction, adam_moments, apply_update,
                                sgd_direction, with_weight_decay)
 from metaopt.core import CoreOptimizer, FunctionalOptimizer, Params, check_betas, check_range
+from metaopt.numerics import dot64
 from metaopt.registry import register_optimizer
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def _dot(a: Params, b: Params) -> Tensor:
     total = None
     for n, x in a.items():
         if n in b:
-            term = torch.dot(x.reshape(-1).to(torch.float64), b[n].reshape(-1).to(torch.float64))
+            term = dot64(x, b[n])
             total = term if total is None else total + term
     if total is None:
         raise ValueError("no parameter in common between the gradients and the optimizer state")

@@ -12,9 +12,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from metaopt.numerics import TINY
+
 Params = dict[str, Tensor]
 
-TINY = 1e-30  # inside the norms' square roots: keeps 0/0 finite without touching any realistic gradient scale
 # Added to HyperAdam's bias accumulators β̂, γ̂ where they divide (as the authors' code adds 1e-24 to β̂). A decay rate
 # whose logit exceeds ~17 is exactly 1.0 in float32; on an instance's first step that leaves β̂ = m = 0 (or γ̂ = v = 0)
 # and m / β̂ = 0/0. Measured: the checkpoints/hyperadam campaign skipped 98 of its first 950 meta-steps on exactly this,

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metaopt.learned.cells import ACCUMULATOR_EPS, TINY
+from metaopt.learned.cells import ACCUMULATOR_EPS
+from metaopt.numerics import TINY
 
 Params = dict[str, Tensor]
 

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaopt.numerics import TINY
+
 try:
     import triton
     import triton.language as tl
@@ -293,7 +295,6 @@ def _layers(cells: nn.ModuleList, skip_first_input: bool) -> tuple[Tensor, Tenso
 
 def _rms(x: Tensor, dim: int | None = None) -> Tensor:
     """sqrt(mean(x²) + TINY) over ``dim`` (cells.rms_normalize's divisor), without an (n, J) temporary."""
-    from metaopt.learned.cells import TINY
 
     count = x.numel() if dim is None else x.shape[dim]
     norm = torch.linalg.vector_norm(x) if dim is None else torch.linalg.vector_norm(x, dim=dim)

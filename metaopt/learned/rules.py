@@ -50,9 +50,9 @@ from metaopt.hypergrad.cam_hd import (DEFAULT_LEVELS, CamHDAdamState, CamHDRule,
 from metaopt.hypergrad.marthe import (DEFAULT_LR, DEFAULT_MOMENTUM, Marthe, MartheAdamState, MartheDiagnostics,
                                       MartheMomentumState, MartheRule, MartheSGDState)
 from metaopt.learned.base import FrozenLearnedOptimizer, LearnedOptimizer, Params, register_learned
+from metaopt.numerics import TINY
 
 F64 = torch.float64
-TINY = 1e-30  # keeps logs and ratios finite (and their derivatives) when a statistic is exactly 0
 
 # SGD-type bases hand the rules a fixed Python step count ≥ 1. Their only step-dependent branches are first-step
 # shortcuts (d_0 = 0 ⇒ h_1 = 0; torch's momentum buffer starts at g_1; Z_0 = 0 ⇒ no H·Z), and from the zero-filled

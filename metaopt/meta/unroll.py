@@ -48,11 +48,11 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 from torch.utils.checkpoint import checkpoint
-from torch.utils._pytree import tree_map
 
 from meta_tasks.base import Batch, Task
 from metaopt.learned.base import CoordinatewiseOptimizer, LearnedOptimizer
 from metaopt.learned.fused import flatten_coordinates, from_meta_layout, to_meta_layout
+from metaopt.tree import stack, unstack
 
 Params = dict[str, Tensor]
 META_LOSSES = ("mean", "last", "val")
@@ -76,16 +76,6 @@ class UnrollResult(NamedTuple):
     inner_loss: float           # mean training loss over the truncation (for logging)
     params: list[Params]        # per instance, still attached to the graph
     opt_states: list[Any]
-
-
-def stack(trees: list[Any]) -> Any:
-    """Stack a list of identically structured pytrees of tensors along a new leading dimension."""
-    return tree_map(lambda *xs: torch.stack(xs), *trees) if len(trees) > 1 else tree_map(lambda x: x.unsqueeze(0), trees[0])
-
-
-def unstack(tree: Any, k: int) -> list[Any]:
-    """Inverse of :func:`stack`."""
-    return [tree_map(lambda x, i=i: x[i], tree) for i in range(k)]
 
 
 def _batches(slots: list[Slot], split: str, batch_size: int | None) -> Batch:
