@@ -105,6 +105,17 @@ def test_a_learned_optimizer_counts_only_with_the_weights_shipped_now(tmp_path):
     assert cl.judge(c, [quick]).word == cl.NOT_RUN
 
 
+def test_the_ablations_variants_are_shipped_from_their_own_subdirectory(tmp_path, monkeypatch):
+    records = {"hyperadam": {"path": "checkpoints/hyperadam-ablation/hyperadam"},
+               "hyperadam-J1": {"path": "checkpoints/hyperadam-J1"}}  # not where the ablation's variants live
+    monkeypatch.setattr(cl.report, "checkpoint_states",
+                        lambda results: [(label, r, "current") for label, r in results["meta"]["checkpoints"].items()])
+    directory = write_set(tmp_path, "a", "hyperadam-ablation", {("mlp-3", "hyperadam"): WIN,
+                                                                ("mlp-3", "hyperadam-J1"): BASE}, checkpoints=records)
+    (result,) = cl.load_sets([directory])
+    assert result.current == {"hyperadam"}
+
+
 def test_each_comparison_comes_from_the_newest_set_that_ran_it(tmp_path):
     c = claim("hyperadam-table2", cl.beats("hyperadam", ("adam", "dm")))
     ckpt = shipped_record("hyperadam", "dm")

@@ -525,6 +525,13 @@ def test_missing_checkpoints_are_listed_together(tmp_path):
         evaluate.main(["--suite", "hyperadam-ablation", "--checkpoints", str(tmp_path), "--seeds", "1"])
 
 
+def test_the_ablation_looks_for_its_variants_in_their_own_subdirectory(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAOPT_CHECKPOINTS", str(tmp_path))
+    with pytest.raises(evaluate.MissingCheckpoints) as err:
+        evaluate.run_suite("hyperadam-ablation", seeds=1, steps=1, progress=False)
+    assert err.value.missing["hyperadam-J5"] == tmp_path / "hyperadam-ablation" / "hyperadam-J5"
+
+
 @needs_fmnist
 def test_checkpoints_are_loaded_by_label_and_missing_ones_can_be_skipped(tmp_path):
     lopt = HyperAdam(num_candidates=2)

@@ -536,3 +536,41 @@ def test_meta_training_progress_lines_say_the_time_left_and_quiet_silences_them(
     assert cli.main([*TINY_FLAGS, "--meta-steps", "4", "--log-every", "2", "--run-dir", str(tmp_path / "b"),
                      "--quiet"]) == 0
     assert "meta-step" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The ablation's variant checkpoints (python -m metaopt.meta.ablation)
+
+ABLATION_EXTRA = ["--family", "quadratic", "--horizon", "4", "--truncation", "2", "--meta-batch", "2", "--val-every",
+                  "2", "--val-tasks", "2", "--lr", "0.05", "--batch-size", "4", "--no-compile", "--outer-lr", "1e-2"]
+
+
+def test_ablation_variants_get_one_budget_each_as_campaigns_and_are_exported_with_cards(tmp_path, monkeypatch):
+    from metaopt import from_pretrained
+    from metaopt.evaluate.suites import ABLATION_CHECKPOINTS
+    from metaopt.meta import ablation, campaign
+
+    monkeypatch.chdir(tmp_path)
+    root, runs = tmp_path / "ablation", tmp_path / "runs"
+    labels = ["hyperadam-J1", "hyperadam-no-lstm"]
+    assert ablation.run(4, max_minutes=0, root=root, run_root=runs, labels=labels, extra=ABLATION_EXTRA) == \
+        {label: "not started" for label in labels}  # no time: nothing is started
+    states = ablation.run(4, root=root, run_root=runs, labels=labels, extra=ABLATION_EXTRA)
+    assert states == {label: "exported" for label in labels}
+    j1, no_lstm = from_pretrained(root / "hyperadam-J1"), from_pretrained(root / "hyperadam-no-lstm")
+    assert j1.num_candidates == 1 and no_lstm.lstm is None and no_lstm.num_candidates == 20
+    for label in labels:
+        directory = root / label
+        assert campaign.totals(directory / "campaign")["meta_steps"] == 4
+        assert (directory / "model.safetensors").read_bytes() == \
+            (directory / "campaign" / "best" / "model.safetensors").read_bytes()
+        card = (directory / "README.md").read_text()
+        assert f"# {label} — HyperAdam ablation variant" in card and "4 meta-steps, seed 0" in card
+        assert (directory / "golden.json").is_file() and (directory / "validation.png").is_file()
+    # finished variants are neither trained nor exported again
+    monkeypatch.setattr(ablation.cli, "main", lambda argv: pytest.fail(f"trained again: {argv}"))
+    monkeypatch.setattr(ablation, "export", lambda *a, **k: pytest.fail("exported again"))
+    assert ablation.run(4, root=root, run_root=runs, labels=labels, extra=ABLATION_EXTRA) == states
+    with pytest.raises(ValueError, match="unknown ablation variant"):
+        ablation.run(4, root=root, labels=["hyperadam-J2"])
+    assert set(ablation.VARIANTS) == set(ABLATION_CHECKPOINTS)  # one variant per label the suite evaluates

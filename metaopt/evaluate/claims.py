@@ -88,15 +88,17 @@ def load_sets(directories: Sequence[Path]) -> list[ResultSet]:
         groups: dict[tuple[str, str], dict[int, Run]] = {}
         for r in report.runs_from_json(results["runs"]):
             groups.setdefault((r.task, r.optimizer), {})[r.seed] = r
+        home = "/".join(filter(None, ("checkpoints", SUITES[results["meta"]["suite"]].checkpoint_subdir)))
         current = frozenset(label for label, record, state in report.checkpoint_states(results)
-                            if record["path"] == f"checkpoints/{label}" and state == "current")
+                            if record["path"] == f"{home}/{label}" and state == "current")
         sets.append(ResultSet(Path(d), results, groups, current))
     return sorted(sets, key=lambda s: (s.meta["date"], s.name), reverse=True)
 
 
 def shipped(result: ResultSet, label: str) -> bool:
     """Whether ``label`` in ``result`` is what its name promises: a hand-designed optimizer, or a learned one whose
-    recorded checkpoint is ``checkpoints/<label>`` with the weights committed there now."""
+    recorded checkpoint is ``checkpoints/<label>`` (``checkpoints/<suite's checkpoint_subdir>/<label>``) with the
+    weights committed there now."""
     return label not in SUITES[result.meta["suite"]].learned or label in result.current
 
 

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
              "iterations (combine with small --seeds and --steps for a smoke run)")
     add("--checkpoints", default=None, metavar="DIR",
         help="where learned optimizers are loaded from, as DIR/<label>/ (default: checkpoints/ or "
-             "$METAOPT_CHECKPOINTS)")
+             "$METAOPT_CHECKPOINTS; hyperadam-ablation: its hyperadam-ablation/ subdirectory)")
     add("--skip-missing", action="store_true",
         help="run without the learned optimizers that have no checkpoint (listed in the results) instead of failing")
     add("--eval-every", type=_non_negative, default=None, metavar="K",

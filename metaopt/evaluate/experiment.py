@@ -56,7 +56,9 @@ class MissingCheckpoints(SelectionError):
         super().__init__(
             f"Suite {suite.name!r} needs checkpoints for {len(missing)} learned optimizer(s):\n{lines}\n"
             "Each label is loaded from <checkpoints>/<label>/ (--checkpoints DIR, default checkpoints/ or "
-            "$METAOPT_CHECKPOINTS); meta-train them with train_meta.py and save_pretrained there, pass instances "
+            "$METAOPT_CHECKPOINTS" + (f", under its {suite.checkpoint_subdir}/ subdirectory, which python -m "
+                                      "metaopt.meta.ablation fills" if suite.checkpoint_subdir else "")
+            + "); meta-train them with train_meta.py and save_pretrained there, pass instances "
             "through the API (run_suite(..., sources={label: LearnedOptimizer})), leave them out with --optimizers, "
             "or run the rest with --skip-missing.")
 
@@ -136,7 +138,7 @@ def resolve_learned(suite: Suite, labels: Sequence[str], sources: Mapping[str, A
                     skip_missing: bool) -> tuple[dict[str, Any], dict[str, str]]:
     """Sources for the learned labels (``<checkpoints>/<label>``, or ``<checkpoints>/<source>`` for a label the suite
     maps to a learned name, where no source is given) and the skipped ones."""
-    root = checkpoint_root() if checkpoints is None else Path(checkpoints)
+    root = checkpoint_root() / suite.checkpoint_subdir if checkpoints is None else Path(checkpoints)
     resolved, missing = dict(sources), {}
     for label in labels:
         if label in resolved or not (label in suite.learned or suite.source_of(label) in LEARNED_NAMES):

@@ -97,6 +97,8 @@ class Suite:
         sweep: how the runs form a sweep (see :class:`Sweep`); None for none.
         lrs_opt: run LRS-OPT too (MARTHE Sec. 5).
         quick_tasks, quick_optimizers: the labels ``--quick`` keeps (None: all).
+        checkpoint_subdir: where the learned labels' checkpoints are, under the checkpoints root (``""``: the root
+            itself, ``checkpoints/<label>``; the ablation's variants live in ``checkpoints/hyperadam-ablation/``).
     """
 
     name: str
@@ -119,6 +121,7 @@ class Suite:
     lrs_opt: LrsOpt | None = None
     quick_tasks: tuple[str, ...] | None = None
     quick_optimizers: tuple[str, ...] | None = None
+    checkpoint_subdir: str = ""
 
     def __post_init__(self) -> None:
         labels = [as_spec(t).label for t in self.tasks]
@@ -252,10 +255,11 @@ _HYPERADAM_SUITES = [
     Suite("hyperadam-ablation", (TaskSpec("mlp-3", "mlp-deep", {"depth": 3}),
                                  TaskSpec("mlp-4", "mlp-deep", {"depth": 4})), 100, seeds=100,
           optimizers={label: {} for label in ABLATION_CHECKPOINTS}, learned=tuple(ABLATION_CHECKPOINTS),
-          reference="hyperadam",
+          reference="hyperadam", checkpoint_subdir="hyperadam-ablation",
           description="HyperAdam Sec. 5.4, Fig. 8: variants on sigmoid MLPs with 3 hidden layers (Fig. 8a/b: LSTM, "
                       "preprocessing, training tricks) and 4 (Fig. 8c: J = 1 ... 35), 100 steps. Each variant is a "
-                      "checkpoint <checkpoints>/<label>: " + "; ".join(f"{k}: {v}" for k, v in
+                      "checkpoint checkpoints/hyperadam-ablation/<label>, all meta-trained with one shared budget by "
+                      "python -m metaopt.meta.ablation (the full model too): " + "; ".join(f"{k}: {v}" for k, v in
                                                                        ABLATION_CHECKPOINTS.items()) + ".",
           sweep=Sweep("J (candidate updates)", "train_loss",
                       points={label: ("HyperAdam", j) for label, j in ABLATION_J.items()}),
