@@ -116,6 +116,16 @@ def test_the_ablations_variants_are_shipped_from_their_own_subdirectory(tmp_path
     assert result.current == {"hyperadam"}
 
 
+def test_a_comparison_on_too_few_seeds_for_the_test_is_not_counted_as_a_loss(tmp_path):
+    c = claim("hyperadam-table2", cl.beats("hyperadam", ("adam",)))
+    five = {(t, "hyperadam"): WIN[:5] for t in TABLE2} | {(t, "adam"): BASE[:5] for t in TABLE2}
+    verdict = cl.judge(c, [write_set(tmp_path, "five", "hyperadam-table2", five,
+                                     checkpoints=shipped_record("hyperadam"))])
+    assert verdict.word == cl.NOT_RUN and "better than adam not tested tasks" in verdict.ours
+    assert "not tested, fewer than 6 paired seeds (no outcome reaches p < 0.05): adam on lstm-sine (5 seeds)" in \
+        verdict.ours
+
+
 def test_each_comparison_comes_from_the_newest_set_that_ran_it(tmp_path):
     c = claim("hyperadam-table2", cl.beats("hyperadam", ("adam", "dm")))
     ckpt = shipped_record("hyperadam", "dm")

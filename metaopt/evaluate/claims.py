@@ -28,6 +28,8 @@ from metaopt.evaluate.runner import Run
 from metaopt.evaluate.suites import SUITES, TLR_HD_BETAS
 
 ALPHA = 0.05
+# The two-sided exact Wilcoxon signed-rank test's smallest p-value with n pairs is 2 / 2^n: below 0.05 from n = 6 on
+MIN_TEST_SEEDS = 6
 GENERATED_TASKS = ("lstm-sine", "quadratic")  # task names whose data are generated: no image dataset to differ
 HOLDS, FAILS, UNTESTABLE, NOT_RUN = "holds", "does not hold", "not testable here", "not run"
 
@@ -155,7 +157,7 @@ def beats(label: str, baselines: Sequence[str], *, need: int | None = None, metr
     def check(claim: Claim, sets: Sequence[ResultSet]) -> Verdict:
         m, tasks = _metric(claim, metric), _tasks(claim)
         goal = len(tasks) if need is None else need
-        parts, used, worst = [], set(), None
+        parts, used, worst, underpowered = [], set(), None, []
         met, failed = True, False
         for b in baselines:
             wins, ran = 0, 0
@@ -165,6 +167,9 @@ def beats(label: str, baselines: Sequence[str], *, need: int | None = None, metr
                     continue
                 s, ours, theirs = found
                 used.add(s.name)
+                if significance and len(ours) < MIN_TEST_SEEDS:  # no outcome could reach p < 0.05: not a test
+                    underpowered.append(f"{b} on {t} ({len(ours)} seeds)")
+                    continue
                 ran += 1
                 a_mean, b_mean = _mean(ours), _mean(theirs)
                 win = _better(a_mean, b_mean, m) and all(math.isfinite(v) for v in ours) and (
@@ -174,13 +179,17 @@ def beats(label: str, baselines: Sequence[str], *, need: int | None = None, metr
                     gap = (t, b, a_mean, b_mean)
                     if worst is None or _severity(gap, m) > _severity(worst, m):
                         worst = gap
-            parts.append(f"{b} {wins}/{ran}" if ran else f"{b} not run")
+            untested = any(u.startswith(f"{b} on ") for u in underpowered)
+            parts.append(f"{b} {wins}/{ran}" if ran else f"{b} {'not tested' if untested else 'not run'}")
             met = met and wins >= goal
             failed = failed or (ran - wins) > len(tasks) - goal  # the goal is out of reach
         if not used:
             return Verdict(NOT_RUN, f"no committed run of {label} beside {', '.join(baselines)}")
         test = "p < 0.05" if significance else "mean only"
         ours = f"{label} better than " + ", ".join(parts) + f" tasks ({test})"
+        if underpowered:
+            ours += (f"; not tested, fewer than {MIN_TEST_SEEDS} paired seeds (no outcome reaches p < 0.05): "
+                     + ", ".join(underpowered))
         if worst is not None:
             t, b, a_mean, b_mean = worst
             d = 3 if report.higher_is_better(m) else 4
