@@ -230,6 +230,11 @@ def test_protocol_names_the_dataset_and_seed_differences(tmp_path):
     verdict = cl.judge(c, [d])
     text = cl.protocol(c, verdict, [d])
     assert "6 seeds (suite: 100)" in text and "MNIST" not in text  # the sines are generated in both
+    payload = json.loads((d / "results.json").read_text())
+    payload["meta"]["steps"] = 50
+    (d / "results.json").write_text(json.dumps(payload))
+    assert cl.protocol(c, verdict, [d]).endswith("6 seeds (suite: 100); 50 steps (suite: 100); Adam's rate tuned on "
+                                                 "a √2 grid here")
     t1 = next(x for x in cl.CLAIMS if x.suite == "hyperadam-table1")
     d1 = write_set(tmp_path, "t1", "hyperadam-table1", {("mlp-sigmoid", "adam"): BASE})
     assert cl.protocol(t1, cl.Verdict(cl.NOT_RUN, "", ("t1",)), [d1]).startswith("Fashion-MNIST for MNIST")

@@ -459,6 +459,9 @@ def protocol(claim: Claim, verdict: Verdict, directories: Sequence[Path]) -> str
     seeds = sorted({len(m["seeds"]) for m in metas})
     if seeds and seeds != [suite.seeds]:
         facts.append(f"{'–'.join(map(str, seeds))} seeds (suite: {suite.seeds})")
+    steps = sorted({m["steps"] for m in metas if m.get("steps") is not None})
+    if steps and steps != [suite.steps]:
+        facts.append(f"{'–'.join(f'{k:,}' for k in steps)} steps (suite: {suite.steps:,})")
     if claim.difference:
         facts.append(claim.difference)
     return "; ".join(facts) or ("as the paper" if claim.paper_dataset is not None else "as the claim states")
