@@ -90,7 +90,8 @@ def load_sets(directories: Sequence[Path]) -> list[ResultSet]:
         groups: dict[tuple[str, str], dict[int, Run]] = {}
         for r in report.runs_from_json(results["runs"]):
             groups.setdefault((r.task, r.optimizer), {})[r.seed] = r
-        home = "/".join(filter(None, ("checkpoints", SUITES[results["meta"]["suite"]].checkpoint_subdir)))
+        suite = SUITES.get(results["meta"]["suite"])  # a set of a suite built in code has the default home
+        home = "/".join(filter(None, ("checkpoints", suite.checkpoint_subdir if suite is not None else "")))
         current = frozenset(label for label, record, state in report.checkpoint_states(results)
                             if record["path"] == f"{home}/{label}" and state == "current")
         sets.append(ResultSet(Path(d), results, groups, current))
