@@ -257,11 +257,12 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
     tuning = (bool(suite.tune) if tune is None else tune) and bool(grids)
     every = suite.eval_every if eval_every is None else eval_every
     journal = None
+    fingerprints = checkpoint_fingerprints({label: all_sources[label] for label in chosen})
     if out is not None:
         protocol = {"suite": suite.name, "steps": steps, "seeds": seed_list, "device": str(device),
                     "dataset": dataset, "tasks": [dataclasses.asdict(s) for s in specs], "optimizers": chosen,
                     "sources": {label: _describe(all_sources[label]) for label in chosen},
-                    "checkpoints": checkpoint_fingerprints({label: all_sources[label] for label in chosen}),
+                    "checkpoints": fingerprints,
                     "tune": {"grids": grids, "seeds": tune_seed_list} if tuning else None, "quick": quick,
                     "batched": batched, "eval_every": every, "eval_size": eval_size, "merge": merge}
         try:
@@ -315,7 +316,7 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
             "tasks": {s.label: {"name": s.name, "options": dict(s.options), "train_size": s.train_size}
                       for s in specs},
             "optimizers": chosen, "sources": {label: _describe(all_sources[label]) for label in chosen},
-            "checkpoints": checkpoint_fingerprints({label: all_sources[label] for label in chosen}),
+            "checkpoints": fingerprints,
             "reference": default_ref, "references": pairs, "compare": suite.compare,
             "tuned_on_seeds": tune_seed_list if tuned else [],
             "quick": quick, "eval_size": eval_size, "batched": batched, "date": time.strftime("%Y-%m-%d"),
