@@ -49,31 +49,51 @@ class ForeachFace(CoreOptimizer):
     """A :class:`CoreOptimizer` whose step is :meth:`foreach_step`: the rule's arithmetic in place, with
     ``torch._foreach_*`` ops over the group's tensors (``fast=True``, the default), else the rule (``fast=False``,
     the reference the tests hold it to). The state lives where the rule's does (per-parameter fields in
-    ``self.state[p]``, the step counter in the group), so either path resumes the other's ``state_dict()``."""
+    ``self.state[p]``, the step counter in the group), so either path resumes the other's ``state_dict()``.
+
+    ``screens_nonfinite``: the face's :meth:`foreach_step` notices non-finite gradients itself, from a reduction it
+    computes anyway (the hypergradient ``⟨g, d⟩`` is NaN or infinite whenever g is, as 0·inf is NaN), and then calls
+    :meth:`screen_gradients`; the separate finiteness pass over the gradients is saved. A group's first step (no
+    state yet) is always checked first, so that a skipped first step leaves no state, as on the rule's path."""
 
     fast: bool = True
+    screens_nonfinite: bool = False
 
     @abc.abstractmethod
     def foreach_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                     state: list[dict[str, Tensor]]) -> None:
+                     state: list[dict[str, Tensor]]) -> bool | None:
         """One step of the group in place: ``params``, their ``grads`` and per-parameter ``state`` dicts (in the
-        same order); the step counter is ``group["step"]`` (the number of steps taken so far), advanced here."""
+        same order); the step counter is ``group["step"]`` (the number of steps taken so far), advanced here.
+        Returns False where it skipped the step (only faces that screen non-finite gradients themselves)."""
+
+    def use_rule(self, group: dict[str, Any]) -> bool:
+        """Whether this group steps through the rule: ``fast=False``, or a tensor-valued learning rate."""
+        return not self.fast or isinstance(group["lr"], Tensor)
 
     def step_group(self, group: dict[str, Any], grads: Params | None = None) -> bool:
-        if not self.fast or isinstance(group["lr"], Tensor):
+        if self.use_rule(group):
             return super().step_group(group, grads)
-        gathered = self.gather(group, grads)
+        gathered = self.gather(group, grads, check=not self.screens_nonfinite)
         if gathered is None:
             return False
         names, params, grads = gathered
         live = {n: p for n, p in zip(names, params) if n in grads}
         if any(not self.state[p] for p in live.values()) or "step" not in group:  # first step: the rule's init
+            if self.screens_nonfinite and not self.check_finite(group, grads.values()):
+                return False
             self.store_rule_state(group, live, self.load_rule_state(group, self.rule(group), live))
-        self.foreach_step(group, list(live.values()), [grads[n] for n in live], [self.state[p] for p in live.values()])
-        return True
+        stepped = self.foreach_step(group, list(live.values()), [grads[n] for n in live],
+                                    [self.state[p] for p in live.values()])
+        return stepped is not False
+
+    def screen_gradients(self, group: dict[str, Any], grads: list[Tensor]) -> bool:
+        """For a face that ``screens_nonfinite``, once its reduction came out NaN or infinite: False (the step is
+        skipped or, with ``nonfinite="raise"``, raises) if a gradient is not finite, else True (the reduction itself
+        overflowed; the face goes on and reports that)."""
+        return self.check_finite(group, grads)
 
 
-def _decayed(grads: list[Tensor], params: list[Tensor], weight_decay: float) -> list[Tensor]:
+def decayed(grads: list[Tensor], params: list[Tensor], weight_decay: float) -> list[Tensor]:
     """:func:`with_weight_decay` over lists."""
     return torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
 
@@ -145,7 +165,7 @@ class SGD(ForeachFace):
         return SGDRule(group["lr"], group["momentum"], group["dampening"], group["nesterov"], group["weight_decay"])
 
     def foreach_step(self, group, params, grads, state) -> None:
-        grads = _decayed(grads, params, group["weight_decay"])
+        grads = decayed(grads, params, group["weight_decay"])
         momentum, direction = group["momentum"], grads
         if momentum != 0:
             bufs = _fields(state, "momentum_buffer")
@@ -203,6 +223,25 @@ def adam_apply(param: Tensor, m: Tensor, v: Tensor, step: int, lr: float | Tenso
     return param.addcdiv(m, denom, value=-(lr / (1 - beta1**step)))
 
 
+def adam_foreach_denominator(vs: list[Tensor], step: int, beta2: float, eps: float) -> list[Tensor]:
+    """:func:`adam_denominator` over lists (new tensors)."""
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_div_(denom, (1 - beta2**step) ** 0.5)
+    torch._foreach_add_(denom, eps)
+    return denom
+
+
+def adam_foreach_update(params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], step: int,
+                        lr: float, beta1: float, beta2: float, eps: float) -> None:
+    """Adam's step ``step`` in place over lists, in :func:`adam_moments` / :func:`adam_apply`'s arithmetic (a
+    Python-float ``lr``)."""
+    torch._foreach_lerp_(ms, grads, 1 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+    denom = adam_foreach_denominator(vs, step, beta2, eps)
+    torch._foreach_addcdiv_(params, ms, denom, value=-(lr / (1 - beta1**step)))
+
+
 class AdamState(NamedTuple):
     step: int
     exp_avg: dict[str, Tensor]
@@ -252,15 +291,9 @@ class Adam(ForeachFace):
 
     def foreach_step(self, group, params, grads, state) -> None:
         (beta1, beta2), step = group["betas"], group["step"] + 1
-        grads = _decayed(grads, params, group["weight_decay"])
-        ms, vs = _fields(state, "exp_avg"), _fields(state, "exp_avg_sq")
-        torch._foreach_lerp_(ms, grads, 1 - beta1)
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-        denom = torch._foreach_sqrt(vs)  # adam_denominator
-        torch._foreach_div_(denom, (1 - beta2**step) ** 0.5)
-        torch._foreach_add_(denom, group["eps"])
-        torch._foreach_addcdiv_(params, ms, denom, value=-(group["lr"] / (1 - beta1**step)))
+        grads = decayed(grads, params, group["weight_decay"])
+        adam_foreach_update(params, grads, _fields(state, "exp_avg"), _fields(state, "exp_avg_sq"), step, group["lr"],
+                            beta1, beta2, group["eps"])
         group["step"] = step
 
 
@@ -339,7 +372,7 @@ class RMSprop(ForeachFace):
 
     def foreach_step(self, group, params, grads, state) -> None:
         alpha, momentum, lr = group["alpha"], group["momentum"], group["lr"]
-        grads = _decayed(grads, params, group["weight_decay"])
+        grads = decayed(grads, params, group["weight_decay"])
         sq = _fields(state, "square_avg")
         torch._foreach_mul_(sq, alpha)
         torch._foreach_addcmul_(sq, grads, grads, value=1 - alpha)
@@ -418,7 +451,7 @@ class Adagrad(ForeachFace):
     def foreach_step(self, group, params, grads, state) -> None:
         step = group["step"] + 1
         clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
-        grads = _decayed(grads, params, group["weight_decay"])
+        grads = decayed(grads, params, group["weight_decay"])
         sums = _fields(state, "sum")
         torch._foreach_addcmul_(sums, grads, grads, value=1)
         std = torch._foreach_sqrt(sums)
@@ -478,7 +511,7 @@ class Adadelta(ForeachFace):
 
     def foreach_step(self, group, params, grads, state) -> None:
         rho, eps = group["rho"], group["eps"]
-        grads = _decayed(grads, params, group["weight_decay"])
+        grads = decayed(grads, params, group["weight_decay"])
         sq, acc = _fields(state, "square_avg"), _fields(state, "acc_delta")
         torch._foreach_mul_(sq, rho)
         torch._foreach_addcmul_(sq, grads, grads, value=1 - rho)

@@ -94,8 +94,10 @@ def all_finite(tensors: list[Tensor]) -> bool:
     The tensors' sums come first (one vectorized pass each, ~25x faster on a CPU than ``isfinite`` and its boolean
     copy): a NaN or an inf anywhere makes a sum NaN or infinite, so finite sums settle it. A sum that overflowed from
     finite values (a float16 gradient summing past 65504) is told apart by the exact element check."""
-    if bool(torch.stack([t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
-                         for t in tensors]).isfinite().all()):
+    sums = [t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum() for t in tensors]
+    # Their total, a NaN or inf if any sum is (or, rarely, where finite sums overflow: the exact check settles it):
+    # one reduction of a few numbers and a scalar read, cheaper than isfinite().all() on the stacked sums.
+    if math.isfinite((sums[0] if len(sums) == 1 else torch.stack(sums).sum()).item()):
         return True
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
@@ -192,10 +194,11 @@ class CoreOptimizer(NonfiniteGuard, torch.optim.Optimizer):
 
     # -- helpers shared by faces with their own step() (MARTHE, TLR-naive, CAM-HD) -----------------------------------
 
-    def gather(self, group: dict[str, Any], grads: Params | None = None
+    def gather(self, group: dict[str, Any], grads: Params | None = None, *, check: bool = True
                ) -> tuple[list[str], list[Tensor], Params] | None:
         """A group's names, parameters and gradients (``p.grad`` unless given; parameters without one are left out),
-        or None when there is nothing to apply: no gradient at all, or a non-finite one (counted / raised)."""
+        or None when there is nothing to apply: no gradient at all, or a non-finite one (counted / raised; with
+        ``check=False`` the caller screens the gradients itself)."""
         names, params = self.named_params(group)
         if grads is None:
             grads = {n: p.grad for n, p in zip(names, params) if p.grad is not None}
@@ -204,7 +207,7 @@ class CoreOptimizer(NonfiniteGuard, torch.optim.Optimizer):
         for n, g in grads.items():
             if g.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {n!r})")
-        if not self.check_finite(group, grads.values()):
+        if check and not self.check_finite(group, grads.values()):
             return None
         return names, params, grads
 

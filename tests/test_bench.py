@@ -144,6 +144,54 @@ def test_quick_report_structure(quick_report):
     assert quick_report["anchors"] == bench.ANCHORS
 
 
+def test_quick_report_times_every_face_against_its_baseline(quick_report):
+    """The faces section: every registered optimizer on the small MLP, timed beside its baseline (torch counterpart,
+    base optimizer, SGD iteration) or against its compute floor; targets listed but not judged at quick sizes."""
+    from metaopt.bench import faces
+
+    section = quick_report["sections"]["faces"]
+    rows = {r["optimizer"]: r for r in section["rows"]}
+    assert set(rows) == set(metaopt.OPTIMIZERS)
+    assert section["gemm"]["flops_per_s"] == pytest.approx(2 * faces.GEMM_SIZE**3 / section["gemm"]["time_s"]["median_s"])
+    for name, row in rows.items():
+        assert row["learner"] == "mlp-784-20-10" and row["num_params"] == 15_910 and "error" not in row
+        baseline, limit = faces.comparison(name)
+        assert row["baseline"] == baseline.name
+        if baseline.floor:
+            assert row["flops_per_coordinate"] > 0
+            assert row["floor_s"] == pytest.approx(row["flops_per_coordinate"] * 15_910 / section["gemm"]["flops_per_s"])
+            assert row["ratio"] == pytest.approx(row["time_s"]["median_s"] / row["floor_s"])
+        else:
+            assert row["ratio"] == pytest.approx(row["time_s"]["median_s"] / row["baseline_time_s"]["median_s"])
+        assert row["includes_closure"] == baseline.iteration
+        assert ("target" in row) == (limit is not None)
+        if limit is not None:
+            assert row["target"]["limit"] == limit and row["passed"] is None  # quick: not judged
+    assert rows["adam-hd"]["baseline"] == "torch Adam" and rows["adam-hd"]["target"]["limit"] == 1.3
+    assert rows["hyperadam"]["flops_per_coordinate"] == 10_440  # the issue's 10.4 kFLOP per coordinate at J = 20
+    assert rows["marthe"]["baseline"].startswith("SGD iteration")
+    table = bench.markdown_report(quick_report)
+    assert "| adam-hd | mlp-784-20-10 |" in table and "≤ 1.3× baseline |" in table
+
+
+def test_faces_judge_each_target_and_the_table_shows_it():
+    from metaopt.bench import faces
+
+    rows = [{"optimizer": "sgd-hd", "learner": "m", "includes_closure": False, "baseline": "torch SGD",
+             "time_s": {"median_s": 2e-3}, "baseline_time_s": {"median_s": 1e-3}, "ratio": 2.0,
+             "target": {"limit": 1.3, "text": "≤ 1.3× baseline"}},
+            {"optimizer": "hyperadam", "learner": "m", "includes_closure": False, "baseline": "compute floor",
+             "time_s": {"median_s": 3e-3}, "floor_s": 2e-3, "ratio": 1.5,
+             "target": {"limit": 2.0, "text": "≤ 2× floor"}}]
+    for row in rows:
+        faces.judge(row, quick=False)
+    assert [r["passed"] for r in rows] == [False, True]
+    table = "\n".join(faces.faces_markdown({"gemm": {"flops_per_s": 1e11, "size": 1024}, "rows": rows}))
+    assert "≤ 1.3× baseline: FAIL" in table and "≤ 2× floor: pass" in table and "| 2× |" in table
+    with pytest.raises(KeyError, match="COMPARISONS"):
+        faces.comparison("no-such-optimizer")
+
+
 @pytest.mark.skipif(not HAS_FMNIST, reason="real Fashion-MNIST not installed (bash .ci/setup)")
 def test_quick_report_measures_meta_training_and_table1(quick_report):
     meta = {r["key"]: r for r in quick_report["sections"]["meta"]["rows"]}

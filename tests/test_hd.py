@@ -332,6 +332,59 @@ def test_state_dict_resume_is_bit_exact(name, kw):
         assert torch.equal(p, q)
 
 
+IN_PLACE = FACES[:4] + [
+    ("sgd-hd", dict(lr=0.05, hypergrad_lr=0.01, momentum=0.8, dampening=0.1, weight_decay=1e-3)),
+    ("sgdn-hd", dict(lr=0.05, hypergrad_lr=0.01, weight_decay=1e-3)),
+    ("adam-hd", dict(lr=1e-2, hypergrad_lr=1e-4, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2)),
+]
+
+
+@pytest.mark.parametrize("name,kw", IN_PLACE, ids=FACE_IDS[:4] + ["heavy-ball-decay", "sgdn-hd-decay", "adam-hd-decay"])
+def test_in_place_face_equals_the_rule_and_resumes_its_state(name, kw):
+    """The default face steps in place with torch._foreach_* ops; fast=False steps through the rule. Same bits, same
+    state, and each resumes the other's state_dict."""
+    fast, slow = make_model(torch.float32), make_model(torch.float32)
+    fast_opt = metaopt.make_optimizer(name, fast.parameters(), **kw)
+    slow_opt = metaopt.make_optimizer(name, slow.parameters(), fast=False, **kw)
+    assert run(fast, fast_opt, 5) == run(slow, slow_opt, 5)
+    assert all(torch.equal(p, q) for p, q in zip(fast.parameters(), slow.parameters()))
+    a, b = fast_opt.state_dict(), slow_opt.state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
+    fast_opt.load_state_dict(b)
+    slow_opt.load_state_dict(a)
+    assert run(fast, fast_opt, 4, seed=2) == run(slow, slow_opt, 4, seed=2)
+    assert all(torch.equal(p, q) for p, q in zip(fast.parameters(), slow.parameters()))
+
+
+@pytest.mark.parametrize("name,kw", IN_PLACE[:4], ids=FACE_IDS[:4])
+def test_in_place_face_screens_nonfinite_gradients_through_h(name, kw):
+    """The in-place step notices a NaN / inf gradient from h (no separate pass): on the first step (before any state
+    exists: none is created) and on a later one it skips, or raises with nonfinite="raise", and writes nothing."""
+    model = make_model(F64)
+    opt = metaopt.make_optimizer(name, model.parameters(), **kw)
+    assert_nonfinite_step_is_skipped(model, opt)
+    assert not any(opt.state.values()) and opt.param_groups[0]["lr"] == kw["lr"]
+    run(model, opt, 3)
+    state_before = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    for skipped, bad in enumerate((float("inf"), -float("inf"), float("nan")), start=2):
+        list(model.parameters())[-1].grad.view(-1)[-1] = bad
+        opt.step()
+        assert opt.param_groups[0]["nonfinite_skipped"] == skipped
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    after = opt.state_dict()
+    assert all(torch.equal(after["state"][i][k], v) for i, st in state_before["state"].items() for k, v in st.items())
+    raising = metaopt.make_optimizer(name, model.parameters(), nonfinite="raise", **kw)
+    raising.load_state_dict(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    next(model.parameters()).grad.view(-1)[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        raising.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert raising.param_groups[0]["lr"] == state_before["param_groups"][0]["lr"]
+
+
 def test_each_param_group_has_its_own_global_lr():
     """Two groups behave as two independent HD optimizers (one global α per group)."""
     model, ref = make_model(F64), make_model(F64)

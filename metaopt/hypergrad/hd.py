@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from metaopt.baselines import adam_apply, adam_direction, adam_moments, apply_update, sgd_direction, with_weight_decay
-from metaopt.core import CoreOptimizer, FunctionalOptimizer, Params, check_betas, check_range
+from metaopt.baselines import (ForeachFace, adam_apply, adam_direction, adam_foreach_denominator, adam_foreach_update,
+                                adam_moments, apply_update, decayed, sgd_direction, with_weight_decay)
+from metaopt.core import FunctionalOptimizer, Params, check_betas, check_range
 from metaopt.numerics import dot64
 from metaopt.registry import register_optimizer
 
@@ -49,6 +50,16 @@ class NonFiniteLearningRate(FloatingPointError):
 # The shared pieces
 
 
+def negated_dot_sum(pairs: Iterable[tuple[Tensor, Tensor]] | Iterator[tuple[Tensor, Tensor]]) -> Tensor | None:
+    """``−Σ ⟨a, b⟩`` over the pairs in their order, each term :func:`~metaopt.numerics.dot64` (None for no pairs):
+    the one summation every HD hypergradient uses, so that the rules and the in-place faces agree bit for bit."""
+    h = None
+    for a, b in pairs:
+        term = dot64(a, b)
+        h = -term if h is None else h - term
+    return h
+
+
 def global_hypergradient(grads: Mapping[str, Tensor], prev_directions: Mapping[str, Tensor]) -> Tensor:
     """The global hypergradient ``h_t = ∂f_t(θ_{t−1})/∂α_{t−1} = −Σ_p ⟨g_t^p, d_{t−1}^p⟩`` (spec §1).
 
@@ -61,13 +72,7 @@ def global_hypergradient(grads: Mapping[str, Tensor], prev_directions: Mapping[s
         A 0-dim float64 tensor on the gradients' device, summed over every tensor (float64 accumulation whatever the
         parameters' dtype). Differentiable in both arguments.
     """
-    h = None
-    for name, g in grads.items():
-        d = prev_directions.get(name)
-        if d is None:
-            continue
-        term = dot64(g, d)
-        h = -term if h is None else h - term
+    h = negated_dot_sum((g, prev_directions[name]) for name, g in grads.items() if name in prev_directions)
     if h is None:
         device = next(iter(grads.values())).device if grads else None
         return torch.zeros((), dtype=torch.float64, device=device)
@@ -93,11 +98,8 @@ def adam_hypergradient(grads: Mapping[str, Tensor], exp_avg: Mapping[str, Tensor
     transient memory is the largest tensor, not n. Returns a 0-dim float64 tensor."""
     if step == 0:
         return global_hypergradient(grads, {})
-    h = None
-    for name, g in grads.items():
-        d = adam_previous_direction(exp_avg[name], exp_avg_sq[name], step, beta1, beta2, eps, gbaydin_compat)
-        term = dot64(g, d)
-        h = -term if h is None else h - term
+    h = negated_dot_sum((g, adam_previous_direction(exp_avg[name], exp_avg_sq[name], step, beta1, beta2, eps,
+                                                    gbaydin_compat)) for name, g in grads.items())
     return h if h is not None else global_hypergradient(grads, {})
 
 
@@ -276,12 +278,33 @@ class AdamHDRule(FunctionalOptimizer):
 # torch.optim faces
 
 
-class _HypergradientFace(CoreOptimizer):
-    """Shared by the HD faces: negative-α accounting and logging, and skipping a step whose new α is not finite."""
+class _HypergradientFace(ForeachFace):
+    """Shared by the HD faces: negative-α accounting and logging, skipping a step whose new α is not finite, and the
+    in-place step's learning-rate update.
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, nonfinite: str):
+    The in-place step (``fast=True``, the default, with Python-float ``lr`` and ``hypergrad_lr``) is the rule's
+    arithmetic on the group's tensors with ``torch._foreach_*`` ops, bit for bit (tested), and it screens non-finite
+    gradients through ``h`` itself: a NaN or inf in any gradient makes ``h`` NaN or infinite (0·inf is NaN), so the
+    separate finiteness pass over the gradients is saved."""
+
+    screens_nonfinite = True
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, nonfinite: str, fast: bool):
+        self.fast = fast
         super().__init__(params, dict(defaults, negative_lr_steps=0), nonfinite=nonfinite)
         self._logged_negative_lr = False
+
+    def use_rule(self, group: dict[str, Any]) -> bool:
+        return super().use_rule(group) or isinstance(group["hypergrad_lr"], Tensor)
+
+    def hypergradient_step(self, group: dict[str, Any], grads: list[Tensor], h: Tensor) -> bool:
+        """``α_t = α_{t−1} − β·h_t`` into ``group["lr"]`` (negative steps counted), or False (nothing written) when
+        ``h`` is not finite because a gradient is not (``grads``: the step's gradients as given)."""
+        if not math.isfinite(float(h)) and not self.screen_gradients(group, grads):
+            return False
+        group["lr"], negative = update_learning_rate(group["lr"], group["hypergrad_lr"], h, group["clip_lr_at_zero"])
+        group["negative_lr_steps"] = _count(group["negative_lr_steps"], negative)
+        return True
 
     def step_group(self, group: dict[str, Any], grads: Params | None = None) -> bool:
         negative_before = group.get("negative_lr_steps", 0)
@@ -329,13 +352,16 @@ class SGDHD(_HypergradientFace):
         gbaydin_compat: accepted for a uniform HD signature; it changes nothing here, because the reference
             ``SGDHD`` is already global (it flattens every gradient) and its ``d_prev`` is the direction.
         nonfinite: ``"skip"`` or ``"raise"`` on non-finite gradients (see :class:`~metaopt.core.CoreOptimizer`).
+        fast: step in place with ``torch._foreach_*`` ops (default); ``False`` steps through :class:`SGDHDRule`
+            (the same numbers).
 
     Memory per parameter: d_prev (+n) for SGD-HD; heavy ball +n (d_prev *is* the momentum buffer); Nesterov +2n.
     """
 
     def __init__(self, params, lr: float = 1e-3, hypergrad_lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0, *,
-                 clip_lr_at_zero: bool = False, gbaydin_compat: bool = False, nonfinite: str = "skip"):
+                 clip_lr_at_zero: bool = False, gbaydin_compat: bool = False, nonfinite: str = "skip",
+                 fast: bool = True):
         check_range("learning rate", lr)
         check_range("hypergrad_lr", hypergrad_lr)
         check_range("momentum value", momentum)
@@ -345,11 +371,36 @@ class SGDHD(_HypergradientFace):
             raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum > 0 and zero dampening")
         super().__init__(params, dict(lr=lr, hypergrad_lr=hypergrad_lr, momentum=momentum, dampening=dampening,
                                       nesterov=nesterov, weight_decay=weight_decay, clip_lr_at_zero=clip_lr_at_zero,
-                                      gbaydin_compat=gbaydin_compat), nonfinite=nonfinite)
+                                      gbaydin_compat=gbaydin_compat), nonfinite=nonfinite, fast=fast)
 
     def rule(self, group: dict[str, Any]) -> SGDHDRule:
         return SGDHDRule(group["lr"], group["hypergrad_lr"], group["momentum"], group["dampening"], group["nesterov"],
                          group["weight_decay"], group["clip_lr_at_zero"])
+
+    def foreach_step(self, group, params, grads, state) -> bool:
+        effective = decayed(grads, params, group["weight_decay"])
+        h = negated_dot_sum(zip(effective, (s["prev_direction"] for s in state)))
+        if not self.hypergradient_step(group, grads, h):
+            return False
+        momentum, directions = group["momentum"], effective
+        if momentum != 0:
+            bufs = [s["momentum_buffer"] for s in state]
+            running = [i for i, (b, g) in enumerate(zip(bufs, effective)) if b.shape == g.shape]
+            for i in set(range(len(bufs))) - set(running):  # torch starts a buffer at the gradient
+                state[i]["momentum_buffer"] = bufs[i] = effective[i].clone()
+            if running:
+                torch._foreach_mul_([bufs[i] for i in running], momentum)
+                torch._foreach_add_([bufs[i] for i in running], [effective[i] for i in running],
+                                    alpha=1 - group["dampening"])
+            directions = torch._foreach_add(effective, bufs, alpha=momentum) if group["nesterov"] else bufs
+        torch._foreach_add_(params, directions, alpha=-group["lr"])
+        if directions is grads:  # d_prev must not alias the caller's gradients: copy into the stored buffers
+            torch._foreach_copy_([s["prev_direction"] for s in state], directions)
+        else:  # new tensors, or the momentum buffers themselves (heavy ball: d_prev costs no memory, as the rule)
+            for s, d in zip(state, directions):
+                s["prev_direction"] = d
+        group["step"] += 1
+        return True
 
 
 class AdamHD(_HypergradientFace):
@@ -376,15 +427,18 @@ class AdamHD(_HypergradientFace):
         gbaydin_compat: FOR REPLICATION ONLY. Reproduces the reference code's per-tensor sequential α (each tensor, in
             registration order, steps with α updated from the hypergradients of the tensors before it and itself; the
             result depends on the tensor order, gbaydin issue #9) and its ε placement ``m/(√v + ε)·√bc2/bc1``. Not
-            global, and not equal to ``torch.optim.Adam`` at ``hypergrad_lr = 0`` (ε placement).
+            global, and not equal to ``torch.optim.Adam`` at ``hypergrad_lr = 0`` (ε placement). Steps through the
+            rule.
         nonfinite: ``"skip"`` or ``"raise"`` on non-finite gradients.
+        fast: step in place with ``torch._foreach_*`` ops (default); ``False`` steps through :class:`AdamHDRule`
+            (the same numbers).
 
     Memory per parameter: m and v (+2n, as Adam); the hypergradient adds none (d_{t−1} is recomputed).
     """
 
     def __init__(self, params, lr: float = 1e-3, hypergrad_lr: float = 1e-7, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, clip_lr_at_zero: bool = False,
-                 gbaydin_compat: bool = False, nonfinite: str = "skip"):
+                 gbaydin_compat: bool = False, nonfinite: str = "skip", fast: bool = True):
         check_range("learning rate", lr)
         check_range("hypergrad_lr", hypergrad_lr)
         check_range("epsilon value", eps)
@@ -392,11 +446,33 @@ class AdamHD(_HypergradientFace):
         check_range("weight_decay value", weight_decay)
         super().__init__(params, dict(lr=lr, hypergrad_lr=hypergrad_lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay, clip_lr_at_zero=clip_lr_at_zero,
-                                      gbaydin_compat=gbaydin_compat), nonfinite=nonfinite)
+                                      gbaydin_compat=gbaydin_compat), nonfinite=nonfinite, fast=fast)
 
     def rule(self, group: dict[str, Any]) -> AdamHDRule:
         return AdamHDRule(group["lr"], group["hypergrad_lr"], tuple(group["betas"]), group["eps"],
                           group["weight_decay"], group["clip_lr_at_zero"], group["gbaydin_compat"])
+
+    def use_rule(self, group: dict[str, Any]) -> bool:
+        return super().use_rule(group) or group["gbaydin_compat"]
+
+    def foreach_step(self, group, params, grads, state) -> bool:
+        (beta1, beta2), eps, prev_step = group["betas"], group["eps"], group["step"]
+        effective = decayed(grads, params, group["weight_decay"])
+        ms, vs = [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state]
+        if prev_step == 0:  # h_1 = 0: no reduction to screen the gradients with
+            if not self.check_finite(group, grads):
+                return False
+            h = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        else:  # d_{t−1} = m̂/(√v̂ + ε) recomputed from the moments before they move (adam_previous_direction)
+            directions = torch._foreach_div(ms, 1 - beta1**prev_step)
+            torch._foreach_div_(directions, adam_foreach_denominator(vs, prev_step, beta2, eps))
+            h = negated_dot_sum(zip(effective, directions))
+            del directions
+        if not self.hypergradient_step(group, grads, h):
+            return False
+        adam_foreach_update(params, effective, ms, vs, prev_step + 1, group["lr"], beta1, beta2, eps)
+        group["step"] = prev_step + 1
+        return True
 
 
 register_optimizer("sgd-hd")(SGDHD)

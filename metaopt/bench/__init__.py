@@ -11,6 +11,9 @@ byte model behind the roofline, the issue's targets and anchors, and the Markdow
 
 Sections (``--only``):
 
+* ``faces`` — each registered optimizer's step as a user builds it (``make_optimizer``, defaults) against its
+  ``torch.optim`` counterpart, its base optimizer, an SGD training iteration or its compute floor, timed side by side
+  on two MLPs, with the speed issue's targets (:mod:`metaopt.bench.faces`).
 * ``step`` — one optimizer step (``opt.step()`` with random, fixed gradients) of HyperAdam (J = 20), DMoptimizer and
   RNNprop with fresh, frozen θ, of every hand-designed optimizer in ``metaopt.OPTIMIZERS`` and of ``torch.optim.Adam``
   (foreach; fused on CUDA), on the parameters of MLP-9×20, CNN-2 and ResNet-18, next to the memory roofline
@@ -89,13 +92,15 @@ import meta_tasks
 import metaopt
 from meta_tasks import models
 from meta_tasks.datasets import DatasetNotFoundError
+from metaopt.bench.faces import faces_markdown, faces_section
+from metaopt.bench.timing import measure, summarize, synchronize
 from metaopt.environment import device_name
 from metaopt.evaluate import SUITES, evaluate_suite
 from metaopt.learned import LEARNED_NAMES, DMOptimizer, HyperAdam, LearnedOptimizer, RNNprop
 from metaopt.meta import MetaConfig, MetaTrainer, preset
 from metaopt.meta.trainer import resolve_device
 
-SECTIONS: tuple[str, ...] = ("step", "iteration", "meta", "table1")
+SECTIONS: tuple[str, ...] = ("faces", "step", "iteration", "meta", "table1")
 FORMAT_VERSION = 1
 FLOAT_BYTES = 4  # float32
 GRAD_SCALE = 1e-2  # the random, fixed gradients of the step section: N(0, 1e-4)
@@ -146,59 +151,7 @@ BASE_OPTIMIZER: dict[str, str] = {
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Statistics and timing
-
-
-def _quantile(ordered: Sequence[float], q: float) -> float:
-    """The q-quantile of sorted data by linear interpolation between order statistics (numpy.percentile's default,
-    statistics.quantiles(method="inclusive"))."""
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def summarize(samples: Sequence[float]) -> dict[str, float]:
-    """Median, min, quartiles and interquartile range of timing samples in seconds, and their number ``n``."""
-    if not samples:
-        raise ValueError("summarize needs at least one sample")
-    ordered = sorted(float(s) for s in samples)
-    q1, median, q3 = (_quantile(ordered, q) for q in (0.25, 0.5, 0.75))
-    return {"median_s": median, "min_s": ordered[0], "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1, "n": len(ordered)}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int,
-            flush: torch.Tensor | None = None) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls (method: module docstring).
-
-    ``flush`` (CUDA): a buffer overwritten before each timed call, outside the timed region, to evict the L2 cache.
-    """
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            if flush is not None:
-                flush.zero_()
-            # Idle GPU at the start event: queued work would otherwise hide the host's launch time of fn.
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            begin = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - begin)
-    return samples
+# Memory
 
 
 class PeakMemory:
@@ -1054,7 +1007,8 @@ def run_benchmarks(config: BenchConfig, log: Callable[[str], None] = lambda s: N
     report: dict[str, Any] = {"format_version": FORMAT_VERSION, "environment": environment(device),
                               "settings": config.settings(), "bandwidth": bench.measure_bandwidth(),
                               "skipped_optimizers": bench.skipped, "sections": {}}
-    runners = {"step": bench.step_section, "iteration": bench.iteration_section, "meta": bench.meta_section,
+    runners = {"faces": lambda: faces_section(device, bench.repeats, bench.warmup, config.quick, config.seed, log),
+               "step": bench.step_section, "iteration": bench.iteration_section, "meta": bench.meta_section,
                "table1": bench.table1_section}
     for section in (s for s in SECTIONS if s in config.sections):  # in this order, whatever the order of --only
         begin = time.perf_counter()
@@ -1126,7 +1080,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     def checked(r: dict[str, Any]) -> str:  # a fast variant's agreement with the reference path
         return f" (Δ vs reference {r['check']['max_rel_diff']:.2g})" if "check" in r else ""
 
-    titles = {"step": "Optimizer step (median; ratio = measured / memory roofline)",
+    titles = {"faces": "Optimizer step against torch.optim (ratio = step / baseline's step, or / compute floor)",
+              "step": "Optimizer step (median; ratio = measured / memory roofline)",
               "iteration": "Training iteration: forward + backward + step",
               "meta": "Meta-training, hyperadam-paper preset",
               "table1": "hyperadam-table1 suite, end to end"}
@@ -1134,6 +1089,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines += ["", f"**{titles.get(name, name)}**"]
         if section.get("skipped"):
             lines.append(f"Skipped: {section['skipped'].splitlines()[0]}")
+            continue
+        if name == "faces":
+            lines += faces_markdown(section)
             continue
         lines += header
         for r in section.get("rows", []):

@@ -1,0 +1,272 @@
+"""The ``faces`` section of ``python -m metaopt.bench``: what a user pays for swapping ``torch.optim`` for a metaopt
+optimizer, as the ratio of two step times measured side by side (issue "Speed on the machine we have").
+
+Every registered optimizer is built the way a user builds it (``metaopt.make_optimizer(name, named_parameters)`` at
+its registered defaults: the learned ones load their shipped checkpoint and take their default path) over two
+learners, the MLP 784-20-10 of HyperAdam's meta-training (15,910 parameters) and an MLP 784-256-256-256-10 (0.34 M),
+and timed against a baseline in alternating calls (baseline, candidate, baseline, ...), so that both see the same
+machine load and the ratio of their medians is steady even on a busy CPU:
+
+- a classic name (``sgd``, ``adam``, ...) against its ``torch.optim`` counterpart with ``foreach=True``
+  (target ≤ 1.1×);
+- the HD family against its base torch optimizer (≤ 1.3×); CAM-HD and TLR likewise (≤ 2×);
+- an optimizer whose step takes a closure (MARTHE, RTHO, HD-val, TLR-naive, the learned μ) as a whole
+  ``opt.step(closure)`` against one SGD training iteration of the same batch (forward, backward and torch's SGD step;
+  MARTHE and RTHO ≤ 3×);
+- the parameter-free baselines against torch's Adam (``dog`` against SGD), with no target;
+- a coordinatewise learned optimizer (HyperAdam, DMoptimizer, RNNprop) against its compute floor: the FLOPs of its
+  networks per coordinate (2 per weight of every matrix, each applied once per coordinate and step: 10,440 for
+  HyperAdam at J = 20) times the learner's coordinates, over the float32 GEMM rate this machine reaches on a large
+  square matrix product with the same threads (≤ 2×). The floor is optimistic on purpose: the cell's small matrices
+  (20 × 80) and its element-wise work do not run at the peak rate.
+
+Every optimizer steps on the same fixed random gradients (N(0, 1e-4)); the closure steps on one random batch of 128.
+Targets are judged (``passed``) on full runs on any device; a ``--quick`` run (the small MLP, few repeats) lists them
+unjudged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metaopt
+from meta_tasks import models
+from metaopt.bench.timing import summarize, synchronize
+from metaopt.learned import LEARNED_NAMES
+
+GRAD_SCALE = 1e-2
+BATCH_SIZE = 128
+GEMM_SIZE = 1024  # the square matrix product whose rate is the learned optimizers' compute floor
+
+FACE_LEARNERS: dict[str, Callable[[], nn.Module]] = {
+    "mlp-784-20-10": lambda: models.MLP(784, 20, 1, 10, "sigmoid"),
+    "mlp-784-256x3-10": lambda: models.MLP(784, 256, 3, 10, "relu"),
+}
+QUICK_LEARNERS = ("mlp-784-20-10",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """What a face's step is compared with: a ``torch.optim`` optimizer (``build`` over the parameters), one SGD
+    training iteration (``iteration``), or the compute floor (``floor``)."""
+
+    name: str
+    build: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
+    iteration: bool = False
+    floor: bool = False
+
+
+def _torch(name: str, cls: type[torch.optim.Optimizer], **kwargs: Any) -> Baseline:
+    return Baseline(name, lambda params: cls(params, foreach=True, **kwargs))
+
+
+TORCH_SGD = _torch("torch SGD", torch.optim.SGD, lr=1e-3)
+TORCH_NESTEROV = _torch("torch SGD (Nesterov 0.9)", torch.optim.SGD, lr=1e-3, momentum=0.9, nesterov=True)
+TORCH_ADAM = _torch("torch Adam", torch.optim.Adam, lr=1e-3)
+SGD_ITERATION = Baseline("SGD iteration (forward, backward, torch SGD step)", iteration=True)
+COMPUTE_FLOOR = Baseline("compute floor", floor=True)
+
+TORCH_COUNTERPARTS: dict[str, Baseline] = {
+    "sgd": TORCH_SGD,
+    "momentum": _torch("torch SGD (momentum 0.9)", torch.optim.SGD, lr=1e-3, momentum=0.9),
+    "nesterov": TORCH_NESTEROV,
+    "adam": TORCH_ADAM,
+    "rmsprop": _torch("torch RMSprop", torch.optim.RMSprop, lr=1e-2),
+    "adagrad": _torch("torch Adagrad", torch.optim.Adagrad, lr=1e-2),
+    "adadelta": _torch("torch Adadelta", torch.optim.Adadelta, lr=1.0),
+}
+# name -> (baseline, target limit on the ratio or None): the issue's targets
+COMPARISONS: dict[str, tuple[Baseline, float | None]] = {
+    **{name: (baseline, 1.1) for name, baseline in TORCH_COUNTERPARTS.items()},
+    "sgd-hd": (TORCH_SGD, 1.3), "sgdn-hd": (TORCH_NESTEROV, 1.3), "adam-hd": (TORCH_ADAM, 1.3),
+    "cam-hd-sgd": (TORCH_SGD, 2.0), "cam-hd-sgdn": (TORCH_NESTEROV, 2.0), "cam-hd-adam": (TORCH_ADAM, 2.0),
+    "tlr": (TORCH_SGD, 2.0), "tlr-pl": (TORCH_SGD, 2.0),
+    "marthe": (SGD_ITERATION, 3.0), "rtho": (SGD_ITERATION, 3.0),
+    "hd-val": (SGD_ITERATION, None), "tlr-naive": (SGD_ITERATION, None), "marthe-learned-mu": (SGD_ITERATION, None),
+    "cam-hd-learned-gamma": (TORCH_ADAM, None),
+    "schedule-free-adamw": (TORCH_ADAM, None), "prodigy": (TORCH_ADAM, None), "d-adapt-adam": (TORCH_ADAM, None),
+    "mechanic-adam": (TORCH_ADAM, None), "dog": (TORCH_SGD, None),
+}
+COORDINATEWISE_LIMIT = 2.0  # the learned optimizers' default step within 2× of its compute floor
+
+
+def comparison(name: str) -> tuple[Baseline, float | None]:
+    """The baseline of ``name`` and its target limit (None: reported without a target). A coordinatewise learned
+    optimizer is compared with its compute floor."""
+    if name in COMPARISONS:
+        return COMPARISONS[name]
+    if name in LEARNED_NAMES:
+        return COMPUTE_FLOOR, COORDINATEWISE_LIMIT
+    raise KeyError(f"no baseline for optimizer {name!r}: add it to metaopt.bench.faces.COMPARISONS")
+
+
+def flops_per_coordinate(opt: torch.optim.Optimizer) -> float | None:
+    """2 FLOPs per weight of every matrix of a coordinatewise learned optimizer's networks (each matrix is applied once
+    per coordinate and step), or None for an optimizer without such networks. Biases and element-wise work are left
+    out: the floor is a lower bound."""
+    lopt = getattr(opt, "lopt", None)  # the frozen face's learned optimizer
+    if not isinstance(lopt, nn.Module):
+        return None
+    return float(2 * sum(p.numel() for p in lopt.parameters() if p.dim() >= 2))
+
+
+def gemm_flops_per_s(device: torch.device, repeats: int) -> dict[str, Any]:
+    """The float32 rate of a ``GEMM_SIZE``² matrix product on ``device`` with torch's current threads."""
+    a = torch.randn(GEMM_SIZE, GEMM_SIZE, device=device)
+    b = torch.randn(GEMM_SIZE, GEMM_SIZE, device=device)
+    samples = []
+    for i in range(repeats + 2):
+        synchronize(device)
+        begin = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        if i >= 2:
+            samples.append(time.perf_counter() - begin)
+    stats = summarize(samples)
+    return {"size": GEMM_SIZE, "time_s": stats, "flops_per_s": 2 * GEMM_SIZE**3 / stats["median_s"]}
+
+
+def paired_times(candidate: Callable[[], Any], baseline: Callable[[], Any], device: torch.device, repeats: int,
+                 warmup: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Timing statistics of ``candidate`` and ``baseline``, called alternately ``repeats`` times each after
+    ``warmup`` untimed calls of each."""
+    for _ in range(warmup):
+        baseline()
+        candidate()
+    samples: dict[str, list[float]] = {"candidate": [], "baseline": []}
+    for _ in range(repeats):
+        for which, fn in (("baseline", baseline), ("candidate", candidate)):
+            synchronize(device)
+            begin = time.perf_counter()
+            fn()
+            synchronize(device)
+            samples[which].append(time.perf_counter() - begin)
+    return summarize(samples["candidate"]), summarize(samples["baseline"])
+
+
+def _closure_step(opt: torch.optim.Optimizer, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+                  ) -> Callable[[], Any]:
+    def closure() -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    kwargs = {"val_closure": closure} if "val_closure" in inspect.signature(opt.step).parameters else {}
+    return lambda: opt.step(closure, **kwargs)
+
+
+def _sgd_iteration(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], Any]:
+    opt = TORCH_SGD.build(list(model.parameters()))
+
+    def iteration() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(batch[0]), batch[1]).backward()
+        opt.step()
+
+    return iteration
+
+
+def _set_grads(params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+
+
+def face_row(name: str, learner: str, base: nn.Module, device: torch.device, repeats: int, warmup: int,
+             gemm_rate: float, seed: int) -> dict[str, Any]:
+    """One optimizer on one learner: its step time, its baseline's, their ratio and the target."""
+    baseline, limit = comparison(name)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    model, other = copy.deepcopy(base).to(device), copy.deepcopy(base).to(device)
+    params = list(model.parameters())
+    grads = [torch.randn(p.shape, generator=generator, device=device) * GRAD_SCALE for p in params]
+    batch = (torch.randn(BATCH_SIZE, 784, generator=generator, device=device),
+             torch.randint(10, (BATCH_SIZE,), generator=generator, device=device))
+    opt = metaopt.make_optimizer(name, list(model.named_parameters()))
+    closure = bool(getattr(opt, "requires_closure", False))
+    _set_grads(params, grads)
+    step = _closure_step(opt, model, batch) if closure else opt.step
+    row: dict[str, Any] = {"key": f"faces:{name}:{learner}", "optimizer": name, "learner": learner,
+                           "num_params": sum(p.numel() for p in params), "includes_closure": closure,
+                           "baseline": baseline.name}
+    if baseline.floor:
+        flops = flops_per_coordinate(opt)
+        if flops is None:
+            raise TypeError(f"{name}: compared with a compute floor but has no coordinatewise network")
+        row["flops_per_coordinate"] = flops
+        row["floor_s"] = flops * row["num_params"] / gemm_rate
+        stats, _ = paired_times(step, lambda: None, device, repeats, warmup)
+        row["time_s"] = stats
+        row["ratio"] = stats["median_s"] / row["floor_s"]
+    else:
+        if baseline.iteration:
+            reference = _sgd_iteration(other, batch)
+        else:
+            reference = baseline.build(list(other.parameters()))
+            _set_grads(list(other.parameters()), grads)
+            reference = reference.step
+        stats, base_stats = paired_times(step, reference, device, repeats, warmup)
+        row.update(time_s=stats, baseline_time_s=base_stats, ratio=stats["median_s"] / base_stats["median_s"])
+    if limit is not None:
+        row["target"] = {"limit": limit, "text": f"≤ {limit:g}× {'floor' if baseline.floor else 'baseline'}"}
+    return row
+
+
+def judge(row: dict[str, Any], quick: bool) -> None:
+    """``row["passed"]``: whether its ratio meets its target (None on a quick run, whose sizes and repeats are not the
+    target's); nothing for a row without a target."""
+    if "target" in row:
+        row["passed"] = None if quick else bool(row["ratio"] <= row["target"]["limit"])
+
+
+def faces_section(device: torch.device, repeats: int, warmup: int, quick: bool, seed: int,
+                  log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Every registered optimizer on :data:`FACE_LEARNERS` (the small one only with ``quick``): the section's rows,
+    each judged against its target unless ``quick``."""
+    gemm = gemm_flops_per_s(device, max(repeats, 5))
+    learners = QUICK_LEARNERS if quick else tuple(FACE_LEARNERS)
+    rows = []
+    for learner in learners:
+        torch.manual_seed(seed)
+        base = FACE_LEARNERS[learner]()
+        for name in metaopt.OPTIMIZERS:
+            log(f"faces: {name} on {learner}")
+            try:
+                row = face_row(name, learner, base, device, repeats, warmup, gemm["flops_per_s"], seed)
+            except torch.cuda.OutOfMemoryError as err:
+                row = {"key": f"faces:{name}:{learner}", "optimizer": name, "learner": learner,
+                       "error": f"out of memory: {str(err).splitlines()[0]}"}
+            judge(row, quick)
+            rows.append(row)
+    return {"learners": {name: FACE_LEARNERS[name]().__repr__().splitlines()[0] for name in learners},
+            "gemm": gemm, "grad_scale": GRAD_SCALE, "batch_size": BATCH_SIZE, "rows": rows}
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
+
+
+def faces_markdown(section: dict[str, Any]) -> list[str]:
+    """The section as one Markdown table: each optimizer's step, its baseline, the ratio and the target."""
+    lines = [f"Compute floor: {section['gemm']['flops_per_s'] / 1e9:,.0f} GFLOP/s (float32 {section['gemm']['size']}² "
+             "matrix product).", "",
+             "| optimizer | learner | step | baseline | baseline's step or floor | ratio | target |",
+             "|---|---|---|---|---|---|---|"]
+    for r in section["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['optimizer']} | {r['learner']} | {r['error']} | – | – | – | – |")
+            continue
+        other = _ms(r["floor_s"]) if "floor_s" in r else _ms(r["baseline_time_s"]["median_s"])
+        target = "–"
+        if "target" in r:
+            target = r["target"]["text"] + {True: ": pass", False: ": FAIL", None: ""}[r.get("passed")]
+        step = _ms(r["time_s"]["median_s"]) + (" (with closure)" if r["includes_closure"] else "")
+        lines.append(f"| {r['optimizer']} | {r['learner']} | {step} | {r['baseline']} | {other} | "
+                     f"{r['ratio']:.3g}× | {target} |")
+    return lines

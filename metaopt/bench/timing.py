@@ -1,0 +1,63 @@
+"""Timing statistics shared by the benchmark's sections: the median, quartiles and spread of repeated calls, timed with
+CUDA events on a GPU and ``time.perf_counter`` on a CPU."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    """The q-quantile of sorted data by linear interpolation between order statistics (numpy.percentile's default,
+    statistics.quantiles(method="inclusive"))."""
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(samples: Sequence[float]) -> dict[str, float]:
+    """Median, min, quartiles and interquartile range of timing samples in seconds, and their number ``n``."""
+    if not samples:
+        raise ValueError("summarize needs at least one sample")
+    ordered = sorted(float(s) for s in samples)
+    q1, median, q3 = (_quantile(ordered, q) for q in (0.25, 0.5, 0.75))
+    return {"median_s": median, "min_s": ordered[0], "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1, "n": len(ordered)}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int,
+            flush: torch.Tensor | None = None) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls (method: module docstring).
+
+    ``flush`` (CUDA): a buffer overwritten before each timed call, outside the timed region, to evict the L2 cache.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            if flush is not None:
+                flush.zero_()
+            # Idle GPU at the start event: queued work would otherwise hide the host's launch time of fn.
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - begin)
+    return samples
