@@ -385,6 +385,38 @@ def test_in_place_face_screens_nonfinite_gradients_through_h(name, kw):
     assert raising.param_groups[0]["lr"] == state_before["param_groups"][0]["lr"]
 
 
+COMPILED = [IN_PLACE[4], IN_PLACE[5], IN_PLACE[6]]
+
+
+@pytest.mark.parametrize("name,kw", COMPILED, ids=["heavy-ball-decay", "sgdn-hd-decay", "adam-hd-decay"])
+def test_compiled_face_equals_the_rule_within_float32_rounding(name, kw):
+    """compile=True fuses the reduction and the update (torch.compile, inductor): the rule's trajectory within float32
+    rounding, the same state layout (the rule resumes it), and non-finite gradients still screened through h."""
+    fast, slow = make_model(torch.float32), make_model(torch.float32)
+    fast_opt = metaopt.make_optimizer(name, fast.parameters(), compile=True, **kw)
+    slow_opt = metaopt.make_optimizer(name, slow.parameters(), fast=False, **kw)
+    lrs_fast, lrs_slow = run(fast, fast_opt, 6), run(slow, slow_opt, 6)
+    assert lrs_fast == pytest.approx(lrs_slow, rel=1e-5)
+    for p, q in zip(fast.parameters(), slow.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    a, b = fast_opt.state_dict(), slow_opt.state_dict()
+    assert a["state"].keys() == b["state"].keys() and all(a["state"][i].keys() == b["state"][i].keys() for i in a["state"])
+    slow_opt.load_state_dict(a)
+    params = [p.detach().clone() for p in fast.parameters()]
+    list(fast.parameters())[0].grad.view(-1)[0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        fast_opt.step()
+    assert fast_opt.param_groups[0]["nonfinite_skipped"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(fast.parameters(), params))
+
+
+@pytest.mark.parametrize("kw,match", [(dict(compile=1), "compile"), (dict(compile=True, fast=False), "fast=True"),
+                                      (dict(compile=True, gbaydin_compat=True), "gbaydin_compat")])
+def test_invalid_compile_settings_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        metaopt.make_optimizer("adam-hd", [torch.zeros(1, requires_grad=True)], **kw)
+
+
 def test_each_param_group_has_its_own_global_lr():
     """Two groups behave as two independent HD optimizers (one global α per group)."""
     model, ref = make_model(F64), make_model(F64)

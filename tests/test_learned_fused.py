@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import meta_tasks
+from metaopt import compiling
 from meta_tasks.tricks import hyperadam_tricks
 from metaopt.learned import HyperAdam
 from metaopt.learned import fused
@@ -184,7 +185,7 @@ def test_compiled_fused_cell_equals_the_eager_one():
         d, new_state = hyperadam_step(lopt, grad, state, EPS, compiled=compiled)
         loss = d.square().sum() + sum(f.sum() for f in new_state)
         results.append((d, new_state, torch.autograd.grad(loss, list(lopt.parameters()))))
-    assert not fused._COMPILE_FAILED, fused._COMPILE_FAILED
+    assert not compiling.COMPILE_FAILED, compiling.COMPILE_FAILED
     (d0, s0, g0), (d1, s1, g1) = results
     torch.testing.assert_close(d1, d0, rtol=1e-4, atol=1e-5)
     for a, b in zip((*s1, *g1), (*s0, *g0)):
@@ -196,8 +197,11 @@ def test_a_failing_compiler_falls_back_to_the_eager_cell(monkeypatch):
         raise torch._dynamo.exc.BackendCompilerFailed(broken, RuntimeError("no C++ compiler"), None)
 
     eager = fused._EAGER["hyperadam"]
-    monkeypatch.setitem(fused._COMPILED, "hyperadam", tuple(fused.compile_with_fallback(broken, fn) for fn in eager))
-    monkeypatch.setattr(fused, "_COMPILE_FAILED", [])
+    monkeypatch.setitem(fused._COMPILED, "hyperadam", tuple(compiling.compile_with_fallback(broken, fn)
+                                                            for fn in eager))
+    failures = []
+    monkeypatch.setattr(compiling, "COMPILE_FAILED", failures)
+    monkeypatch.setattr(fused, "COMPILE_FAILED", failures)
     gen = torch.Generator().manual_seed(5)
     lopt = HyperAdam(num_candidates=2)
     grad = torch.randn(1, 7, generator=gen)
@@ -205,7 +209,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_cell(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no C.. compiler"):
         d, _ = hyperadam_step(lopt, grad, state, EPS, compiled=True)
     torch.testing.assert_close(d, hyperadam_step(lopt, grad, state, EPS)[0])
-    assert fused._COMPILE_FAILED
+    assert failures
 
 
 @pytest.mark.parametrize("name", ["dm", "rnnprop"])
@@ -261,12 +265,12 @@ def test_compiled_bodies_do_not_recompile_for_requires_grad_and_allow_many_shape
         calls.append((grad.requires_grad, state[0].requires_grad, torch._dynamo.config.recompile_limit))
         return grad + state[0]
 
-    run = fused.compile_with_fallback(body, body)
-    monkeypatch.setattr(fused, "_COMPILE_FAILED", [])
+    run = compiling.compile_with_fallback(body, body)
+    monkeypatch.setattr(compiling, "COMPILE_FAILED", [])
     grad, state = torch.ones(3, requires_grad=True), (torch.ones(3, requires_grad=True),)
     with torch.no_grad():
         out = run(grad, state, True)
-    assert calls[-1] == (False, False, fused.RECOMPILE_LIMIT) and torch.equal(out, 2 * torch.ones(3))
+    assert calls[-1] == (False, False, compiling.RECOMPILE_LIMIT) and torch.equal(out, 2 * torch.ones(3))
     run(grad, state, True)  # in grad mode nothing is detached (a double backward differentiates the body)
     assert calls[-1][:2] == (True, True)
 
@@ -274,6 +278,6 @@ def test_compiled_bodies_do_not_recompile_for_requires_grad_and_allow_many_shape
         raise torch._dynamo.exc.FailOnRecompileLimitHit("limit")
 
     with pytest.warns(RuntimeWarning, match="recompile limit"):
-        out = fused.compile_with_fallback(over_limit, body)(grad, state, True)
+        out = compiling.compile_with_fallback(over_limit, body)(grad, state, True)
     assert torch.allclose(out, 2 * torch.ones(3))
-    assert not fused._COMPILE_FAILED  # later calls still try the compiled body
+    assert not compiling.COMPILE_FAILED  # later calls still try the compiled body

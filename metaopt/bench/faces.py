@@ -21,7 +21,9 @@ machine load and the ratio of their medians is steady even on a busy CPU:
   (20 × 80) and its element-wise work do not run at the peak rate.
 
 Every optimizer steps on the same fixed random gradients (N(0, 1e-4)); the closure steps on one random batch of 128.
-Targets are judged (``passed``) on full runs on any device; a ``--quick`` run (the small MLP, few repeats) lists them
+Optimizers with a compiled step (the HD family, the coordinatewise learned ones) get a second row, ``name[compiled]``
+(``compile=True``; compiled by its warm-up calls, so the time is the steady state's). Targets are judged (``passed``)
+per row on full runs on any device; a ``--quick`` run (the small MLP, few repeats, nothing compiled) lists them
 unjudged.
 """
 
@@ -97,6 +99,8 @@ COMPARISONS: dict[str, tuple[Baseline, float | None]] = {
     "mechanic-adam": (TORCH_ADAM, None), "dog": (TORCH_SGD, None),
 }
 COORDINATEWISE_LIMIT = 2.0  # the learned optimizers' default step within 2× of its compute floor
+# Optimizers timed a second time with compile=True (row "name[compiled]").
+COMPILED_VARIANT = frozenset({"sgd-hd", "sgdn-hd", "adam-hd", "hyperadam", "hyperadam-general", "dm", "rnnprop"})
 
 
 def comparison(name: str) -> tuple[Baseline, float | None]:
@@ -179,8 +183,9 @@ def _set_grads(params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
 
 
 def face_row(name: str, learner: str, base: nn.Module, device: torch.device, repeats: int, warmup: int,
-             gemm_rate: float, seed: int) -> dict[str, Any]:
-    """One optimizer on one learner: its step time, its baseline's, their ratio and the target."""
+             gemm_rate: float, seed: int, compiled: bool = False) -> dict[str, Any]:
+    """One optimizer on one learner (``compile=True`` with ``compiled``): its step time, its baseline's, their ratio
+    and the target."""
     baseline, limit = comparison(name)
     generator = torch.Generator(device=device).manual_seed(seed)
     model, other = copy.deepcopy(base).to(device), copy.deepcopy(base).to(device)
@@ -188,11 +193,12 @@ def face_row(name: str, learner: str, base: nn.Module, device: torch.device, rep
     grads = [torch.randn(p.shape, generator=generator, device=device) * GRAD_SCALE for p in params]
     batch = (torch.randn(BATCH_SIZE, 784, generator=generator, device=device),
              torch.randint(10, (BATCH_SIZE,), generator=generator, device=device))
-    opt = metaopt.make_optimizer(name, list(model.named_parameters()))
+    opt = metaopt.make_optimizer(name, list(model.named_parameters()), **({"compile": True} if compiled else {}))
     closure = bool(getattr(opt, "requires_closure", False))
     _set_grads(params, grads)
     step = _closure_step(opt, model, batch) if closure else opt.step
-    row: dict[str, Any] = {"key": f"faces:{name}:{learner}", "optimizer": name, "learner": learner,
+    label = f"{name}[compiled]" if compiled else name
+    row: dict[str, Any] = {"key": f"faces:{label}:{learner}", "optimizer": label, "learner": learner,
                            "num_params": sum(p.numel() for p in params), "includes_closure": closure,
                            "baseline": baseline.name}
     if baseline.floor:
@@ -235,12 +241,15 @@ def faces_section(device: torch.device, repeats: int, warmup: int, quick: bool, 
     for learner in learners:
         torch.manual_seed(seed)
         base = FACE_LEARNERS[learner]()
-        for name in metaopt.OPTIMIZERS:
-            log(f"faces: {name} on {learner}")
+        cases = [(name, compiled) for name in metaopt.OPTIMIZERS
+                 for compiled in ((False, True) if name in COMPILED_VARIANT and not quick else (False,))]
+        for name, compiled in cases:
+            label = f"{name}[compiled]" if compiled else name
+            log(f"faces: {label} on {learner}")
             try:
-                row = face_row(name, learner, base, device, repeats, warmup, gemm["flops_per_s"], seed)
+                row = face_row(name, learner, base, device, repeats, warmup, gemm["flops_per_s"], seed, compiled)
             except torch.cuda.OutOfMemoryError as err:
-                row = {"key": f"faces:{name}:{learner}", "optimizer": name, "learner": learner,
+                row = {"key": f"faces:{label}:{learner}", "optimizer": label, "learner": learner,
                        "error": f"out of memory: {str(err).splitlines()[0]}"}
             judge(row, quick)
             rows.append(row)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from metaopt.baselines import (ForeachFace, adam_apply, adam_direction, adam_foreach_denominator, adam_foreach_update,
                                 adam_moments, apply_update, decayed, sgd_direction, with_weight_decay)
+from metaopt.compiling import compile_with_fallback
 from metaopt.core import FunctionalOptimizer, Params, check_betas, check_range
 from metaopt.numerics import dot64
 from metaopt.registry import register_optimizer
@@ -275,6 +276,77 @@ class AdamHDRule(FunctionalOptimizer):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The compiled steps (compile=True): the faces' arithmetic as two functions of tensors each, the reduction h and the
+# update, which inductor fuses into a few loops per tensor (on a CPU its C++ backend). Equal to the rule within float32
+# rounding (fused loops reorder the dot products' sums), not bit for bit. The learning rate and the bias corrections
+# are 0-dim tensors, so that their changing values need no recompilation; the configuration (weight decay, momentum,
+# betas) is part of the graph.
+
+
+def _sgd_hd_hypergradient(params: list[Tensor], grads: list[Tensor], prev: list[Tensor],
+                          weight_decay: float) -> Tensor:
+    """SGD-HD's ``h = −Σ⟨g + λθ, d_prev⟩``."""
+    return negated_dot_sum((g + weight_decay * p if weight_decay else g, d) for p, g, d in zip(params, grads, prev))
+
+
+def _sgd_hd_update(params: list[Tensor], grads: list[Tensor], prev: list[Tensor], bufs: list[Tensor], lr: Tensor,
+                   weight_decay: float, momentum: float, dampening: float, nesterov: bool) -> None:
+    """The SGD / heavy-ball / Nesterov step at rate ``lr`` once the buffers exist, in place; ``d_prev ← d`` except
+    for heavy ball, whose ``d_prev`` is the buffer itself (the caller makes it so)."""
+    for p, g, d_prev, buf in zip(params, grads, prev, bufs):
+        g = g + weight_decay * p if weight_decay else g
+        d = g
+        if momentum:
+            buf.mul_(momentum).add_(g, alpha=1 - dampening)
+            d = g + momentum * buf if nesterov else buf
+        p.sub_(lr * d)
+        if not momentum or nesterov:
+            d_prev.copy_(d)
+
+
+def _adam_hd_hypergradient(params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor],
+                           weight_decay: float, bias_correction1: Tensor, bias_correction2_sqrt: Tensor,
+                           eps: float) -> Tensor:
+    """Adam-HD's ``h = −Σ⟨g + λθ, m̂/(√v̂ + ε)⟩`` from the moments before they move."""
+    return negated_dot_sum((g + weight_decay * p if weight_decay else g,
+                            m / bias_correction1 / (v.sqrt() / bias_correction2_sqrt + eps))
+                           for p, g, m, v in zip(params, grads, ms, vs))
+
+
+def _adam_update(params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], weight_decay: float,
+                 step_size: Tensor, bias_correction2_sqrt: Tensor, beta1: float, beta2: float, eps: float) -> None:
+    """Adam's step in place, ``step_size`` being ``α/(1 − β1^t)``."""
+    for p, g, m, v in zip(params, grads, ms, vs):
+        g = g + weight_decay * p if weight_decay else g
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        p.sub_(step_size * m / (v.sqrt() / bias_correction2_sqrt + eps))
+
+
+_EAGER_STEPS = {fn.__name__: fn for fn in (_sgd_hd_hypergradient, _sgd_hd_update, _adam_hd_hypergradient, _adam_update)}
+_COMPILED_STEPS: dict[tuple[str, bool | str], Any] = {}
+
+
+def compiled_step(name: str, mode: bool | str) -> Any:
+    """The function ``name`` of this section through ``torch.compile(dynamic=False, fullgraph=True)`` in ``mode``
+    (True: the default mode), shared by every face of the process (one graph per shapes and configuration), with the
+    eager function as the fallback (:func:`~metaopt.compiling.compile_with_fallback`)."""
+    if (name, mode) not in _COMPILED_STEPS:
+        eager = _EAGER_STEPS[name]
+        compiled = torch.compile(eager, dynamic=False, fullgraph=True, mode=None if mode is True else mode)
+        # No detaching and dynamo's own recompile limit: both cost more per call than such a step takes on a small
+        # model (measured: 187 µs a call instead of 53 on the 15,910 parameters of MLP 784-20-10). Beyond the limit
+        # dynamo runs the eager function (the same maths) and says so.
+        _COMPILED_STEPS[name, mode] = compile_with_fallback(compiled, eager, "the hypergradient step", detach=False,
+                                                            recompile_limit=None)
+    return _COMPILED_STEPS[name, mode]
+
+
+def _scalar(value: float, like: Tensor) -> Tensor:
+    return torch.tensor(value, dtype=torch.float64, device=like.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # torch.optim faces
 
 
@@ -289,8 +361,15 @@ class _HypergradientFace(ForeachFace):
 
     screens_nonfinite = True
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, nonfinite: str, fast: bool):
-        self.fast = fast
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, nonfinite: str, fast: bool,
+                 compile: bool | str):
+        if not isinstance(compile, (bool, str)):
+            raise ValueError(f"Invalid compile: {compile!r} (expected True, False or a torch.compile mode)")
+        if compile is not False and not fast:
+            raise ValueError(f"Invalid compile: {compile!r} (compiling needs fast=True)")
+        if compile is not False and defaults.get("gbaydin_compat") and "betas" in defaults:
+            raise ValueError("Invalid compile: gbaydin_compat=True steps through the rule and is not compiled")
+        self.fast, self.compile = fast, compile
         super().__init__(params, dict(defaults, negative_lr_steps=0), nonfinite=nonfinite)
         self._logged_negative_lr = False
 
@@ -354,6 +433,9 @@ class SGDHD(_HypergradientFace):
         nonfinite: ``"skip"`` or ``"raise"`` on non-finite gradients (see :class:`~metaopt.core.CoreOptimizer`).
         fast: step in place with ``torch._foreach_*`` ops (default); ``False`` steps through :class:`SGDHDRule`
             (the same numbers).
+        compile: ``True`` (or a torch.compile mode) runs the in-place step through ``torch.compile``: the reduction
+            and the update each fuse into a few loops per tensor. Equal to the rule within float32 rounding; the first
+            step of each shape compiles (seconds; inductor caches the code on disk).
 
     Memory per parameter: d_prev (+n) for SGD-HD; heavy ball +n (d_prev *is* the momentum buffer); Nesterov +2n.
     """
@@ -361,7 +443,7 @@ class SGDHD(_HypergradientFace):
     def __init__(self, params, lr: float = 1e-3, hypergrad_lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0, *,
                  clip_lr_at_zero: bool = False, gbaydin_compat: bool = False, nonfinite: str = "skip",
-                 fast: bool = True):
+                 fast: bool = True, compile: bool | str = False):
         check_range("learning rate", lr)
         check_range("hypergrad_lr", hypergrad_lr)
         check_range("momentum value", momentum)
@@ -371,13 +453,18 @@ class SGDHD(_HypergradientFace):
             raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum > 0 and zero dampening")
         super().__init__(params, dict(lr=lr, hypergrad_lr=hypergrad_lr, momentum=momentum, dampening=dampening,
                                       nesterov=nesterov, weight_decay=weight_decay, clip_lr_at_zero=clip_lr_at_zero,
-                                      gbaydin_compat=gbaydin_compat), nonfinite=nonfinite, fast=fast)
+                                      gbaydin_compat=gbaydin_compat), nonfinite=nonfinite, fast=fast,
+                         compile=compile)
 
     def rule(self, group: dict[str, Any]) -> SGDHDRule:
         return SGDHDRule(group["lr"], group["hypergrad_lr"], group["momentum"], group["dampening"], group["nesterov"],
                          group["weight_decay"], group["clip_lr_at_zero"])
 
     def foreach_step(self, group, params, grads, state) -> bool:
+        momentum = group["momentum"]
+        if self.compile is not False and (not momentum or all(s["momentum_buffer"].shape == p.shape
+                                                                 for s, p in zip(state, params))):
+            return self._compiled_step(group, params, grads, state)
         effective = decayed(grads, params, group["weight_decay"])
         h = negated_dot_sum(zip(effective, (s["prev_direction"] for s in state)))
         if not self.hypergradient_step(group, grads, h):
@@ -399,6 +486,22 @@ class SGDHD(_HypergradientFace):
         else:  # new tensors, or the momentum buffers themselves (heavy ball: d_prev costs no memory, as the rule)
             for s, d in zip(state, directions):
                 s["prev_direction"] = d
+        group["step"] += 1
+        return True
+
+    def _compiled_step(self, group, params, grads, state) -> bool:
+        """:meth:`foreach_step` through the compiled functions (every momentum buffer exists)."""
+        weight_decay, momentum = group["weight_decay"], group["momentum"]
+        prev = [s["prev_direction"] for s in state]
+        h = compiled_step("_sgd_hd_hypergradient", self.compile)(params, grads, prev, weight_decay)
+        if not self.hypergradient_step(group, grads, h):
+            return False
+        bufs = [s["momentum_buffer"] for s in state]
+        compiled_step("_sgd_hd_update", self.compile)(params, grads, prev, bufs, _scalar(group["lr"], params[0]),
+                                                      weight_decay, momentum, group["dampening"], group["nesterov"])
+        if momentum and not group["nesterov"]:  # heavy ball: d_prev is the buffer
+            for s in state:
+                s["prev_direction"] = s["momentum_buffer"]
         group["step"] += 1
         return True
 
@@ -432,13 +535,16 @@ class AdamHD(_HypergradientFace):
         nonfinite: ``"skip"`` or ``"raise"`` on non-finite gradients.
         fast: step in place with ``torch._foreach_*`` ops (default); ``False`` steps through :class:`AdamHDRule`
             (the same numbers).
+        compile: ``True`` (or a torch.compile mode) runs the in-place step through ``torch.compile``, as
+            :class:`SGDHD`'s (not with ``gbaydin_compat``).
 
     Memory per parameter: m and v (+2n, as Adam); the hypergradient adds none (d_{t−1} is recomputed).
     """
 
     def __init__(self, params, lr: float = 1e-3, hypergrad_lr: float = 1e-7, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, clip_lr_at_zero: bool = False,
-                 gbaydin_compat: bool = False, nonfinite: str = "skip", fast: bool = True):
+                 gbaydin_compat: bool = False, nonfinite: str = "skip", fast: bool = True,
+                 compile: bool | str = False):
         check_range("learning rate", lr)
         check_range("hypergrad_lr", hypergrad_lr)
         check_range("epsilon value", eps)
@@ -446,7 +552,8 @@ class AdamHD(_HypergradientFace):
         check_range("weight_decay value", weight_decay)
         super().__init__(params, dict(lr=lr, hypergrad_lr=hypergrad_lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay, clip_lr_at_zero=clip_lr_at_zero,
-                                      gbaydin_compat=gbaydin_compat), nonfinite=nonfinite, fast=fast)
+                                      gbaydin_compat=gbaydin_compat), nonfinite=nonfinite, fast=fast,
+                         compile=compile)
 
     def rule(self, group: dict[str, Any]) -> AdamHDRule:
         return AdamHDRule(group["lr"], group["hypergrad_lr"], tuple(group["betas"]), group["eps"],
@@ -463,6 +570,8 @@ class AdamHD(_HypergradientFace):
             if not self.check_finite(group, grads):
                 return False
             h = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        elif self.compile is not False:
+            return self._compiled_step(group, params, grads, ms, vs)
         else:  # d_{t−1} = m̂/(√v̂ + ε) recomputed from the moments before they move (adam_previous_direction)
             directions = torch._foreach_div(ms, 1 - beta1**prev_step)
             torch._foreach_div_(directions, adam_foreach_denominator(vs, prev_step, beta2, eps))
@@ -472,6 +581,21 @@ class AdamHD(_HypergradientFace):
             return False
         adam_foreach_update(params, effective, ms, vs, prev_step + 1, group["lr"], beta1, beta2, eps)
         group["step"] = prev_step + 1
+        return True
+
+    def _compiled_step(self, group, params, grads, ms, vs) -> bool:
+        """:meth:`foreach_step` through the compiled functions (after the first step)."""
+        (beta1, beta2), eps, weight_decay, prev_step = group["betas"], group["eps"], group["weight_decay"], group["step"]
+        h = compiled_step("_adam_hd_hypergradient", self.compile)(
+            params, grads, ms, vs, weight_decay, _scalar(1 - beta1**prev_step, params[0]),
+            _scalar((1 - beta2**prev_step) ** 0.5, params[0]), eps)
+        if not self.hypergradient_step(group, grads, h):
+            return False
+        step = prev_step + 1
+        compiled_step("_adam_update", self.compile)(
+            params, grads, ms, vs, weight_decay, _scalar(group["lr"] / (1 - beta1**step), params[0]),
+            _scalar((1 - beta2**step) ** 0.5, params[0]), beta1, beta2, eps)
+        group["step"] = step
         return True
 
 

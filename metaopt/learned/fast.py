@@ -23,7 +23,6 @@ truth and the buffers a cache of it.
 
 from __future__ import annotations
 
-import inspect
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,11 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaopt.compiling import ISOLATE
 
-# torch.compile(isolate_recompiles=True) (recent torch) gives each face its own cache of compiled graphs: without it
-# every face in a process shares the cache of flat_step's code object, whose recompile limit (8 by default) a process
-# evaluating many learners (one compile per distinct n, dtype, device and optimizer configuration) would exhaust.
-_ISOLATE = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+
 
 
 def flat_step(lopt: nn.Module, state_type: type, grad: Tensor, neg_lr: float | Tensor, update: Tensor,
@@ -65,7 +62,8 @@ def compile_flat_step(mode: bool | str) -> FlatStepFn:
     Static shapes: one compilation per distinct n, dtype and device (and optimizer configuration); lr is an input.
     The learned optimizer's parameters are inputs too, so several instances of one configuration share a graph.
     Raises torch's own error for an unknown mode."""
-    return torch.compile(flat_step, dynamic=False, fullgraph=True, mode=None if mode is True else mode, **_ISOLATE)
+    # ISOLATE: each face its own cache of graphs, or a process evaluating many learners would exhaust the shared one
+    return torch.compile(flat_step, dynamic=False, fullgraph=True, mode=None if mode is True else mode, **ISOLATE)
 
 
 class FlatGroupState:

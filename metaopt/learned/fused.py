@@ -25,7 +25,6 @@ instances) once per truncation.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metaopt.compiling import COMPILE_FAILED, compile_with_fallback
 from metaopt.learned.cells import ACCUMULATOR_EPS
 from metaopt.numerics import TINY
 
@@ -284,7 +284,6 @@ def hyperadam_step(lopt, grad: Tensor, state: Sequence[Tensor], eps: float, comp
 
 _EAGER: dict[str, tuple[Callable, Callable]] = {"hyperadam": (_hyperadam_forward, _hyperadam_backward)}
 _COMPILED: dict[str, tuple[Callable, Callable]] = {}
-_COMPILE_FAILED: list[str] = []
 
 
 def _is_batched(t: Tensor) -> bool:
@@ -299,45 +298,8 @@ def bodies(cell: str, compiled: bool) -> tuple[Callable, Callable]:
     and shape family (``dynamic=None``: a second shape recompiles with dynamic sizes); inductor caches the code on
     disk. Where compilation fails (no working C++ compiler), a warning names the error and the eager bodies run."""
     eager = _EAGER[cell]
-    if not compiled or _COMPILE_FAILED:
+    if not compiled or COMPILE_FAILED:
         return eager
     if cell not in _COMPILED:
         _COMPILED[cell] = tuple(compile_with_fallback(torch.compile(fn, fullgraph=True, dynamic=None), fn) for fn in eager)
     return _COMPILED[cell]
-
-
-# Variants one compiled body may accumulate: a task family that mixes learners (the "general" family) meets each
-# combination of coordinate count, instances per group (1 is specialised), and which cotangents are None; dynamo's
-# default of 8 was hit within 12 tasks. Beyond this, calls fall back to the eager bodies with a warning.
-RECOMPILE_LIMIT = 64
-
-
-def _detached(args: tuple) -> tuple:
-    """``args`` with every tensor (also inside tuples) detached: outside grad mode a no-op for the maths, and it keeps
-    ``requires_grad`` out of the compiled bodies' guards (a meta-batch mixing tasks otherwise recompiles per mix of
-    requires_grad flags and hits dynamo's recompile limit)."""
-    return tuple(a.detach() if isinstance(a, Tensor) else
-                 type(a)(*_detached(tuple(a))) if isinstance(a, tuple) and hasattr(a, "_fields") else
-                 _detached(a) if isinstance(a, tuple) else a for a in args)
-
-
-def compile_with_fallback(compiled_fn: Callable, eager_fn: Callable) -> Callable:
-    def run(*args):
-        if _COMPILE_FAILED:
-            return eager_fn(*args)
-        if not torch.is_grad_enabled():
-            args = _detached(args)
-        try:
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                return compiled_fn(*args)
-        except torch._dynamo.exc.BackendCompilerFailed as err:  # inductor needs a C++ toolchain; the maths does not
-            _COMPILE_FAILED.append(str(err))
-            warnings.warn(f"metaopt.learned.fused: torch.compile failed ({str(err)[:300]}); running the fused cells "
-                          "eagerly (same maths, slower)", RuntimeWarning, stacklevel=2)
-            return eager_fn(*args)
-        except torch._dynamo.exc.FailOnRecompileLimitHit:  # too many shapes / flags: this call runs eagerly
-            warnings.warn(f"metaopt.learned.fused: torch.compile hit its recompile limit ({RECOMPILE_LIMIT}); such "
-                          "calls run eagerly (same maths, slower)", RuntimeWarning, stacklevel=2)
-            return eager_fn(*args)
-
-    return run
