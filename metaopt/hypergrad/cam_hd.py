@@ -54,6 +54,7 @@ from metaopt.baselines import (
     with_weight_decay,
 )
 from metaopt.core import CoreOptimizer, FunctionalOptimizer, Params, all_finite, check_betas, check_range
+from metaopt.hypergrad.hd import warn_negative_rate_once
 from metaopt.numerics import dot64
 from metaopt.registry import register_optimizer
 
@@ -821,7 +822,6 @@ class CamHD(CoreOptimizer):
                            type(self).__name__)
         self.layer_key = layer_key
         self._layouts: dict[tuple, ParamLayout] = {}
-        self._logged_negative_lr = False
         hypergrad_lr = hypergrad_lr if isinstance(hypergrad_lr, (int, float)) else tuple(float(b) for b in betas)
         super().__init__(params, dict(lr=lr, hypergrad_lr=hypergrad_lr, levels=levels, gamma=gamma,
                                       gamma_lr=gamma_lr, gamma_mode=gamma_mode, decay=decay, alpha_inf=alpha_inf,
@@ -875,12 +875,8 @@ class CamHD(CoreOptimizer):
         self.store_rule_state(group, param_dict, new_state)
         logger.debug("%s: step %d gamma %r alpha_global %r alpha_layer %r", type(self).__name__, group["step"],
                      group["gamma"], group["alpha_global"], group["alpha_layer"])
-        if group["negative_lr_steps"] > negative_before and not self._logged_negative_lr:
-            action = "clipped to 0" if group["clip_lr_at_zero"] else "kept (clip_lr_at_zero=False)"
-            logger.warning("%s: the hypergradient drove a learning rate negative at step %d; %s. Further occurrences "
-                           "are counted in param_groups[i]['negative_lr_steps'].", type(self).__name__,
-                           group["step"], action)
-            self._logged_negative_lr = True
+        warn_negative_rate_once(self, group, negative_before, "clipped to 0" if group["clip_lr_at_zero"]
+                                else "kept (clip_lr_at_zero=False)")
         return True
 
     def _rates_finite(self, group: dict[str, Any], state: CamHDState) -> bool:

@@ -141,6 +141,18 @@ def update_learning_rate(lr: Scalar, hypergrad_lr: Scalar, h: Tensor,
     return new_lr, negative
 
 
+def warn_negative_rate_once(optimizer: Any, group: dict[str, Any], negative_before: int, action: str,
+                            now: str = "") -> None:
+    """After a step of ``group``: if ``group["negative_lr_steps"]`` grew past ``negative_before``, log the first such
+    step of ``optimizer`` as a warning (what happened, ``action`` taken, ``now``: the rate's new value, if given);
+    later ones are only counted. The HD, CAM-HD and TLR faces share it; the flag is ``optimizer._logged_negative_lr``."""
+    if group["negative_lr_steps"] > negative_before and not getattr(optimizer, "_logged_negative_lr", False):
+        logger.warning("%s: a hypergradient step drove the learning rate negative at step %d; %s%s. Further "
+                       "occurrences are counted in param_groups[i]['negative_lr_steps'].", type(optimizer).__name__,
+                       group["step"], action, f" ({now})" if now else "")
+        optimizer._logged_negative_lr = True
+
+
 def _count(counter: int | Tensor, negative: bool | Tensor) -> int | Tensor:
     if isinstance(negative, Tensor):
         return counter + negative.to(torch.int64)
@@ -371,7 +383,6 @@ class _HypergradientFace(ForeachFace):
             raise ValueError("Invalid compile: gbaydin_compat=True steps through the rule and is not compiled")
         self.fast, self.compile = fast, compile
         super().__init__(params, dict(defaults, negative_lr_steps=0), nonfinite=nonfinite)
-        self._logged_negative_lr = False
 
     def use_rule(self, group: dict[str, Any]) -> bool:
         return super().use_rule(group) or isinstance(group["hypergrad_lr"], Tensor)
@@ -394,12 +405,8 @@ class _HypergradientFace(ForeachFace):
             return self.skip_nonfinite(group, "learning rate from the hypergradient", err)
         if stepped:
             logger.debug("%s: step %d lr %r", type(self).__name__, group["step"], group["lr"])
-            if group["negative_lr_steps"] > negative_before and not self._logged_negative_lr:
-                action = "clipped to 0" if group["clip_lr_at_zero"] else "kept (clip_lr_at_zero=False)"
-                logger.warning("%s: the hypergradient drove the learning rate negative at step %d; %s (lr is now "
-                               "%r). Further occurrences are counted in param_groups[i]['negative_lr_steps'].",
-                               type(self).__name__, group["step"], action, group["lr"])
-                self._logged_negative_lr = True
+            warn_negative_rate_once(self, group, negative_before, "clipped to 0" if group["clip_lr_at_zero"]
+                                    else "kept (clip_lr_at_zero=False)", f"lr is now {group['lr']!r}")
         return stepped
 
 

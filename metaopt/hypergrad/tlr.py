@@ -28,7 +28,7 @@ from torch import Tensor
 
 from metaopt.baselines import apply_update, sgd_direction, with_weight_decay
 from metaopt.core import CoreOptimizer, FunctionalOptimizer, Params, check_range
-from metaopt.hypergrad.hd import NonFiniteLearningRate
+from metaopt.hypergrad.hd import NonFiniteLearningRate, warn_negative_rate_once
 from metaopt.registry import register_optimizer
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,6 @@ class _TLRFace(CoreOptimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, nonfinite: str):
         super().__init__(params, dict(defaults, negative_lr_steps=0), nonfinite=nonfinite)
-        self._logged_negative_lr = False
 
     def _skip_nonfinite_lr(self, group: dict[str, Any], err: NonFiniteLearningRate) -> None:
         self.skip_nonfinite(group, "learning-rate update", err)
@@ -272,10 +271,7 @@ class _TLRFace(CoreOptimizer):
     def _log_step(self, group: dict[str, Any], negative_before: int, action: str) -> None:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s: step %d lr %r", type(self).__name__, group["step"], self.learning_rates(group))
-        if group["negative_lr_steps"] > negative_before and not self._logged_negative_lr:
-            logger.warning("%s: a learning-rate update went negative at step %d; %s. Further occurrences are counted "
-                           "in param_groups[i]['negative_lr_steps'].", type(self).__name__, group["step"], action)
-            self._logged_negative_lr = True
+        warn_negative_rate_once(self, group, negative_before, action)
 
     def learning_rates(self, group: dict[str, Any]) -> float | dict[str, float]:
         """The group's alpha (``param_groups[i]["lr"]``)."""
