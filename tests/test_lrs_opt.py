@@ -1,5 +1,5 @@
-"""LRS-OPT: the schedule hypergradient through ``higher`` equals central finite differences, an independent
-``torch.func`` unroll and MARTHE's tangents (RTHO / HD); projected gradient descent on the schedule."""
+"""LRS-OPT: the schedule hypergradient through the unrolled metaopt rules equals central finite differences, an
+independent ``torch.func`` unroll and MARTHE's tangents (RTHO / HD); projected gradient descent on the schedule."""
 
 import copy
 
@@ -186,3 +186,40 @@ def test_invalid_arguments(schedule, kw, match):
     with pytest.raises(ValueError, match=match):
         optimize_schedule(model, torch.optim.SGD(model.parameters(), lr=0.0), schedule, lambda m, t: m(
             torch.ones(1, 3, dtype=F64)).sum(), lambda m: m(torch.ones(1, 3, dtype=F64)).sum(), **args)
+
+
+def test_every_base_unrolls_its_own_rule_from_its_current_state():
+    """torch.optim.SGD and its metaopt face give the same hypergradient; so do torch.optim.Adam and metaopt's adam,
+    also after a step was taken (the unroll starts from the optimizer's current state, as torch would go on)."""
+    model, (train, val) = tiny_model(12), make_data(13)
+    fns = loss_fns(train, val)
+    torch_sgd = schedule_hypergradient(model, torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9), SCHEDULE,
+                                       *fns)
+    face = schedule_hypergradient(model, metaopt.make_optimizer("momentum", model.parameters(), momentum=0.9),
+                                  SCHEDULE, *fns)
+    torch.testing.assert_close(face.hypergrad, torch_sgd.hypergrad, rtol=1e-13, atol=1e-16)
+    for warm in (False, True):
+        adams = [copy.deepcopy(model), copy.deepcopy(model)]
+        opts = [torch.optim.Adam(adams[0].parameters(), lr=0.01),
+                metaopt.make_optimizer("adam", adams[1].parameters(), lr=0.01)]
+        if warm:  # one real step first: the unroll continues from the moments and the step count
+            for m, opt in zip(adams, opts):
+                mse(m(train[0][0]), train[0][1]).backward()
+                opt.step()
+        results = [schedule_hypergradient(m, opt, SCHEDULE, *loss_fns(train, val)) for m, opt in zip(adams, opts)]
+        torch.testing.assert_close(results[0].hypergrad, results[1].hypergrad, rtol=1e-12, atol=1e-15)
+        assert results[0].val_loss.item() == pytest.approx(results[1].val_loss.item(), rel=1e-13)
+    assert not torch.equal(results[0].hypergrad, schedule_hypergradient(
+        model, torch.optim.Adam(model.parameters(), lr=0.01), SCHEDULE, *fns).hypergrad)  # the state mattered
+
+
+def test_unsupported_optimizers_and_foreign_parameters_are_refused():
+    model = tiny_model()
+    fns = (lambda m, t: m(torch.ones(1, 3, dtype=F64)).sum(), lambda m: m(torch.ones(1, 3, dtype=F64)).sum())
+    with pytest.raises(ValueError, match="RMSprop"):
+        schedule_hypergradient(model, torch.optim.RMSprop(model.parameters()), SCHEDULE, *fns)
+    with pytest.raises(ValueError, match="amsgrad"):
+        schedule_hypergradient(model, torch.optim.Adam(model.parameters(), amsgrad=True), SCHEDULE, *fns)
+    other = torch.nn.Parameter(torch.zeros(2, dtype=F64))
+    with pytest.raises(ValueError, match="not the model's"):
+        schedule_hypergradient(model, torch.optim.SGD([other], lr=0.1), SCHEDULE, *fns)

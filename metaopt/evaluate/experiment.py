@@ -33,7 +33,7 @@ from metaopt.evaluate.runner import (TUNE_SEED_OFFSET, Run, RunConfig, Stopped, 
                                      tune_learning_rates)
 from metaopt.evaluate.suites import SUITES, Suite, TaskSpec
 from metaopt.learned import LEARNED_NAMES
-from metaopt.learned.base import CHECKPOINT_ROOT, CONFIG_FILE, WEIGHTS_FILE, fingerprint
+from metaopt.learned.base import CHECKPOINT_ROOT, CONFIG_FILE, WEIGHTS_FILE, checkpoint_root, fingerprint
 
 QUICK_LRS_OUTER_STEPS = 2
 
@@ -77,10 +77,6 @@ class SuiteResult:
     skipped: dict[str, str]
     report: str
     files: list[Path] = dataclasses.field(default_factory=list)
-
-
-def checkpoint_root() -> Path:
-    return Path(os.environ.get("METAOPT_CHECKPOINTS", CHECKPOINT_ROOT))
 
 
 def _is_checkpoint(path: Path) -> bool:

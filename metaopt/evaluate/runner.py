@@ -439,7 +439,6 @@ def run_lrs_opt(task_label: str, spec: TaskSpec, task: Task, config: LrsOpt, see
     if not isinstance(task, SupervisedTask):
         raise ValueError(f"LRS-OPT needs a classification task with a validation split, got {task_label}")
     val_batch = Batch(*task.data.full("val"))
-    names = list(dict(task.learner.named_parameters()))
     runs, records = [], []
     for seed in list(seeds)[:config.seeds]:
         init_gen, _ = seeded_generators(seed, task.device)
@@ -450,13 +449,12 @@ def run_lrs_opt(task_label: str, spec: TaskSpec, task: Task, config: LrsOpt, see
                 p.copy_(initial[name])
         outer_gen = torch.Generator(device=task.device).manual_seed(LRS_BATCH_SEED_OFFSET + seed)
 
-        # The losses go through the task (functional_call on its learner) with higher's current fast weights rather
-        # than through higher's patched module, whose forward cannot slice a ModuleList.
+        # The losses go through the task (functional_call on its learner) at the unrolled weights.
         def train_loss(fmodel: Any, t: int) -> Tensor:
-            return task.loss(dict(zip(names, fmodel.fast_params)), task.sample_batch(outer_gen))
+            return task.loss(fmodel.params, task.sample_batch(outer_gen))
 
         def val_loss(fmodel: Any) -> Tensor:
-            return task.loss(dict(zip(names, fmodel.fast_params)), val_batch)
+            return task.loss(fmodel.params, val_batch)
 
         base = torch.optim.SGD(model.parameters(), lr=config.init_lr)
         start = time.perf_counter()

@@ -7,9 +7,11 @@ MARTHE) approximate. For a schedule η = (η_0, …, η_{T−1}) and T steps of 
     f_T(η) = E(w_T(η)),   w_0 = w̄,   w_{t+1} = Φ_t(w_t, η_t)                                     (eq. 1)
     ∇f_T(η) = ẇ_Tᵀ ∇E(w_T),  ẇ_T = dw_T/dη                                                         (eq. 2)
 
-is computed exactly by reverse-mode differentiation through the unrolled loop, using the ``higher`` library
-(``higher.innerloop_ctx``): the base optimizer's learning rate at step t is passed as a tensor through higher's
-``override`` — one entry per parameter group — so the unrolled weights are differentiable functions of η.
+is computed exactly by reverse-mode differentiation through the unrolled loop: the base optimizer's functional rule
+(:mod:`metaopt.core`; the rule behind a metaopt face, or :class:`~metaopt.baselines.SGDRule` / ``AdamRule`` for a
+``torch.optim.SGD`` / ``Adam``) steps the weights out of place with the learning rate η_t as a tensor, one per param
+group, and the model is evaluated at the unrolled weights with ``torch.func.functional_call``, so the weights at every
+step are differentiable functions of η. The same update code as the online methods, no second implementation.
 
 :func:`schedule_hypergradient` returns (f_T(η), ∇f_T(η)); :func:`optimize_schedule` runs K outer iterations of
 projected gradient descent η ← max(η − γ·∇f_T(η), 0) (the feasible set is ℝ_+^T, eq. 1) and returns the history.
@@ -18,25 +20,103 @@ Cost: one forward unroll of T steps plus one backward through it per hypergradie
 weights and of the activations the losses save (the whole trajectory is kept, paper Sec. 2). The paper's LRS-OPT
 run (T = 512, 5000 outer iterations) took over two hours on a GPU; this is an analysis tool for small problems.
 
-Notes. The base optimizer is any optimizer ``higher`` can differentiate (``torch.optim.SGD``, ``Adam``, …); its
-hyper-parameters (momentum, weight decay, …) and its current state are the initial ones, only ``lr`` is overridden.
-``higher``'s differentiable Adam uses the older ε placement ``m/(√v + ε)·√bc2/bc1``, not torch's current
-``m̂/(√v̂ + ε)``. The model's weights are the initial point w̄ and are never modified.
+Notes. The base optimizer's other hyper-parameters (momentum, weight decay, …) and its current state are the initial
+ones; only ``lr`` is replaced by the schedule. Adam steps in torch's current arithmetic ``m̂/(√v̂ + ε)``. Parameters
+without a gradient at a step are left untouched, as ``torch.optim`` leaves them. The model's weights and buffers are
+the initial point w̄ and are never modified.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-import higher
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from metaopt.core import check_range
+from metaopt.baselines import AdamRule, SGDRule
+from metaopt.core import CoreOptimizer, FunctionalOptimizer, Params, check_range
 
-TrainLoss = Callable[[nn.Module, int], Tensor]
-ValLoss = Callable[[nn.Module], Tensor]
+
+class FunctionalModel:
+    """``model`` at the unrolled weights: call it like the model (``functional_call`` with ``params``, name → tensor,
+    and copies of the model's buffers, so that the model itself is never modified). ``params`` is public: a loss can
+    also be computed from it directly (``task.loss(fmodel.params, batch)``)."""
+
+    def __init__(self, model: nn.Module, params: Params, buffers: Params):
+        self.model, self.params, self.buffers = model, params, buffers
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self.model, {**self.params, **self.buffers}, args, kwargs)
+
+
+TrainLoss = Callable[[FunctionalModel, int], Tensor]
+ValLoss = Callable[[FunctionalModel], Tensor]
+
+
+class _Group(NamedTuple):
+    names: list[str]           # the optimizer's names of the group's parameters (what its rule is keyed by)
+    model_names: list[str]     # the same parameters' names in the model
+    rule: Callable[[Tensor], FunctionalOptimizer]  # η_t -> the group's rule at that rate
+
+
+def _groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[_Group], list[Any]]:
+    """Each param group's rule at a given rate and its initial state (the optimizer's current one)."""
+    model_name = {id(p): n for n, p in model.named_parameters()}
+    groups, states = [], []
+    for group in optimizer.param_groups:
+        if isinstance(optimizer, CoreOptimizer):
+            names, params = optimizer.named_params(group)
+        else:
+            params = list(group["params"])
+            names = [str(i) for i in range(len(params))]
+        if any(id(p) not in model_name for p in params):
+            raise ValueError("Invalid optimizer: it holds parameters that are not the model's")
+        by_name = dict(zip(names, params))
+        rule, state = _rule_and_state(optimizer, group, by_name)
+        groups.append(_Group(names, [model_name[id(p)] for p in params], rule))
+        states.append(state)
+    return groups, states
+
+
+def _rule_and_state(optimizer: torch.optim.Optimizer, group: dict[str, Any],
+                    params: dict[str, Tensor]) -> tuple[Callable[[Tensor], FunctionalOptimizer], Any]:
+    if isinstance(optimizer, CoreOptimizer):
+        def rule(lr: Tensor) -> FunctionalOptimizer:
+            return optimizer.rule({**group, "lr": lr})
+
+        return rule, optimizer.load_rule_state(group, optimizer.rule(group), params)
+    for flag in ("maximize", "amsgrad"):
+        if group.get(flag):
+            raise ValueError(f"Invalid optimizer: LRS-OPT does not unroll {type(optimizer).__name__}({flag}=True)")
+    torch_state = [optimizer.state.get(p, {}) for p in params.values()]
+    if type(optimizer) is torch.optim.SGD:
+        def rule(lr: Tensor) -> FunctionalOptimizer:
+            return SGDRule(lr, group["momentum"], group["dampening"], group["nesterov"], group["weight_decay"])
+
+        state = rule(group["lr"]).init(params)
+        if all(s.get("momentum_buffer") is not None for s in torch_state):  # a step was taken: torch's buffers
+            state = state._replace(step=1, momentum_buffer={n: s["momentum_buffer"].detach()
+                                                            for n, s in zip(params, torch_state)})
+        return rule, state
+    if type(optimizer) is torch.optim.Adam:
+        def rule(lr: Tensor) -> FunctionalOptimizer:
+            return AdamRule(lr, tuple(group["betas"]), group["eps"], group["weight_decay"])
+
+        state = rule(group["lr"]).init(params)
+        if all("step" in s for s in torch_state) and torch_state:
+            state = state._replace(step=int(torch_state[0]["step"]),
+                                   exp_avg={n: s["exp_avg"].detach() for n, s in zip(params, torch_state)},
+                                   exp_avg_sq={n: s["exp_avg_sq"].detach() for n, s in zip(params, torch_state)})
+        return rule, state
+    raise ValueError(f"Invalid optimizer: LRS-OPT unrolls metaopt optimizers (metaopt.make_optimizer) and "
+                     f"torch.optim.SGD / Adam, not {type(optimizer).__name__}")
+
+
+def _merged(old: NamedTuple, new: NamedTuple) -> NamedTuple:
+    """``new`` with the per-parameter entries of ``old`` that ``new`` lacks (parameters that did not step)."""
+    return type(new)(*({**a, **b} if isinstance(b, dict) else b for a, b in zip(old, new)))
 
 
 class ScheduleHypergradient(NamedTuple):
@@ -71,8 +151,8 @@ def schedule_hypergradient(model: nn.Module, optimizer: torch.optim.Optimizer, s
             replaced by the schedule; its other hyper-parameters and current state are used as they are).
         schedule: η, shape (T,) (one rate per step, shared by every param group) or (T, G) with G =
             ``len(optimizer.param_groups)`` (one rate per step and group). Finite and non-negative.
-        train_loss: ``train_loss(fmodel, t)``, the training loss L_t of step t computed with ``fmodel`` (higher's
-            functional copy of ``model``, called like it). It decides the minibatch of each step; one that draws a
+        train_loss: ``train_loss(fmodel, t)``, the training loss L_t of step t computed with ``fmodel`` (a
+            :class:`FunctionalModel`: ``model`` at the unrolled weights, called like it). It decides the minibatch of each step; one that draws a
             fresh batch from a generator it owns randomizes the progression at every outer iteration (paper fn. 7).
         val_loss: ``val_loss(fmodel)``, the objective E at the final weights w_T.
 
@@ -82,13 +162,26 @@ def schedule_hypergradient(model: nn.Module, optimizer: torch.optim.Optimizer, s
     num_groups = len(optimizer.param_groups)
     _check_schedule(schedule, num_groups)
     eta = schedule.detach().clone().requires_grad_(True)  # the caller's tensor is neither modified nor tracked
-    with higher.innerloop_ctx(model, optimizer, copy_initial_weights=True) as (fmodel, diffopt):
-        for t in range(eta.shape[0]):
-            # higher's override wants one entry per parameter group.
-            rates = [eta[t]] * num_groups if eta.dim() == 1 else [eta[t, i] for i in range(num_groups)]
-            diffopt.step(train_loss(fmodel, t), override={"lr": rates})
-        objective = val_loss(fmodel)
-        (hypergrad,) = torch.autograd.grad(objective, eta, allow_unused=True)
+    groups, states = _groups(model, optimizer)
+    weights = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    for t in range(eta.shape[0]):
+        loss = train_loss(FunctionalModel(model, weights, buffers), t)
+        grads = dict(zip(weights, torch.autograd.grad(loss, list(weights.values()), create_graph=True,
+                                                      allow_unused=True)))
+        new = dict(weights)
+        for i, group in enumerate(groups):
+            live = [(n, m) for n, m in zip(group.names, group.model_names) if grads[m] is not None]
+            if not live:
+                continue
+            rate = eta[t] if eta.dim() == 1 else eta[t, i]
+            stepped, state = group.rule(rate).step({n: weights[m] for n, m in live}, {n: grads[m] for n, m in live},
+                                                  states[i])
+            states[i] = _merged(states[i], state)
+            new.update({m: stepped[n] for n, m in live})
+        weights = new
+    objective = val_loss(FunctionalModel(model, weights, buffers))
+    (hypergrad,) = torch.autograd.grad(objective, eta, allow_unused=True)
     if hypergrad is None:  # E does not depend on the schedule (e.g. T steps that never touch E's weights)
         hypergrad = torch.zeros_like(eta)
     return ScheduleHypergradient(objective.detach(), hypergrad.detach())

@@ -167,6 +167,11 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_root() -> Path:
+    """Where registered names are looked up: ``$METAOPT_CHECKPOINTS``, else :data:`CHECKPOINT_ROOT`."""
+    return Path(os.environ.get("METAOPT_CHECKPOINTS", CHECKPOINT_ROOT))
+
+
 def resolve_checkpoint(name_or_dir: str | os.PathLike[str]) -> Path:
     """The checkpoint directory for a registered name (``checkpoints/<name>``) or a path; refuses pickles."""
     path = Path(name_or_dir)
@@ -180,8 +185,7 @@ def resolve_checkpoint(name_or_dir: str | os.PathLike[str]) -> Path:
     if path.is_dir():
         return path
     if isinstance(name_or_dir, str) and name_or_dir in LEARNED_NAMES:
-        root = Path(os.environ.get("METAOPT_CHECKPOINTS", CHECKPOINT_ROOT))
-        directory = root / name_or_dir
+        directory = checkpoint_root() / name_or_dir
         if not directory.is_dir():
             raise CheckpointError(
                 f"No pretrained checkpoint for {name_or_dir!r} at {directory}. Meta-train one with train_meta.py and "
