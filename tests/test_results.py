@@ -353,10 +353,21 @@ def test_a_gzipped_results_file_is_read_like_a_plain_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results.json"):
         report.read_results(tmp_path)
     (plain / "steps.csv").write_text("task,optimizer,seed,step,loss\n")
-    assert rs.compact(plain) == [plain / "results.json", plain / "steps.csv"]
-    assert sorted(p.name for p in plain.iterdir()) == ["results.json.gz"] and report.read_results(plain) == payload
+    (plain / "finals.csv").write_text("task,optimizer,seed,final\nmlp,adam,0,0.25\n")
+    assert rs.compact(plain) == [plain / "results.json", plain / "steps.csv", plain / "finals.csv"]
+    assert sorted(p.name for p in plain.iterdir()) == ["finals.csv.gz", "results.json.gz"]
+    assert report.read_results(plain) == payload
+    assert gzip.decompress((plain / "finals.csv.gz").read_bytes()).decode().endswith("mlp,adam,0,0.25\n")
     packed = (plain / "results.json.gz").read_bytes()
     assert rs.compact(plain) == [] and (plain / "results.json.gz").read_bytes() == packed  # idempotent, same bytes
+
+
+def test_every_committed_result_set_fits_the_size_budget():
+    """Each committed results directory (plots, tables, compressed per-step data) stays within the issue's 3 MB."""
+    for directory in rs.result_dirs(rs.RESULTS_ROOT):
+        size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        assert size <= rs.MAX_COMMITTED_BYTES, (f"{directory.name}: {size / 2**20:.2f} MiB; run python -m "
+                                                f"metaopt.evaluate.results --compact")
 
 
 def test_compact_rewrites_float32_losses_short_and_losslessly(tmp_path):

@@ -478,11 +478,15 @@ def render_results(root: str | os.PathLike[str] = RESULTS_ROOT, *, relative_to: 
     return "\n\n".join(sections)
 
 
+MAX_COMMITTED_BYTES = 3 * 2**20  # a committed results directory, every file in it (issue "Every paper experiment")
+
+
 def compact(directory: str | os.PathLike[str]) -> list[Path]:
-    """Shrink a results directory for committing: ``results.json`` rewritten as ``results.json.gz`` with the runs
-    re-encoded by :func:`report.runs_to_json` (float32 losses in their shortest decimal, lossless; every reader here
-    takes either file) and ``steps.csv`` removed (its per-step losses are the runs' ``losses`` in ``results.json``).
-    Returns the files removed or rewritten."""
+    """Shrink a results directory for committing (issue: ≤ :data:`MAX_COMMITTED_BYTES` per suite): ``results.json``
+    rewritten as ``results.json.gz`` with the runs re-encoded by :func:`report.runs_to_json` (float32 losses in their
+    shortest decimal, lossless; every reader here takes either file), ``steps.csv`` removed (its per-step losses are
+    the runs' ``losses`` in ``results.json``), and the per-run tables ``finals.csv`` / ``evals.csv`` gzipped
+    (``pandas.read_csv`` and ``zcat`` read them as they are). Returns the files removed or rewritten."""
     directory = Path(directory)
     changed = []
     source = report.results_file(directory)
@@ -502,6 +506,12 @@ def compact(directory: str | os.PathLike[str]) -> list[Path]:
         if (directory / name).is_file():
             (directory / name).unlink()
             changed.append(directory / name)
+    for name in ("finals.csv", "evals.csv"):
+        table = directory / name
+        if table.is_file():
+            (directory / (name + ".gz")).write_bytes(gzip.compress(table.read_bytes(), compresslevel=9, mtime=0))
+            table.unlink()
+            changed.append(table)
     return changed
 
 
@@ -564,8 +574,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="first write aggregate.json / aggregate.png into every results directory where Adam ran "
                              "and the summary across suites into ROOT/aggregate (metaopt.evaluate.aggregate)")
     parser.add_argument("--compact", action="store_true",
-                        help="first gzip every results.json under ROOT to results.json.gz and remove steps.csv (its "
-                             "losses are in results.json): how result sets are committed")
+                        help="first gzip every results.json under ROOT to results.json.gz, remove steps.csv (its "
+                             "losses are in results.json) and gzip finals.csv / evals.csv: how result sets are "
+                             "committed (each within 3 MiB)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--write", metavar="README", help=f"replace the lines between {BEGIN} and {END} in README")
     mode.add_argument("--check", metavar="README",
