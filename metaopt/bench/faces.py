@@ -248,9 +248,14 @@ def faces_section(device: torch.device, repeats: int, warmup: int, quick: bool, 
             log(f"faces: {label} on {learner}")
             try:
                 row = face_row(name, learner, base, device, repeats, warmup, gemm["flops_per_s"], seed, compiled)
-            except torch.cuda.OutOfMemoryError as err:
+            except (torch.cuda.OutOfMemoryError, ImportError) as err:  # out of memory; a package this machine lacks
                 row = {"key": f"faces:{label}:{learner}", "optimizer": label, "learner": learner,
-                       "error": f"out of memory: {str(err).splitlines()[0]}"}
+                       "error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
+            except Exception as err:  # noqa: BLE001  a compiled variant that fails to build here: say so, go on
+                if not compiled:
+                    raise
+                row = {"key": f"faces:{label}:{learner}", "optimizer": label, "learner": learner,
+                       "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
             judge(row, quick)
             rows.append(row)
     return {"learners": {name: FACE_LEARNERS[name]().__repr__().splitlines()[0] for name in learners},
