@@ -25,3 +25,13 @@ def assert_nonfinite_step_is_skipped(model, opt, fill=1.0):
             assert torch.equal(after["state"][k][field], v) if isinstance(v, torch.Tensor) \
                 else after["state"][k][field] == v
     return before, after
+
+
+def assert_same_parameters_and_state(model_a, opt_a, model_b, opt_b):
+    """Two runs that must agree bit for bit: the same parameters, param_groups and per-parameter state. Returns both
+    state dicts (for a crossed resume)."""
+    assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
+    a, b = opt_a.state_dict(), opt_b.state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
+    return a, b

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from helpers import assert_nonfinite_step_is_skipped
+from helpers import assert_nonfinite_step_is_skipped, assert_same_parameters_and_state
 
 import metaopt
 import metaopt.hypergrad.hd  # noqa: F401  (registers sgd-hd, sgdn-hd, adam-hd)
@@ -347,10 +347,7 @@ def test_in_place_face_equals_the_rule_and_resumes_its_state(name, kw):
     fast_opt = metaopt.make_optimizer(name, fast.parameters(), **kw)
     slow_opt = metaopt.make_optimizer(name, slow.parameters(), fast=False, **kw)
     assert run(fast, fast_opt, 5) == run(slow, slow_opt, 5)
-    assert all(torch.equal(p, q) for p, q in zip(fast.parameters(), slow.parameters()))
-    a, b = fast_opt.state_dict(), slow_opt.state_dict()
-    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
-    assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
+    a, b = assert_same_parameters_and_state(fast, fast_opt, slow, slow_opt)
     fast_opt.load_state_dict(b)
     slow_opt.load_state_dict(a)
     assert run(fast, fast_opt, 4, seed=2) == run(slow, slow_opt, 4, seed=2)

@@ -266,21 +266,31 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3g} ms"
 
 
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "–"
+    if "error" in row:
+        return row["error"]
+    verdict = {True: ", pass", False: ", FAIL", None: ""}[row.get("passed")]
+    return f"{_ms(row['time_s']['median_s'])}, {row['ratio']:.3g}×{verdict}"
+
+
 def faces_markdown(section: dict[str, Any]) -> list[str]:
-    """The section as one Markdown table: each optimizer's step, its baseline, the ratio and the target."""
-    lines = [f"Compute floor: {section['gemm']['flops_per_s'] / 1e9:,.0f} GFLOP/s (float32 {section['gemm']['size']}² "
-             "matrix product).", "",
-             "| optimizer | learner | step | baseline | baseline's step or floor | ratio | target |",
-             "|---|---|---|---|---|---|---|"]
+    """The section as one Markdown table, one line per optimizer (and compiled variant): its baseline, then per
+    learner its step time and its ratio to the baseline's step or to the compute floor, judged against the target."""
+    learners = list(dict.fromkeys(r["learner"] for r in section["rows"]))
+    by_label: dict[str, dict[str, dict[str, Any]]] = {}
     for r in section["rows"]:
-        if "error" in r:
-            lines.append(f"| {r['optimizer']} | {r['learner']} | {r['error']} | – | – | – | – |")
-            continue
-        other = _ms(r["floor_s"]) if "floor_s" in r else _ms(r["baseline_time_s"]["median_s"])
-        target = "–"
-        if "target" in r:
-            target = r["target"]["text"] + {True: ": pass", False: ": FAIL", None: ""}[r.get("passed")]
-        step = _ms(r["time_s"]["median_s"]) + (" (with closure)" if r["includes_closure"] else "")
-        lines.append(f"| {r['optimizer']} | {r['learner']} | {step} | {r['baseline']} | {other} | "
-                     f"{r['ratio']:.3g}× | {target} |")
+        by_label.setdefault(r["optimizer"], {})[r["learner"]] = r
+    lines = [f"Compute floor: {section['gemm']['flops_per_s'] / 1e9:,.0f} GFLOP/s (float32 {section['gemm']['size']}² "
+             "matrix product). Each cell: the step's median time, its ratio to the baseline's step (or floor) timed "
+             "beside it, and the verdict against the target.", "",
+             "| optimizer | baseline | " + " | ".join(learners) + " | target |",
+             "|---|---|" + "---|" * len(learners) + "---|"]
+    for label, rows in by_label.items():
+        first = next(iter(rows.values()))
+        target = next((r["target"]["text"] for r in rows.values() if "target" in r), "–")
+        step_kind = " (with closure)" if first.get("includes_closure") else ""
+        lines.append(f"| {label}{step_kind} | {first.get('baseline', '–')} | "
+                     + " | ".join(_cell(rows.get(learner)) for learner in learners) + f" | {target} |")
     return lines
