@@ -33,5 +33,8 @@ def assert_same_parameters_and_state(model_a, opt_a, model_b, opt_b):
     assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
     a, b = opt_a.state_dict(), opt_b.state_dict()
     assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
-    assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
+    for i, state in a["state"].items():
+        for k, value in state.items():
+            other = b["state"][i][k]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (i, k)
     return a, b

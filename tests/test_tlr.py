@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_nonfinite_step_is_skipped
+from helpers import assert_nonfinite_step_is_skipped, assert_same_parameters_and_state
 
 import metaopt
 import metaopt.hypergrad.hd  # noqa: F401  (registers sgd-hd, the T-6 reference)
@@ -723,3 +723,26 @@ def test_efficient_core_is_pure_and_ratio_has_finite_gradient_at_zero():
     r = newton_ratio(a, sq, 0.25)
     assert float(r.detach()) == 0.0
     assert all(torch.isfinite(g) for g in torch.autograd.grad(r, (a, sq)))
+
+
+IN_PLACE = [("tlr", dict(lr=0.05)), ("tlr", dict(lr=0.05, momentum=0.8, weight_decay=1e-3)),
+            ("tlr-pl", dict(lr=0.05, weight_decay=1e-3)), ("tlr", dict(lr=0.05, eta=0.01))]
+
+
+@pytest.mark.parametrize("name,kw", IN_PLACE, ids=["tlr", "tlr-momentum-decay", "tlr-pl-decay", "tlr-eta"])
+def test_in_place_every_step_face_equals_the_rule_and_resumes_its_state(name, kw):
+    """Every-step TLR steps in place with torch._foreach_* ops by default; fast=False steps through TLRRule. Same bits,
+    same state (per-tensor alphas included), each resuming the other's state_dict; non-finite gradients are screened
+    through the inner products and skipped with nothing written."""
+    fast, slow = make_model(torch.float32), make_model(torch.float32)
+    fast_opt = metaopt.make_optimizer(name, fast.parameters(), **kw)
+    slow_opt = metaopt.make_optimizer(name, slow.parameters(), fast=False, **kw)
+    assert run(fast, fast_opt, batches(torch.float32, 5)) == run(slow, slow_opt, batches(torch.float32, 5))
+    a, b = assert_same_parameters_and_state(fast, fast_opt, slow, slow_opt)
+    fast_opt.load_state_dict(b)
+    slow_opt.load_state_dict(a)
+    more = batches(torch.float32, 4, seed=2)
+    assert run(fast, fast_opt, more) == run(slow, slow_opt, more)
+    assert_same_parameters_and_state(fast, fast_opt, slow, slow_opt)
+    assert_nonfinite_step_is_skipped(fast, fast_opt)
+    assert fast_opt.param_groups[0]["lr"] == slow_opt.param_groups[0]["lr"]

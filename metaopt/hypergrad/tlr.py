@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from metaopt.baselines import apply_update, sgd_direction, with_weight_decay
+from metaopt.baselines import ForeachFace, apply_update, decayed, sgd_direction, with_weight_decay
 from metaopt.core import CoreOptimizer, FunctionalOptimizer, Params, check_range
 from metaopt.hypergrad.hd import NonFiniteLearningRate, warn_negative_rate_once
 from metaopt.registry import register_optimizer
@@ -78,9 +78,12 @@ def ntlr_factor(a: Scalar, prev_sq_norm: Scalar, gamma: Scalar) -> Scalar:
     return 1 + gamma * a / (prev_sq_norm - a + 1e-10)
 
 
-def _dot(x: Tensor, y: Tensor) -> Tensor:
-    # (x * y).sum() rather than torch.dot: it is what the NTLR code computes, so compat mode matches it bit for bit.
-    return (x * y).sum()
+def _dot(x: Tensor, y: Tensor, ntlr_compat: bool = False) -> Tensor:
+    """``<x, y>`` in the tensors' dtype: one ``torch.dot`` pass (half the memory traffic of a product and a sum), or
+    with ``ntlr_compat`` ``(x * y).sum()``, what the NTLR code computes, so that compat mode matches it bit for bit."""
+    if ntlr_compat:
+        return (x * y).sum()
+    return torch.dot(x.reshape(-1), y.reshape(-1))
 
 
 def _to_floats(values: list[Tensor]) -> list[float]:
@@ -229,15 +232,28 @@ class TLRRule(FunctionalOptimizer):
     def _next_lr(self, lr: Scalar | dict[str, Scalar], new: Params,
                  prev: Params) -> tuple[Scalar | dict[str, Scalar], int | Tensor]:
         """The updated alpha(s) from the new and previous directions, and the number of negative results."""
+        return self.lr_update(lr, *self.inner_products(lr, new, prev))
+
+    def inner_products(self, lr: Scalar | dict[str, Scalar], new: Params,
+                       prev: Params) -> tuple[list[str], list[Scalar], list[Scalar]]:
+        """``(names, a, ||d||²)``: per tensor ``<new, prev>`` and the squared norm the rule normalises by (zeros for
+        the fixed-eta variant), as Python floats (one host read) unless a hyper-parameter or alpha is a tensor."""
         names = list(new)
-        dots = [_dot(new[n], prev[n]) for n in names]
+        dots = [_dot(new[n], prev[n], self.ntlr_compat) for n in names]
         sq_of = prev if self.ntlr_compat else new  # NTLR normalises by the previous window's norm (A-T3)
         # The fixed-eta update needs no norm; zeros keep the bookkeeping below uniform.
-        sqs = [_dot(sq_of[n], sq_of[n]) if self.eta is None else torch.zeros_like(d) for n, d in zip(names, dots)]
+        sqs = [_dot(sq_of[n], sq_of[n], self.ntlr_compat) if self.eta is None else torch.zeros_like(d)
+               for n, d in zip(names, dots)]
         lrs = list(lr.values()) if self.per_tensor else [lr]
         if not self._tensor_hparams and not any(isinstance(v, Tensor) for v in lrs):
             values = _to_floats(dots + sqs)
             dots, sqs = values[:len(names)], values[len(names):]
+        return names, dots, sqs
+
+    def lr_update(self, lr: Scalar | dict[str, Scalar], names: list[str], dots: list[Scalar],
+                  sqs: list[Scalar]) -> tuple[Scalar | dict[str, Scalar], int | Tensor]:
+        """The updated alpha(s) from :meth:`inner_products`, and the number of negative results. Raises
+        :class:`NonFiniteLearningRate` for a non-finite Python-float alpha."""
         if not self.per_tensor:
             return self._update(lr, _total(dots), _total(sqs))
         out, negative = {}, 0
@@ -308,7 +324,7 @@ def resolve_window(window: int | float | None, steps_per_epoch: int | None, ntlr
     raise ValueError(f"Invalid window: {window!r} (expected None, an int >= 1 or a float in (0, 1])")
 
 
-class TLR(_TLRFace):
+class TLR(_TLRFace, ForeachFace):
     """Efficient GD-TLR (Alg. 2 of the TLR paper): the learning rate trained by a bounded Newton step.
 
     Every-step mode (``window=None``; Alg. 2, eqs. 7-9), with d_t the SGD direction (d_t = g_t + lambda w_t with the
@@ -353,13 +369,20 @@ class TLR(_TLRFace):
     Memory per parameter: d_{t-1} (+n) in every-step mode; w_start and G_{j-1} (+2n) in window mode; plus the
     momentum buffer (+n) when momentum > 0. Per tensor: one float each. Cost: two dot products per update; no extra
     forward/backward pass and no Hessian-vector product.
+
+    Every-step mode steps in place with ``torch._foreach_*`` ops (``fast=True``, the default; the rule's arithmetic bit
+    for bit, tested), noticing non-finite gradients from its inner products rather than a separate pass; window mode
+    and tensor-valued hyper-parameters step through :class:`TLRRule` (``fast=False`` always does).
     """
+
+    screens_nonfinite = True
 
     def __init__(self, params, lr: float = 0.1, bound: float = DEFAULT_BOUND, window: int | float | None = None,
                  steps_per_epoch: int | None = None, momentum: float | None = None,
                  weight_decay: float | None = None, *, per_tensor: bool = False, eta: float | None = None,
-                 ntlr_compat: bool = False, meta_gamma: float | None = None, nonfinite: str = "skip"):
-        self.per_tensor = per_tensor
+                 ntlr_compat: bool = False, meta_gamma: float | None = None, nonfinite: str = "skip",
+                 fast: bool = True):
+        self.per_tensor, self.fast = per_tensor, fast
         super().__init__(params, dict(lr=lr, bound=bound, window=window, steps_per_epoch=steps_per_epoch,
                                       momentum=momentum, weight_decay=weight_decay, eta=eta, ntlr_compat=ntlr_compat,
                                       meta_gamma=meta_gamma), nonfinite=nonfinite)
@@ -396,6 +419,46 @@ class TLR(_TLRFace):
     def rule(self, group: dict[str, Any]) -> TLRRule:
         return TLRRule(group["lr"], group["bound"], group["window_steps"], group["momentum"], group["weight_decay"],
                        self.per_tensor, group["eta"], group["ntlr_compat"], group["meta_gamma"])
+
+    def use_rule(self, group: dict[str, Any]) -> bool:
+        return (super().use_rule(group) or group["window_steps"] is not None
+                or any(isinstance(group[k], Tensor) for k in ("bound", "eta", "meta_gamma")))
+
+    def foreach_step(self, group, params, grads, state) -> bool:
+        rule = self.rule(group)
+        names = [str(i) for i in range(len(params))]
+        directions = decayed(grads, params, group["weight_decay"])
+        momentum = group["momentum"]
+        if momentum != 0:  # the new buffers out of place: nothing is written before alpha's update succeeded
+            if group["step"] == 0:  # torch starts the buffer at the gradient
+                directions = [d.clone() for d in directions]
+            else:
+                bufs = torch._foreach_mul([s["momentum_buffer"] for s in state], momentum)
+                torch._foreach_add_(bufs, directions)
+                directions = bufs
+        lr = dict(zip(names, (s["lr"] for s in state))) if self.per_tensor else group["lr"]
+        _, dots, sqs = rule.inner_products(lr, dict(zip(names, directions)),
+                                           dict(zip(names, (s["prev_direction"] for s in state))))
+        if not all(math.isfinite(v) for v in dots + sqs) and not self.screen_gradients(group, grads):
+            return False
+        lr, negative = rule.lr_update(lr, names, dots, sqs)  # NonFiniteLearningRate: step_group skips the step
+        if self.per_tensor:
+            for p, d, s, n in zip(params, directions, state, names):
+                p.add_(d, alpha=-lr[n])
+                s["lr"] = lr[n]
+        else:
+            torch._foreach_add_(params, directions, alpha=-lr)
+            group["lr"] = lr
+        if directions is grads:  # d_{t-1} must not alias the caller's gradients
+            torch._foreach_copy_([s["prev_direction"] for s in state], directions)
+        else:  # new tensors (heavy ball: the buffers, as the rule keeps them)
+            for s, d in zip(state, directions):
+                s["prev_direction"] = d
+                if momentum != 0:
+                    s["momentum_buffer"] = d
+        group["negative_lr_steps"] += negative
+        group["step"] += 1
+        return True
 
     def step_group(self, group: dict[str, Any], grads: Params | None = None) -> bool:
         self._check_lr_unchanged(group)
