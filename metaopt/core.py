@@ -102,6 +102,15 @@ def all_finite(tensors: list[Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
+def step_needs(optimizer: torch.optim.Optimizer) -> tuple[bool, bool]:
+    """What ``optimizer.step`` needs, as its class declares it: ``(closure, val_closure)``. ``requires_closure``:
+    the optimizer differentiates the training loss itself (``step(closure)``: MARTHE, RTHO, HD-val, TLR-naive);
+    ``accepts_val_closure``: its ``step`` also takes ``val_closure``, a loss on held-out data (MARTHE's family).
+    Other optimizers step on ``p.grad`` (``step()``)."""
+    closure = bool(getattr(optimizer, "requires_closure", False))
+    return closure, closure and bool(getattr(optimizer, "accepts_val_closure", False))
+
+
 class NonfiniteGuard:
     """What a face does with a non-finite gradient or rate (``self.nonfinite``: ``"skip"`` or ``"raise"``; the class
     sets ``self.nonfinite`` and ``self._warned_nonfinite = False`` in its ``__init__``). Shared by

@@ -6,11 +6,13 @@ by tests/test_learned.py with fresh instances.
 """
 
 import copy
+import inspect
 
 import pytest
 import torch
 
 import metaopt
+from metaopt.core import step_needs
 from metaopt.learned import LEARNED_NAMES
 
 # name -> hyper-parameters suited to the problem below (a well-conditioned least squares, 40 steps)
@@ -46,6 +48,19 @@ def test_every_registered_optimizer_is_in_the_table():
     assert sorted(HAND_DESIGNED) == sorted(HPARAMS)
 
 
+@pytest.mark.parametrize("name", list(metaopt.OPTIMIZERS))
+def test_the_declared_step_needs_match_the_step(name):
+    """metaopt.core.step_needs reads what a class declares (requires_closure, accepts_val_closure) instead of
+    inspecting its step; the declaration must be true of the signature."""
+    model, _, _ = problem()
+    opt = metaopt.make_optimizer(name, model.named_parameters(), **HPARAMS.get(name, {}))
+    closure, val_closure = step_needs(opt)
+    parameters = inspect.signature(opt.step).parameters
+    assert not closure or "closure" in parameters
+    assert val_closure == ("val_closure" in parameters)
+    assert closure == (name in ("marthe", "rtho", "hd-val", "tlr-naive", "marthe-learned-mu"))
+
+
 def problem(seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(64, 5, generator=gen, dtype=torch.float64)
@@ -67,7 +82,7 @@ def train(name, steps, opt=None, model=None, start=0):
         def closure():
             return torch.nn.functional.mse_loss(model(x[rows]), y[rows])
 
-        if getattr(opt, "requires_closure", False):
+        if step_needs(opt)[0]:
             loss = opt.step(closure)
         else:
             opt.zero_grad()

@@ -70,7 +70,6 @@ import ctypes
 import dataclasses
 import datetime
 import gc
-import inspect
 import json
 import math
 import platform
@@ -94,6 +93,7 @@ from meta_tasks import models
 from meta_tasks.datasets import DatasetNotFoundError
 from metaopt.bench.faces import faces_markdown, faces_section
 from metaopt.bench.timing import measure, summarize, synchronize
+from metaopt.core import step_needs
 from metaopt.environment import device_name
 from metaopt.evaluate import SUITES, evaluate_suite
 from metaopt.learned import LEARNED_NAMES, DMOptimizer, HyperAdam, LearnedOptimizer, RNNprop
@@ -657,7 +657,7 @@ def _step_fn(opt: torch.optim.Optimizer, model: nn.Module, batch: tuple[torch.Te
         return F.cross_entropy(model(batch[0]), batch[1])
 
     kwargs = {}
-    if "val_closure" in inspect.signature(opt.step).parameters:
+    if step_needs(opt)[1]:
         kwargs["val_closure"] = lambda: F.cross_entropy(model(val_batch[0]), val_batch[1])
     return lambda: opt.step(closure, **kwargs)
 
@@ -800,7 +800,7 @@ class Bench:
         else:
             opt, lopt, result = self.learned_face(name, variant, model, check_offset=5)
             byte_model = learned_byte_model(lopt)
-        closure = bool(getattr(opt, "requires_closure", False))
+        closure = step_needs(opt)[0]
         if closure:
             gen = self.generator(1)
             step = _step_fn(opt, model, _random_batch(learner, self.config.batch_size, gen, self.device),
@@ -864,7 +864,7 @@ class Bench:
             opt, _ = build_optimizer(name, list(model.named_parameters()))
         else:
             opt, _, result = self.learned_face(name, variant, model, check_offset=6)
-        closure = bool(getattr(opt, "requires_closure", False))
+        closure = step_needs(opt)[0]
         if closure:
             step = _step_fn(opt, model, batch, val_batch)
         else:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +42,7 @@ from torch import nn
 import metaopt
 from meta_tasks import models
 from metaopt.bench.timing import summarize, synchronize
+from metaopt.core import step_needs
 from metaopt.learned import LEARNED_NAMES
 
 GRAD_SCALE = 1e-2
@@ -162,7 +162,7 @@ def _closure_step(opt: torch.optim.Optimizer, model: nn.Module, batch: tuple[tor
     def closure() -> torch.Tensor:
         return F.cross_entropy(model(batch[0]), batch[1])
 
-    kwargs = {"val_closure": closure} if "val_closure" in inspect.signature(opt.step).parameters else {}
+    kwargs = {"val_closure": closure} if step_needs(opt)[1] else {}
     return lambda: opt.step(closure, **kwargs)
 
 
@@ -194,7 +194,7 @@ def face_row(name: str, learner: str, base: nn.Module, device: torch.device, rep
     batch = (torch.randn(BATCH_SIZE, 784, generator=generator, device=device),
              torch.randint(10, (BATCH_SIZE,), generator=generator, device=device))
     opt = metaopt.make_optimizer(name, list(model.named_parameters()), **({"compile": True} if compiled else {}))
-    closure = bool(getattr(opt, "requires_closure", False))
+    closure = step_needs(opt)[0]
     _set_grads(params, grads)
     step = _closure_step(opt, model, batch) if closure else opt.step
     label = f"{name}[compiled]" if compiled else name

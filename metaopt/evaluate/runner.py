@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import math
 import os
 import sys
@@ -37,6 +36,7 @@ import metaopt
 from meta_tasks.base import Batch, Task
 from meta_tasks.datasets import Split
 from meta_tasks.tasks import SineRegressionTask, SupervisedTask
+from metaopt.core import step_needs
 from metaopt.environment import time_left
 from metaopt.evaluate.suites import LrsOpt, Suite, TaskSpec, as_spec
 from metaopt.external import evaluation_mode
@@ -166,8 +166,7 @@ def train(task: Task, optimizer: str, hparams: Mapping[str, Any], seed: int, ste
     params = {n: p.requires_grad_() for n, p in task.init(init_gen).items()}
     buffers = task.init_buffers()
     opt = metaopt.make_optimizer(optimizer if source is None else source, list(params.items()), **hparams)
-    takes_closure = getattr(opt, "requires_closure", False)
-    takes_val = takes_closure and "val_closure" in inspect.signature(opt.step).parameters
+    takes_closure, takes_val = step_needs(opt)
     val_gen = validation_generator(seed, task.device) if takes_val else None
     losses: list[float] = []
     lrs: list[float] | None = [] if record_lr else None

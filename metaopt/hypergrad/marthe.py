@@ -439,6 +439,7 @@ class Marthe(CoreOptimizer):
     """
 
     requires_closure = True  # step(closure, val_closure=None): the optimizer differentiates the loss itself
+    accepts_val_closure = True  # (metaopt.core.step_needs)
 
     def __init__(self, params: Iterable[Any], lr: float | None = None, hypergrad_lr: float = 0.0,
                  base: str = "momentum", momentum: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
