@@ -73,6 +73,16 @@ class ForeachFace(CoreOptimizer):
     def step_group(self, group: dict[str, Any], grads: Params | None = None) -> bool:
         if self.use_rule(group):
             return super().step_group(group, grads)
+        if grads is None and "step" in group:  # the hot path: lists straight from p.grad, no names needed
+            params = [p for p in group["params"] if p.grad is not None]
+            state = [self.state[p] for p in params]
+            if params and all(state):
+                grad_list = [p.grad for p in params]
+                if any(g.is_sparse for g in grad_list):
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if not self.screens_nonfinite and not self.check_finite(group, grad_list):
+                    return False
+                return self.foreach_step(group, params, grad_list, state) is not False
         gathered = self.gather(group, grads, check=not self.screens_nonfinite)
         if gathered is None:
             return False
