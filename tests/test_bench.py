@@ -369,3 +369,20 @@ def test_a_failing_fast_variant_is_recorded_and_the_run_goes_on():
 
     with pytest.raises(bench.VariantMismatchError):  # a wrong fast path always stops the run
         bench._guard({"key": "step:hyperadam[triton]:mlp-9x20", "variant": "triton"}, device, mismatch)
+
+
+def test_readme_shows_the_committed_cpu_faces_report():
+    """The README's CPU step table is the committed report rendered (python -m metaopt.bench --render FILE), and
+    that report is a full faces run (judged, both learners, every registered optimizer) on a CPU."""
+    import re
+
+    readme = (bench.REPO_ROOT / "README.md").read_text()
+    match = re.search(r"<!-- bench:faces (\S+) -->\n(.*?)<!-- bench:faces end -->", readme, re.S)
+    assert match, "README.md lacks the <!-- bench:faces FILE --> block"
+    report = json.loads((bench.REPO_ROOT / match.group(1)).read_text())
+    assert match.group(2) == bench.markdown_report(report)
+    assert report["environment"]["device"] == "cpu" and not report["settings"]["quick"]
+    rows = report["sections"]["faces"]["rows"]
+    assert {r["optimizer"] for r in rows} >= set(metaopt.OPTIMIZERS)
+    assert {r["learner"] for r in rows} == {"mlp-784-20-10", "mlp-784-256x3-10"}
+    assert all(r["passed"] in (True, False) for r in rows if "target" in r)

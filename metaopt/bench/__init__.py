@@ -105,7 +105,7 @@ FORMAT_VERSION = 1
 FLOAT_BYTES = 4  # float32
 GRAD_SCALE = 1e-2  # the random, fixed gradients of the step section: N(0, 1e-4)
 CACHE_FLUSH_BYTES = 256 * 2**20  # > 4× the L2 of an H100 / H200
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Numbers in a report that may legitimately be 0 (a spread, a count of floats, a seed, a warm-up count); every other
 # number in a report is finite and positive.
