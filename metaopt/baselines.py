@@ -53,7 +53,8 @@ class ForeachFace(CoreOptimizer):
 
     ``screens_nonfinite``: the face's :meth:`foreach_step` notices non-finite gradients itself, from a reduction it
     computes anyway (the hypergradient ``⟨g, d⟩`` is NaN or infinite whenever g is, as 0·inf is NaN), and then calls
-    :meth:`screen_gradients`; the separate finiteness pass over the gradients is saved. A group's first step (no
+    :meth:`~metaopt.core.NonfiniteGuard.check_finite` on the gradients (a reduction can also overflow from finite
+    values); the separate finiteness pass over the gradients is saved. A group's first step (no
     state yet) is always checked first, so that a skipped first step leaves no state, as on the rule's path."""
 
     fast: bool = True
@@ -95,12 +96,6 @@ class ForeachFace(CoreOptimizer):
         stepped = self.foreach_step(group, list(live.values()), [grads[n] for n in live],
                                     [self.state[p] for p in live.values()])
         return stepped is not False
-
-    def screen_gradients(self, group: dict[str, Any], grads: list[Tensor]) -> bool:
-        """For a face that ``screens_nonfinite``, once its reduction came out NaN or infinite: False (the step is
-        skipped or, with ``nonfinite="raise"``, raises) if a gradient is not finite, else True (the reduction itself
-        overflowed; the face goes on and reports that)."""
-        return self.check_finite(group, grads)
 
 
 def decayed(grads: list[Tensor], params: list[Tensor], weight_decay: float) -> list[Tensor]:

@@ -92,7 +92,7 @@ import metaopt
 from meta_tasks import models
 from meta_tasks.datasets import DatasetNotFoundError
 from metaopt.bench.faces import faces_markdown, faces_section
-from metaopt.bench.timing import measure, summarize, synchronize
+from metaopt.bench.timing import GRAD_SCALE, closure_step, format_seconds, measure, summarize, synchronize
 from metaopt.core import step_needs
 from metaopt.environment import device_name
 from metaopt.evaluate import SUITES, evaluate_suite
@@ -103,7 +103,6 @@ from metaopt.meta.trainer import resolve_device
 SECTIONS: tuple[str, ...] = ("faces", "step", "iteration", "meta", "table1")
 FORMAT_VERSION = 1
 FLOAT_BYTES = 4  # float32
-GRAD_SCALE = 1e-2  # the random, fixed gradients of the step section: N(0, 1e-4)
 CACHE_FLUSH_BYTES = 256 * 2**20  # > 4× the L2 of an H100 / H200
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -648,20 +647,6 @@ def _random_batch(learner: Learner, batch_size: int, generator: torch.Generator,
     return x, y
 
 
-def _step_fn(opt: torch.optim.Optimizer, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
-             val_batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], Any]:
-    """One ``opt.step(closure)`` on ``batch`` for an optimizer that takes a closure (with a validation closure
-    where it accepts one, as ``metaopt.evaluate`` gives it)."""
-
-    def closure() -> torch.Tensor:
-        return F.cross_entropy(model(batch[0]), batch[1])
-
-    kwargs = {}
-    if step_needs(opt)[1]:
-        kwargs["val_closure"] = lambda: F.cross_entropy(model(val_batch[0]), val_batch[1])
-    return lambda: opt.step(closure, **kwargs)
-
-
 def _release(device: torch.device) -> None:
     """Return a finished case's memory before the next one (CUDA: collect cycles and empty torch's cache, so that one
     large case does not leave the next short of memory; on the CPU reference counting suffices and a full collection
@@ -803,7 +788,7 @@ class Bench:
         closure = step_needs(opt)[0]
         if closure:
             gen = self.generator(1)
-            step = _step_fn(opt, model, _random_batch(learner, self.config.batch_size, gen, self.device),
+            step = closure_step(opt, model, _random_batch(learner, self.config.batch_size, gen, self.device),
                             _random_batch(learner, self.config.batch_size, gen, self.device))
         else:
             gen = self.generator(2)  # the same gradients for every optimizer
@@ -866,7 +851,7 @@ class Bench:
             opt, _, result = self.learned_face(name, variant, model, check_offset=6)
         closure = step_needs(opt)[0]
         if closure:
-            step = _step_fn(opt, model, batch, val_batch)
+            step = closure_step(opt, model, batch, val_batch)
         else:
             def step() -> None:
                 opt.zero_grad(set_to_none=True)
@@ -1026,10 +1011,6 @@ def run_benchmarks(config: BenchConfig, log: Callable[[str], None] = lambda s: N
 # Markdown
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
-
-
 def _gb(nbytes: float) -> str:
     return f"{nbytes / 1e9:.3g} GB"
 
@@ -1041,7 +1022,7 @@ def _format(metric: str, value: float) -> str:
         return _gb(value)
     if metric.startswith("ratio") or metric == "last_over_first":
         return f"{value:.3g}×"
-    return _ms(value)
+    return format_seconds(value)
 
 
 def _target_cell(targets: list[dict[str, Any]], key: str, family: str | None = None) -> str:
@@ -1102,16 +1083,16 @@ def markdown_report(report: dict[str, Any]) -> str:
             elif name == "step":
                 label = (f"{r['optimizer']} step on {r['learner']}" + (" (with closure)" if r.get("includes_closure")
                                                                        else "") + checked(r))
-                roofline = _ms(r["roofline_s"]) if "roofline_s" in r else "–"
+                roofline = format_seconds(r["roofline_s"]) if "roofline_s" in r else "–"
                 ratio = f"{r['ratio_to_roofline']:.3g}×" if "ratio_to_roofline" in r else "–"
-                lines.append(row(key, label, _ms(r["time_s"]["median_s"]), roofline, ratio, family))
+                lines.append(row(key, label, format_seconds(r["time_s"]["median_s"]), roofline, ratio, family))
             elif name == "iteration":
                 ratios = []
                 if "ratio_to_adam" in r:
                     ratios.append(f"{r['ratio_to_adam']:.3g}× Adam")
                 if "ratio_to_base" in r:
                     ratios.append(f"{r['ratio_to_base']:.3g}× {r['base']}")
-                lines.append(row(key, f"{r['optimizer']} on {r['model']}{checked(r)}", _ms(r["time_s"]["median_s"]),
+                lines.append(row(key, f"{r['optimizer']} on {r['model']}{checked(r)}", format_seconds(r["time_s"]["median_s"]),
                                  ratio="; ".join(ratios) or "–", family=family))
             elif name == "meta" and "truncations" in r:
                 lines.append(row(key, f"peak memory, truncation 1 vs {r['truncations']} (K = {r['meta_batch']})",
@@ -1124,7 +1105,7 @@ def markdown_report(report: dict[str, Any]) -> str:
                                  f"{r['inner_steps_per_s']:,.0f} inner steps/s, peak {_gb(r['peak_memory_bytes'])}"
                                  f"{over}"))
             else:
-                lines.append(row(key, f"{r['seeds']} seeds × {r['steps']} steps", _ms(r["time_s"]["median_s"])))
+                lines.append(row(key, f"{r['seeds']} seeds × {r['steps']} steps", format_seconds(r["time_s"]["median_s"])))
     return "\n".join(lines) + "\n"
 
 

@@ -41,11 +41,10 @@ from torch import nn
 
 import metaopt
 from meta_tasks import models
-from metaopt.bench.timing import summarize, synchronize
+from metaopt.bench.timing import GRAD_SCALE, closure_step, format_seconds, summarize, synchronize
 from metaopt.core import step_needs
 from metaopt.learned import LEARNED_NAMES
 
-GRAD_SCALE = 1e-2
 BATCH_SIZE = 128
 GEMM_SIZE = 1024  # the square matrix product whose rate is the learned optimizers' compute floor
 
@@ -157,15 +156,6 @@ def paired_times(candidate: Callable[[], Any], baseline: Callable[[], Any], devi
     return summarize(samples["candidate"]), summarize(samples["baseline"])
 
 
-def _closure_step(opt: torch.optim.Optimizer, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
-                  ) -> Callable[[], Any]:
-    def closure() -> torch.Tensor:
-        return F.cross_entropy(model(batch[0]), batch[1])
-
-    kwargs = {"val_closure": closure} if step_needs(opt)[1] else {}
-    return lambda: opt.step(closure, **kwargs)
-
-
 def _sgd_iteration(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], Any]:
     opt = TORCH_SGD.build(list(model.parameters()))
 
@@ -196,7 +186,7 @@ def face_row(name: str, learner: str, base: nn.Module, device: torch.device, rep
     opt = metaopt.make_optimizer(name, list(model.named_parameters()), **({"compile": True} if compiled else {}))
     closure = step_needs(opt)[0]
     _set_grads(params, grads)
-    step = _closure_step(opt, model, batch) if closure else opt.step
+    step = closure_step(opt, model, batch, batch) if closure else opt.step
     label = f"{name}[compiled]" if compiled else name
     row: dict[str, Any] = {"key": f"faces:{label}:{learner}", "optimizer": label, "learner": learner,
                            "num_params": sum(p.numel() for p in params), "includes_closure": closure,
@@ -262,17 +252,13 @@ def faces_section(device: torch.device, repeats: int, warmup: int, quick: bool, 
             "gemm": gemm, "grad_scale": GRAD_SCALE, "batch_size": BATCH_SIZE, "rows": rows}
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g} ms"
-
-
 def _cell(row: dict[str, Any] | None) -> str:
     if row is None:
         return "–"
     if "error" in row:
         return row["error"]
     verdict = {True: ", pass", False: ", FAIL", None: ""}[row.get("passed")]
-    return f"{_ms(row['time_s']['median_s'])}, {row['ratio']:.3g}×{verdict}"
+    return f"{format_seconds(row['time_s']['median_s'])}, {row['ratio']:.3g}×{verdict}"
 
 
 def faces_markdown(section: dict[str, Any]) -> list[str]:

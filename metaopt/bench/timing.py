@@ -1,5 +1,6 @@
-"""Timing statistics shared by the benchmark's sections: the median, quartiles and spread of repeated calls, timed with
-CUDA events on a GPU and ``time.perf_counter`` on a CPU."""
+"""What the benchmark's sections share: the median, quartiles and spread of repeated calls (timed with CUDA events on a
+GPU and ``time.perf_counter`` on a CPU), how a time is printed, and the calls they time: ``opt.step`` on fixed random
+gradients of scale :data:`GRAD_SCALE`, or ``opt.step(closure)`` (:func:`closure_step`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metaopt.core import step_needs
+
+GRAD_SCALE = 1e-2  # the random, fixed gradients of the step sections: N(0, 1e-4)
 
 
 def _quantile(ordered: Sequence[float], q: float) -> float:
@@ -61,3 +68,21 @@ def measure(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
             fn()
             samples.append(time.perf_counter() - begin)
     return samples
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
+
+
+def closure_step(opt: torch.optim.Optimizer, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+                 val_batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], Any]:
+    """One ``opt.step(closure)`` on ``batch`` for an optimizer that takes a closure (with a validation closure on
+    ``val_batch`` where it accepts one, as ``metaopt.evaluate`` gives it)."""
+
+    def closure() -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    kwargs = {}
+    if step_needs(opt)[1]:
+        kwargs["val_closure"] = lambda: F.cross_entropy(model(val_batch[0]), val_batch[1])
+    return lambda: opt.step(closure, **kwargs)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -51,7 +51,7 @@ class NonFiniteLearningRate(FloatingPointError):
 # The shared pieces
 
 
-def negated_dot_sum(pairs: Iterable[tuple[Tensor, Tensor]] | Iterator[tuple[Tensor, Tensor]]) -> Tensor | None:
+def negated_dot_sum(pairs: Iterable[tuple[Tensor, Tensor]]) -> Tensor | None:
     """``−Σ ⟨a, b⟩`` over the pairs in their order, each term :func:`~metaopt.numerics.dot64` (None for no pairs):
     the one summation every HD hypergradient uses, so that the rules and the in-place faces agree bit for bit."""
     h = None
@@ -379,8 +379,6 @@ class _HypergradientFace(ForeachFace):
             raise ValueError(f"Invalid compile: {compile!r} (expected True, False or a torch.compile mode)")
         if compile is not False and not fast:
             raise ValueError(f"Invalid compile: {compile!r} (compiling needs fast=True)")
-        if compile is not False and defaults.get("gbaydin_compat") and "betas" in defaults:
-            raise ValueError("Invalid compile: gbaydin_compat=True steps through the rule and is not compiled")
         self.fast, self.compile = fast, compile
         super().__init__(params, dict(defaults, negative_lr_steps=0), nonfinite=nonfinite)
 
@@ -390,7 +388,7 @@ class _HypergradientFace(ForeachFace):
     def hypergradient_step(self, group: dict[str, Any], grads: list[Tensor], h: Tensor) -> bool:
         """``α_t = α_{t−1} − β·h_t`` into ``group["lr"]`` (negative steps counted), or False (nothing written) when
         ``h`` is not finite because a gradient is not (``grads``: the step's gradients as given)."""
-        if not math.isfinite(float(h)) and not self.screen_gradients(group, grads):
+        if not math.isfinite(float(h)) and not self.check_finite(group, grads):
             return False
         group["lr"], negative = update_learning_rate(group["lr"], group["hypergrad_lr"], h, group["clip_lr_at_zero"])
         group["negative_lr_steps"] = _count(group["negative_lr_steps"], negative)
@@ -476,7 +474,7 @@ class SGDHD(_HypergradientFace):
         h = negated_dot_sum(zip(effective, (s["prev_direction"] for s in state)))
         if not self.hypergradient_step(group, grads, h):
             return False
-        momentum, directions = group["momentum"], effective
+        directions = effective
         if momentum != 0:
             bufs = [s["momentum_buffer"] for s in state]
             running = [i for i, (b, g) in enumerate(zip(bufs, effective)) if b.shape == g.shape]
@@ -557,6 +555,8 @@ class AdamHD(_HypergradientFace):
         check_range("epsilon value", eps)
         check_betas(betas)
         check_range("weight_decay value", weight_decay)
+        if compile is not False and gbaydin_compat:
+            raise ValueError("Invalid compile: gbaydin_compat=True steps through the rule and is not compiled")
         super().__init__(params, dict(lr=lr, hypergrad_lr=hypergrad_lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay, clip_lr_at_zero=clip_lr_at_zero,
                                       gbaydin_compat=gbaydin_compat), nonfinite=nonfinite, fast=fast,

@@ -439,7 +439,7 @@ class TLR(_TLRFace, ForeachFace):
         lr = dict(zip(names, (s["lr"] for s in state))) if self.per_tensor else group["lr"]
         _, dots, sqs = rule.inner_products(lr, dict(zip(names, directions)),
                                            dict(zip(names, (s["prev_direction"] for s in state))))
-        if not all(math.isfinite(v) for v in dots + sqs) and not self.screen_gradients(group, grads):
+        if not all(math.isfinite(v) for v in dots + sqs) and not self.check_finite(group, grads):
             return False
         lr, negative = rule.lr_update(lr, names, dots, sqs)  # NonFiniteLearningRate: step_group skips the step
         if self.per_tensor:

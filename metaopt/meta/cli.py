@@ -194,7 +194,8 @@ def evaluate_export(checkpoint: Path, out: Path, *, seeds: int = MAIN_JOB_EVAL["
     table.md, the CSVs and curves.png to ``out`` and returns the text to print: the table with every row's learning
     rate and how it was set, the paired test of every row against this run, one verdict per task, and where the files
     are. ``shipped`` defaults to the committed checkpoints/hyperadam."""
-    from metaopt.evaluate.experiment import checkpoint_root, run_suite
+    from metaopt.evaluate.experiment import run_suite
+    from metaopt.learned.base import checkpoint_root
 
     suite = main_job_suite(seeds, adam_grid)
     shipped = checkpoint_root() / "hyperadam" if shipped is None else Path(shipped)
