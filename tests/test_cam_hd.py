@@ -1,12 +1,13 @@
 """CAM-HD (metaopt.hypergrad.cam_hd) against the oracles C-1…C-8 of specs/hypergradient.md §6, the global HD
 optimizers, torch.optim, closed forms, independent loop references for the level groupings and finite differences."""
 
+import contextlib
 import copy
 import math
 
 import pytest
 import torch
-from helpers import assert_nonfinite_step_is_skipped
+from helpers import assert_nonfinite_step_is_skipped, assert_same_parameters_and_state
 from torch import nn
 
 import metaopt
@@ -614,6 +615,67 @@ def test_state_dict_resume_is_bit_exact(name, extra):
     for key in ("gamma", "gamma_grad", "alpha_unit", "alpha_layer", "alpha_global", "step"):
         assert opt.param_groups[0][key] == opt2.param_groups[0][key]
     assert torch.equal(concat_state(opt, "alpha_param"), concat_state(opt2, "alpha_param"))
+
+
+IN_PLACE = [
+    ("cam-hd-adam", {}),
+    ("cam-hd-adam", dict(levels=ALL_LEVELS, hypergrad_lr=1e-3, gamma_mode="softmax", weight_decay=1e-2, eps=1e-6)),
+    ("cam-hd-adam", dict(levels=("unit", "global"), hypergrad_lr=(1e-2, 1e-3), beta_reduction="mean",
+                         clip_lr_at_zero=True, decay=0.05)),
+    ("cam-hd-adam", dict(levels=("layer", "global"), hypergrad_lr=1e-2, decay=math.inf)),
+    ("cam-hd-sgd", dict(levels=ALL_LEVELS, weight_decay=1e-3, beta_reduction="paper_eq35", hypergrad_lr=1e-5)),
+    ("cam-hd-sgd", dict(decay=math.inf)),
+    ("cam-hd-sgdn", dict(levels=("parameter", "global"), clip_lr_at_zero=True, hypergrad_lr=0.5)),
+    ("cam-hd-sgdn", dict(levels=ALL_LEVELS, nesterov=False, gamma_lr=0.0, decay=0.01)),
+]
+IN_PLACE_IDS = ["adam-default", "adam-all-softmax-decay", "adam-unit-mean-clip-tau", "adam-tau-zero",
+                "sgd-eq35-wd", "sgd-tau-zero", "sgdn-clip", "heavy-ball-fixed-gamma"]
+
+
+@pytest.mark.parametrize("name,kw", IN_PLACE, ids=IN_PLACE_IDS)
+def test_in_place_face_equals_the_rule_and_resumes_its_state(name, kw):
+    """fast=True (the default) applies the rule's rates in place; fast=False steps through CamHDRule and copies. Same
+    bits for the parameters, every level's rates, γ and the base optimizer's state, and each resumes the other's
+    state_dict (float32, a CNN with units, layers and a bias-free conv)."""
+    kw = dict(lr=0.02, gamma_lr=0.1, **kw) if "gamma_lr" not in kw else dict(lr=0.02, **kw)
+    fast, slow = cnn(torch.float32), cnn(torch.float32)
+    fast_opt = metaopt.make_optimizer(name, fast.named_parameters(), **kw)
+    slow_opt = metaopt.make_optimizer(name, slow.named_parameters(), fast=False, **kw)
+    train(fast, fast_opt, 6, in_shape=(1, 6, 6))
+    train(slow, slow_opt, 6, in_shape=(1, 6, 6))
+    a, b = assert_same_parameters_and_state(fast, fast_opt, slow, slow_opt)
+    assert a["param_groups"][0]["step"] == 6
+    fast_opt.load_state_dict(b)
+    slow_opt.load_state_dict(a)
+    train(fast, fast_opt, 4, seed=2, in_shape=(1, 6, 6))
+    train(slow, slow_opt, 4, seed=2, in_shape=(1, 6, 6))
+    assert_same_parameters_and_state(fast, fast_opt, slow, slow_opt)
+
+
+@pytest.mark.parametrize("name", BASE_IDS)
+def test_in_place_face_screens_later_nonfinite_gradients_through_gamma_grad(name):
+    """From the second step on, the in-place step sees a NaN / inf gradient in ∂L/∂γ (no separate pass) and skips,
+    or raises, writing nothing; an inf in the last tensor is caught as well as a NaN in the first."""
+    model = mlp(torch.float32)
+    opt = metaopt.make_optimizer(name, model.named_parameters(), levels=ALL_LEVELS)
+    train(model, opt, 3)
+    state_before = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    for skipped, bad in enumerate((float("inf"), -float("inf"), float("nan")), start=1):
+        list(model.parameters())[-1].grad.view(-1)[-1] = bad
+        with pytest.warns(RuntimeWarning, match="non-finite gradient") if skipped == 1 else contextlib.nullcontext():
+            opt.step()
+        assert opt.param_groups[0]["nonfinite_skipped"] == skipped
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    after = opt.state_dict()
+    assert all(torch.equal(after["state"][i][k], v) for i, st in state_before["state"].items() for k, v in st.items())
+    for key in ("gamma", "gamma_grad", "alpha_unit", "alpha_layer", "alpha_global", "step"):
+        assert after["param_groups"][0][key] == state_before["param_groups"][0][key]
+    raising = metaopt.make_optimizer(name, model.named_parameters(), levels=ALL_LEVELS, nonfinite="raise")
+    raising.load_state_dict(opt.state_dict())
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        raising.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
 
 
 @pytest.mark.parametrize("name", BASE_IDS)

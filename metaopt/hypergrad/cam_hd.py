@@ -47,6 +47,7 @@ from torch import Tensor
 from metaopt.baselines import (
     adam_apply,
     adam_denominator,
+    adam_foreach_denominator,
     adam_direction,
     adam_moments,
     apply_update,
@@ -493,6 +494,26 @@ CamHDState = CamHDSGDState | CamHDAdamState
 _ALPHA_FIELDS = {"parameter": "alpha_param", "unit": "alpha_unit", "layer": "alpha_layer", "global": "alpha_global"}
 
 
+class CamHDRates(NamedTuple):
+    """What :meth:`CamHDRule.rates` computes for step t: every level's new rates, γ, ``∂L/∂γ`` and the rate κ_t to
+    apply, before the base optimizer moves (shared by the rule's functional step and the face's in-place one)."""
+    step: int                           # t
+    live: list[str]                     # the names with a gradient, in layout order
+    effective: dict[str, Tensor]        # g_t with weight decay
+    new: dict[str, Any]                 # α^{(k)}_t per level (the form of :func:`level_rates`)
+    gamma: Tensor                       # γ_t
+    gamma_grad: Tensor                  # ∂L/∂γ of the step
+    negative: Tensor                    # 0-d bool: some level's unclipped rate is below zero
+    kappa: dict[str, Any]               # κ_t per live name (a tensor, or the Python float α_∞ when τ_t = 0)
+
+    def state_fields(self, state: CamHDState) -> dict[str, Any]:
+        """The fields every CAM-HD state shares, after this step (the base optimizer's fields are the caller's)."""
+        return dict(step=self.step, gamma=self.gamma, gamma_grad=self.gamma_grad,
+                    negative_lr_steps=state.negative_lr_steps + self.negative.to(torch.int64),
+                    alpha_param=self.new.get("parameter"), alpha_unit=self.new.get("unit"),
+                    alpha_layer=self.new.get("layer"), alpha_global=self.new.get("global"))
+
+
 def level_rates(state: CamHDState, levels: Sequence[str]) -> dict[str, Any]:
     """The state's level rates keyed by level name (the form :func:`combine_levels` takes)."""
     return {level: getattr(state, _ALPHA_FIELDS[level]) for level in levels}
@@ -628,12 +649,48 @@ class CamHDRule(FunctionalOptimizer):
              gamma: Tensor | None = None) -> tuple[Params, CamHDState]:
         """One CAM-HD step (class docstring). ``gamma``: optional (K,) tensor overriding the state's γ as
         ``γ_{t−1}`` for this step (the learned-γ hook; the δ update is then skipped)."""
+        if not grads:
+            self._check_params(params)
+            return dict(params), state
+        rates = self.rates(params, grads, state, gamma)
+        t, live, effective, kappa = rates.step, rates.live, rates.effective, rates.kappa
+        new_params = dict(params)
+        common = rates.state_fields(state)
+        if self.base == "adam":
+            ms, vs = dict(state.exp_avg), dict(state.exp_avg_sq)
+            for n in live:
+                ms[n], vs[n] = adam_moments(effective[n], ms[n], vs[n], self.beta1, self.beta2)
+                new_params[n] = _adam_apply(params[n], ms[n], vs[n], t, kappa[n], self.beta1, self.beta2, self.eps)
+            return new_params, CamHDAdamState(**common, exp_avg=ms, exp_avg_sq=vs)
+        bufs, directions = self.sgd_directions(rates, grads, state)
+        for n in live:
+            new_params[n] = _apply(params[n], directions[n], kappa[n])
+        return new_params, CamHDSGDState(**common, momentum_buffer=bufs, prev_direction=directions)
+
+    def sgd_directions(self, rates: CamHDRates, grads: Params, state: CamHDSGDState
+                       ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The SGD / SGDN base's new momentum buffers and directions ``d_t`` (for every name; the live ones new)."""
+        bufs, directions = dict(state.momentum_buffer), dict(state.prev_direction)
+        for n in rates.live:
+            g, buf = rates.effective[n], bufs[n]
+            d, bufs[n] = sgd_direction(g, buf, buf.shape != g.shape, self.momentum, 0.0, self.nesterov)
+            if d is grads[n]:
+                d = d.clone()  # d_prev must not alias the caller's gradient (zero_grad / accumulation mutate it)
+            directions[n] = d
+        return bufs, directions
+
+    def _check_params(self, params: Params) -> ParamLayout:
         layout = self.layout_for(params)
         if set(params) != set(layout.names):
             raise ValueError("CamHDRule.step: params must be the parameter set the layout was built for "
                              f"({len(layout.names)} tensors); got {len(params)}")
-        if not grads:
-            return dict(params), state
+        return layout
+
+    def rates(self, params: Params, grads: Params, state: CamHDState, gamma: Tensor | None = None) -> CamHDRates:
+        """Steps 1–5 and 7 of a step (class docstring): everything but the base optimizer's direction and the update,
+        which :meth:`step` applies out of place and the face in place (``fast=True``) from this same result. ``grads``
+        must not be empty."""
+        layout = self._check_params(params)
         device = next(iter(grads.values())).device
         t = state.step + 1
         live = [n for n in layout.names if n in grads]
@@ -696,27 +753,7 @@ class CamHDRule(FunctionalOptimizer):
             else:
                 kappa = {n: tau * a + (1 - tau) * self.alpha_inf for n, a in alpha_star.items()}
 
-        # Steps 6 and 8: the base optimizer's direction and the update.
-        new_params = dict(params)
-        counter = state.negative_lr_steps + torch.stack(negative).any().to(torch.int64)
-        common = dict(step=t, gamma=gamma_new, gamma_grad=gamma_grad, negative_lr_steps=counter,
-                      alpha_param=new.get("parameter"), alpha_unit=new.get("unit"), alpha_layer=new.get("layer"),
-                      alpha_global=new.get("global"))
-        if self.base == "adam":
-            ms, vs = dict(state.exp_avg), dict(state.exp_avg_sq)
-            for n in live:
-                ms[n], vs[n] = adam_moments(effective[n], ms[n], vs[n], self.beta1, self.beta2)
-                new_params[n] = _adam_apply(params[n], ms[n], vs[n], t, kappa[n], self.beta1, self.beta2, self.eps)
-            return new_params, CamHDAdamState(**common, exp_avg=ms, exp_avg_sq=vs)
-        bufs, directions = dict(state.momentum_buffer), dict(state.prev_direction)
-        for n in live:
-            g, buf = effective[n], bufs[n]
-            d, bufs[n] = sgd_direction(g, buf, buf.shape != g.shape, self.momentum, 0.0, self.nesterov)
-            if d is grads[n]:
-                d = d.clone()  # d_prev must not alias the caller's gradient (zero_grad / accumulation mutate it)
-            directions[n] = d
-            new_params[n] = _apply(params[n], d, kappa[n])
-        return new_params, CamHDSGDState(**common, momentum_buffer=bufs, prev_direction=directions)
+        return CamHDRates(t, live, effective, new, gamma_new, gamma_grad, torch.stack(negative).any(), kappa)
 
     def combined_lr(self, params: Params, state: CamHDState) -> dict[str, Tensor]:
         """``α* = Σ_k γ_k·α^{(k)}`` from a state (its current γ and rates), per parameter name. After a step with
@@ -790,6 +827,9 @@ class CamHD(CoreOptimizer):
         layer_key: ``name → layer id`` to regroup layers (default: the owning module, :func:`module_prefix`).
         nonfinite: ``"skip"`` or ``"raise"`` for non-finite gradients — and for a step whose rates or γ would become
             non-finite (see :class:`~metaopt.core.CoreOptimizer`).
+        fast: apply the step in place (default): the rule's rates, then the base optimizer's update with in-place
+            and ``torch._foreach_*`` ops, bit for bit with ``fast=False``, which steps through :class:`CamHDRule` and
+            copies its new parameters back.
 
     Memory per parameter: α_p (+n, when the parameter level is used) and d_{t−1} (+n) for SGD; + momentum buffer (+n)
     for SGDN; Adam's m, v (+2n) and no d_{t−1} (recomputed from m and v, as Adam-HD). Transient: α* (n). The unit /
@@ -802,7 +842,7 @@ class CamHD(CoreOptimizer):
     def __init__(self, params: Iterable[Any], lr: float, hypergrad_lr: float | Sequence[float], *,
                  levels: Sequence[str], gamma: Sequence[float] | None, gamma_lr: float, gamma_mode: str,
                  decay: float, alpha_inf: float | None, weight_decay: float, beta_reduction: str,
-                 clip_lr_at_zero: bool, layer_key: Callable[[str], str] | None, nonfinite: str,
+                 clip_lr_at_zero: bool, layer_key: Callable[[str], str] | None, nonfinite: str, fast: bool,
                  **base_hparams: Any):
         check_range("learning rate", lr)
         levels = parse_levels(levels)
@@ -820,7 +860,7 @@ class CamHD(CoreOptimizer):
             logger.warning("%s: beta_reduction='paper_eq35' scales β by the group size (β_l = n_l·β, β_g = n·β, "
                            "eq. 35 read literally); this is a replication preset, not the exact derivative (A-C4).",
                            type(self).__name__)
-        self.layer_key = layer_key
+        self.layer_key, self.fast = layer_key, bool(fast)
         self._layouts: dict[tuple, ParamLayout] = {}
         hypergrad_lr = hypergrad_lr if isinstance(hypergrad_lr, (int, float)) else tuple(float(b) for b in betas)
         super().__init__(params, dict(lr=lr, hypergrad_lr=hypergrad_lr, levels=levels, gamma=gamma,
@@ -858,19 +898,32 @@ class CamHD(CoreOptimizer):
 
     def step_group(self, group: dict[str, Any], grads: Params | None = None) -> bool:
         """One CAM-HD step for a group. Unlike the generic face, the rule sees the group's *whole* parameter set (the
-        level groupings are over it); parameters without a gradient contribute 0 and are left untouched."""
-        gathered = self.gather(group, grads)
+        level groupings are over it); parameters without a gradient contribute 0 and are left untouched.
+
+        With ``fast=True`` (the default) the rule computes the step's rates (:meth:`CamHDRule.rates`) and the face
+        applies them in place (:meth:`_apply_in_place`); from the second step on it screens the gradients through
+        ``∂L/∂γ`` instead of a separate pass (every entry sums ``g ⊙ d_{t−1}`` over all tensors, and 0·inf is NaN)."""
+        screened = self.fast and group.get("step", 0) > 0
+        gathered = self.gather(group, grads, check=not screened)
         if gathered is None:
             return False
         names, params, grads = gathered
         param_dict = dict(zip(names, params))
         rule = self.rule(group)
         state = self.load_rule_state(group, rule, param_dict)
-        new_params, new_state = rule.step(param_dict, grads, state)
-        if not self._rates_finite(group, new_state):
-            return False
-        for n in grads:
-            param_dict[n].copy_(new_params[n])
+        if self.fast:
+            rates = rule.rates(param_dict, grads, state)
+            if screened and not all_finite([rates.gamma_grad]) and not self.check_finite(group, grads.values()):
+                return False
+            if not self._rates_finite(group, rates.gamma, rates.new):
+                return False
+            new_state = self._apply_in_place(rule, rates, param_dict, grads, state)
+        else:
+            new_params, new_state = rule.step(param_dict, grads, state)
+            if not self._rates_finite(group, new_state.gamma, level_rates(new_state, group["levels"])):
+                return False
+            for n in grads:
+                param_dict[n].copy_(new_params[n])
         negative_before = group.get("negative_lr_steps", 0)
         self.store_rule_state(group, param_dict, new_state)
         logger.debug("%s: step %d gamma %r alpha_global %r alpha_layer %r", type(self).__name__, group["step"],
@@ -879,16 +932,52 @@ class CamHD(CoreOptimizer):
                                 else "kept (clip_lr_at_zero=False)")
         return True
 
-    def _rates_finite(self, group: dict[str, Any], state: CamHDState) -> bool:
+    def _rates_finite(self, group: dict[str, Any], gamma: Tensor, rates: Mapping[str, Any]) -> bool:
         """A huge hypergradient can overflow a rate or γ; such a step is skipped (or raises) like a non-finite
         gradient, before anything is written."""
-        tensors = [state.gamma]
-        for rates in level_rates(state, group["levels"]).values():
-            tensors.extend(rates.values() if isinstance(rates, dict) else [rates])
+        tensors = [gamma]
+        for level in rates.values():
+            tensors.extend(level.values() if isinstance(level, dict) else [level])
         if all_finite(tensors):
             return True
         return self.skip_nonfinite(group, "learning rate or gamma from the hypergradient (lower hypergrad_lr or "
                                           "gamma_lr)")
+
+    @staticmethod
+    def _apply_in_place(rule: CamHDRule, rates: CamHDRates, params: Params, grads: Params,
+                        state: CamHDState) -> CamHDState:
+        """Steps 6 and 8 of :meth:`CamHDRule.step` in place: the same kernels on the same operands (Adam's moments
+        and update with ``torch._foreach_*`` ops, SGD's update with ``addcmul_``), so the parameters and the state
+        equal the rule's bit for bit (tested); returns the new state, whose Adam moments are the updated buffers."""
+        t, live, kappa = rates.step, rates.live, rates.kappa
+        ps = [params[n] for n in live]
+        if rule.base == "adam":
+            beta1, beta2, eps = rule.beta1, rule.beta2, rule.eps
+            ms, vs = [state.exp_avg[n] for n in live], [state.exp_avg_sq[n] for n in live]
+            effective = [rates.effective[n] for n in live]
+            torch._foreach_lerp_(ms, effective, 1 - beta1)  # adam_moments
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, effective, effective, value=1 - beta2)
+            denom = adam_foreach_denominator(vs, t, beta2, eps)
+            rate = kappa[live[0]]
+            if not isinstance(rate, Tensor):  # τ_t = 0: Adam at α_∞ (adam_apply)
+                torch._foreach_addcdiv_(ps, ms, denom, value=-(rate / (1 - beta1**t)))
+            else:  # _adam_apply's tensor-rate arithmetic, per device
+                sizes = torch._foreach_neg([kappa[n].to(p.dtype) / p.new_tensor(1 - beta1**t) for n, p in
+                                            zip(live, ps)])
+                if ps[0].device.type == "cuda":
+                    torch._foreach_addcmul_(ps, sizes, torch._foreach_div(ms, denom))
+                else:
+                    torch._foreach_addcdiv_(ps, torch._foreach_mul(sizes, ms), denom)
+            return CamHDAdamState(**rates.state_fields(state), exp_avg=state.exp_avg, exp_avg_sq=state.exp_avg_sq)
+        bufs, directions = rule.sgd_directions(rates, grads, state)
+        for n, p in zip(live, ps):  # _apply
+            rate = kappa[n]
+            if isinstance(rate, Tensor):
+                p.addcmul_(-rate.to(p.dtype), directions[n])
+            else:
+                p.add_(directions[n], alpha=-rate)
+        return CamHDSGDState(**rates.state_fields(state), momentum_buffer=bufs, prev_direction=directions)
 
     @torch.no_grad()
     def combined_lr(self, group_index: int = 0) -> dict[str, Tensor]:
@@ -913,11 +1002,12 @@ class CamHDSGD(CamHD):
                  levels: Sequence[str] = DEFAULT_LEVELS, gamma: Sequence[float] | None = None, gamma_lr: float = 0.01,
                  gamma_mode: str = "renorm", decay: float = 0.0, alpha_inf: float | None = None,
                  weight_decay: float = 0.0, beta_reduction: str = "sum", clip_lr_at_zero: bool = False,
-                 layer_key: Callable[[str], str] | None = None, nonfinite: str = "skip"):
+                 layer_key: Callable[[str], str] | None = None, nonfinite: str = "skip",
+                 fast: bool = True):
         super().__init__(params, lr, hypergrad_lr, levels=levels, gamma=gamma, gamma_lr=gamma_lr,
                          gamma_mode=gamma_mode, decay=decay, alpha_inf=alpha_inf, weight_decay=weight_decay,
                          beta_reduction=beta_reduction, clip_lr_at_zero=clip_lr_at_zero, layer_key=layer_key,
-                         nonfinite=nonfinite)
+                         nonfinite=nonfinite, fast=fast)
 
 
 class CamHDSGDN(CamHD):
@@ -934,14 +1024,15 @@ class CamHDSGDN(CamHD):
                  gamma: Sequence[float] | None = None, gamma_lr: float = 0.01, gamma_mode: str = "renorm",
                  decay: float = 0.0, alpha_inf: float | None = None, weight_decay: float = 0.0,
                  beta_reduction: str = "sum", clip_lr_at_zero: bool = False,
-                 layer_key: Callable[[str], str] | None = None, nonfinite: str = "skip"):
+                 layer_key: Callable[[str], str] | None = None, nonfinite: str = "skip",
+                 fast: bool = True):
         check_range("momentum value", momentum)
         if nesterov and momentum <= 0:
             raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum > 0")
         super().__init__(params, lr, hypergrad_lr, levels=levels, gamma=gamma, gamma_lr=gamma_lr,
                          gamma_mode=gamma_mode, decay=decay, alpha_inf=alpha_inf, weight_decay=weight_decay,
                          beta_reduction=beta_reduction, clip_lr_at_zero=clip_lr_at_zero, layer_key=layer_key,
-                         nonfinite=nonfinite, momentum=momentum, nesterov=nesterov)
+                         nonfinite=nonfinite, fast=fast, momentum=momentum, nesterov=nesterov)
 
     def base_hparams(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(momentum=group["momentum"], nesterov=group["nesterov"])
@@ -961,13 +1052,14 @@ class CamHDAdam(CamHD):
                  levels: Sequence[str] = DEFAULT_LEVELS, gamma: Sequence[float] | None = None, gamma_lr: float = 0.1,
                  gamma_mode: str = "renorm", decay: float = 0.0, alpha_inf: float | None = None,
                  weight_decay: float = 0.0, beta_reduction: str = "sum", clip_lr_at_zero: bool = False,
-                 layer_key: Callable[[str], str] | None = None, nonfinite: str = "skip"):
+                 layer_key: Callable[[str], str] | None = None, nonfinite: str = "skip",
+                 fast: bool = True):
         check_range("epsilon value", eps)
         check_betas(betas)
         super().__init__(params, lr, hypergrad_lr, levels=levels, gamma=gamma, gamma_lr=gamma_lr,
                          gamma_mode=gamma_mode, decay=decay, alpha_inf=alpha_inf, weight_decay=weight_decay,
                          beta_reduction=beta_reduction, clip_lr_at_zero=clip_lr_at_zero, layer_key=layer_key,
-                         nonfinite=nonfinite, betas=tuple(betas), eps=eps)
+                         nonfinite=nonfinite, fast=fast, betas=tuple(betas), eps=eps)
 
     def base_hparams(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(betas=tuple(group["betas"]), eps=group["eps"])
