@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -71,3 +72,30 @@ def compile_with_fallback(compiled_fn: Callable, eager_fn: Callable, what: str =
             return eager_fn(*args)
 
     return run
+
+
+_COMPILED_STEPS: dict[tuple[Callable, bool | str], Callable] = {}
+
+
+def compiled_step(fn: Callable, mode: bool | str) -> Callable:
+    """The optimizer step function ``fn`` (a module-level function of tensors, updating them in place or returning
+    reductions) through ``torch.compile(dynamic=False, fullgraph=True)`` in ``mode`` (True: the default mode), shared
+    by every face of the process (one graph per shapes and configuration), with ``fn`` itself as the fallback
+    (:func:`compile_with_fallback`). Changing scalars (rates, bias corrections) must be 0-dim tensors, or each value
+    compiles anew."""
+    if (fn, mode) not in _COMPILED_STEPS:
+        compiled = torch.compile(fn, dynamic=False, fullgraph=True, mode=None if mode is True else mode)
+        # No detaching and dynamo's own recompile limit: both cost more per call than such a step takes on a small
+        # model (measured: 187 µs a call instead of 53 on the 15,910 parameters of MLP 784-20-10). Beyond the limit
+        # dynamo runs the eager function (the same maths) and says so.
+        _COMPILED_STEPS[fn, mode] = compile_with_fallback(compiled, fn, f"the optimizer step ({fn.__name__})",
+                                                          detach=False, recompile_limit=None)
+    return _COMPILED_STEPS[fn, mode]
+
+
+def check_compile(compile: Any, fast: bool) -> None:
+    """Validate a face's ``compile`` argument: True, False or a torch.compile mode, and only with ``fast=True``."""
+    if not isinstance(compile, (bool, str)):
+        raise ValueError(f"Invalid compile: {compile!r} (expected True, False or a torch.compile mode)")
+    if compile is not False and not fast:
+        raise ValueError(f"Invalid compile: {compile!r} (compiling needs fast=True)")

@@ -678,6 +678,47 @@ def test_in_place_face_screens_later_nonfinite_gradients_through_gamma_grad(name
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
 
 
+COMPILED = [
+    ("cam-hd-adam", dict(levels=ALL_LEVELS, hypergrad_lr=1e-3, gamma_mode="softmax", weight_decay=1e-2, decay=0.05)),
+    ("cam-hd-sgdn", dict(levels=("parameter", "unit", "global"), nesterov=False, clip_lr_at_zero=True,
+                         hypergrad_lr=50.0)),  # rates cross zero on three of the steps
+]
+
+
+@pytest.mark.parametrize("name,kw", COMPILED, ids=["adam-all-levels", "heavy-ball-clip"])
+def test_compiled_face_equals_the_rule_within_float32_rounding(name, kw):
+    """compile=True fuses the reductions and the update (torch.compile, inductor) after the first step: the rule's
+    trajectory within float32 rounding (rates, γ, negative-rate count and parameters), the rule's state layout (each
+    resumes the other), and non-finite gradients still screened through ∂L/∂γ with nothing written."""
+    kw = dict(lr=0.02, gamma_lr=0.1, **kw)
+    fast, slow = cnn(torch.float32), cnn(torch.float32)
+    fast_opt = metaopt.make_optimizer(name, fast.named_parameters(), compile=True, **kw)
+    slow_opt = metaopt.make_optimizer(name, slow.named_parameters(), fast=False, **kw)
+    train(fast, fast_opt, 6, in_shape=(1, 6, 6))
+    train(slow, slow_opt, 6, in_shape=(1, 6, 6))
+    a, b = fast_opt.state_dict(), slow_opt.state_dict()
+    for key in ("gamma", "gamma_grad", "alpha_unit", "alpha_layer", "alpha_global"):
+        if a["param_groups"][0][key] is not None:
+            assert a["param_groups"][0][key] == pytest.approx(b["param_groups"][0][key], rel=1e-5, abs=1e-12), key
+    assert a["param_groups"][0]["negative_lr_steps"] == b["param_groups"][0]["negative_lr_steps"]
+    assert a["param_groups"][0]["negative_lr_steps"] > 0 or name == "cam-hd-adam"
+    assert a["state"].keys() == b["state"].keys()
+    for i, st in a["state"].items():
+        assert st.keys() == b["state"][i].keys()
+        for k, v in st.items():
+            torch.testing.assert_close(v, b["state"][i][k], rtol=1e-5, atol=1e-7)
+    for p, q in zip(fast.parameters(), slow.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    slow_opt.load_state_dict(a)
+    train(slow, slow_opt, 1, seed=3, in_shape=(1, 6, 6))
+    params = [p.detach().clone() for p in fast.parameters()]
+    list(fast.parameters())[-1].grad.view(-1)[0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        fast_opt.step()
+    assert fast_opt.param_groups[0]["nonfinite_skipped"] == 1 and fast_opt.param_groups[0]["step"] == 6
+    assert all(torch.equal(p, q) for p, q in zip(fast.parameters(), params))
+
+
 @pytest.mark.parametrize("name", BASE_IDS)
 def test_nonfinite_gradient_is_skipped_and_counted(name):
     model = mlp()
@@ -762,6 +803,8 @@ def test_negative_rates_are_counted_logged_and_optionally_clipped(clip, caplog):
     (dict(decay=-0.1), "decay"),
     (dict(lr=-0.1), "learning rate"),
     (dict(nonfinite="ignore"), "nonfinite"),
+    (dict(compile=1), "compile"),
+    (dict(compile=True, fast=False), "fast=True"),
 ])
 @pytest.mark.parametrize("name", BASE_IDS)
 def test_invalid_hyperparameters_name_the_argument(name, kw, match):

@@ -21,10 +21,10 @@ machine load and the ratio of their medians is steady even on a busy CPU:
   (20 × 80) and its element-wise work do not run at the peak rate.
 
 Every optimizer steps on the same fixed random gradients (N(0, 1e-4)); the closure steps on one random batch of 128.
-Optimizers with a compiled step (the HD family, the coordinatewise learned ones) get a second row, ``name[compiled]``
-(``compile=True``; compiled by its warm-up calls, so the time is the steady state's). Targets are judged (``passed``)
-per row on full runs on any device; a ``--quick`` run (the small MLP, few repeats, nothing compiled) lists them
-unjudged.
+Optimizers with a compiled step (the HD family, CAM-HD, the coordinatewise learned ones) get a second row,
+``name[compiled]`` (``compile=True``; compiled by its warm-up calls, so the time is the steady state's). Targets are
+judged (``passed``) per row on full runs on any device; a ``--quick`` run (the small MLP, few repeats, nothing
+compiled) lists them unjudged.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ COMPARISONS: dict[str, tuple[Baseline, float | None]] = {
 }
 COORDINATEWISE_LIMIT = 2.0  # the learned optimizers' default step within 2× of its compute floor
 # Optimizers timed a second time with compile=True (row "name[compiled]").
-COMPILED_VARIANT = frozenset({"sgd-hd", "sgdn-hd", "adam-hd", "hyperadam", "hyperadam-general", "dm", "rnnprop"})
+COMPILED_VARIANT = frozenset({"sgd-hd", "sgdn-hd", "adam-hd", "cam-hd-sgd", "cam-hd-sgdn", "cam-hd-adam", "hyperadam",
+                              "hyperadam-general", "dm", "rnnprop"})
 
 
 def comparison(name: str) -> tuple[Baseline, float | None]:

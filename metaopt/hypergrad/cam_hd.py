@@ -54,7 +54,9 @@ from metaopt.baselines import (
     sgd_direction,
     with_weight_decay,
 )
+from metaopt.compiling import check_compile, compiled_step
 from metaopt.core import CoreOptimizer, FunctionalOptimizer, Params, all_finite, check_betas, check_range
+from metaopt.hypergrad import cam_hd_compiled
 from metaopt.hypergrad.hd import warn_negative_rate_once
 from metaopt.numerics import dot64
 from metaopt.registry import register_optimizer
@@ -326,15 +328,28 @@ def level_hypergradients(layout: ParamLayout, levels: Sequence[str], grads: Mapp
                 rows.append(e.reshape(n_rows, cols).sum(1, dtype=HYPER_DTYPE))
         totals.append(dot64(g, d) if want & {"layer", "global"} else zero)
 
+    out = coarse_hypergradients(layout, levels, rows, totals, tau, device)
+    if "parameter" in want:
+        out["parameter"] = h_param
+    return {level: out[level] for level in levels}
+
+
+def coarse_hypergradients(layout: ParamLayout, levels: Sequence[str], rows: list[Tensor], totals: list[Tensor],
+                          tau: Scalar, device: torch.device | None) -> dict[str, Tensor]:
+    """The unit, layer and global levels of :func:`level_hypergradients` from every tensor's float64 row sums of
+    ``g ⊙ d_{t−1}`` (``rows``, in layout order; zeros for a tensor without a gradient) and dot products ``⟨g, d_{t−1}⟩``
+    (``totals``, likewise)."""
+
     def scaled(s: Tensor) -> Tensor:
         return -(s if _is_one(tau) else tau * s)
 
     out: dict[str, Any] = {}
+    want = set(levels)
     index = layout.indices(device) if want & {"unit", "layer"} else {}
     for level in levels:
         if level == "parameter":
-            out[level] = h_param
-        elif level == "unit":
+            continue
+        if level == "unit":
             out[level] = scaled(torch.zeros(layout.num_units, dtype=HYPER_DTYPE, device=device).index_add(
                 0, index["unit_index"], torch.cat(rows)))
         elif level == "layer":
@@ -686,6 +701,13 @@ class CamHDRule(FunctionalOptimizer):
                              f"({len(layout.names)} tensors); got {len(params)}")
         return layout
 
+    def coarse_step(self, coef: Tensor, h_reduced: Tensor, h: Tensor, old: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Step 3 and the ``∂L/∂γ`` term of a unit, layer or global level: ``(α_t, Σ_G h·α_{t−1}, any α_t < 0)``, the
+        rates clipped at 0 with ``clip_lr_at_zero`` (``coef`` = β_k·γ_k; ``h_reduced``: h after ``beta_reduction``)."""
+        rates = old - coef * h_reduced
+        below = (rates < 0).any()
+        return (rates.clamp(min=0.0) if self.clip_lr_at_zero else rates), (h * old).sum(), below
+
     def rates(self, params: Params, grads: Params, state: CamHDState, gamma: Tensor | None = None) -> CamHDRates:
         """Steps 1–5 and 7 of a step (class docstring): everything but the base optimizer's direction and the update,
         which :meth:`step` applies out of place and the face in place (``fast=True``) from this same result. ``grads``
@@ -727,11 +749,9 @@ class CamHDRule(FunctionalOptimizer):
                 if self.clip_lr_at_zero:
                     rates = {n: r.clamp(min=0.0) for n, r in rates.items()}
             else:
-                rates = old[level] - coef * h_k
-                gamma_grad_terms.append((h[level] * old[level]).sum())
-                negative.append((rates < 0).any())
-                if self.clip_lr_at_zero:
-                    rates = rates.clamp(min=0.0)
+                rates, term, below = self.coarse_step(coef, h_k, h[level], old[level])
+                gamma_grad_terms.append(term)
+                negative.append(below)
             new[level] = rates
         gamma_grad = torch.stack(gamma_grad_terms)
 
@@ -830,6 +850,10 @@ class CamHD(CoreOptimizer):
         fast: apply the step in place (default): the rule's rates, then the base optimizer's update with in-place
             and ``torch._foreach_*`` ops, bit for bit with ``fast=False``, which steps through :class:`CamHDRule` and
             copies its new parameters back.
+        compile: ``True`` (or a torch.compile mode) runs the steps after the first through ``torch.compile``
+            (:mod:`metaopt.hypergrad.cam_hd_compiled`: one fused pass that reduces, one that updates); equal to the
+            rule within float32 rounding. The first step of each shape compiles (seconds; inductor caches the code on
+            disk). Groups whose tensors differ in dtype or device, or hold an empty tensor, step eagerly.
 
     Memory per parameter: α_p (+n, when the parameter level is used) and d_{t−1} (+n) for SGD; + momentum buffer (+n)
     for SGDN; Adam's m, v (+2n) and no d_{t−1} (recomputed from m and v, as Adam-HD). Transient: α* (n). The unit /
@@ -843,7 +867,7 @@ class CamHD(CoreOptimizer):
                  levels: Sequence[str], gamma: Sequence[float] | None, gamma_lr: float, gamma_mode: str,
                  decay: float, alpha_inf: float | None, weight_decay: float, beta_reduction: str,
                  clip_lr_at_zero: bool, layer_key: Callable[[str], str] | None, nonfinite: str, fast: bool,
-                 **base_hparams: Any):
+                 compile: bool | str, **base_hparams: Any):
         check_range("learning rate", lr)
         levels = parse_levels(levels)
         gamma = default_gamma(levels) if gamma is None else tuple(float(x) for x in gamma)
@@ -860,7 +884,8 @@ class CamHD(CoreOptimizer):
             logger.warning("%s: beta_reduction='paper_eq35' scales β by the group size (β_l = n_l·β, β_g = n·β, "
                            "eq. 35 read literally); this is a replication preset, not the exact derivative (A-C4).",
                            type(self).__name__)
-        self.layer_key, self.fast = layer_key, bool(fast)
+        check_compile(compile, fast)
+        self.layer_key, self.fast, self.compile = layer_key, bool(fast), compile
         self._layouts: dict[tuple, ParamLayout] = {}
         hypergrad_lr = hypergrad_lr if isinstance(hypergrad_lr, (int, float)) else tuple(float(b) for b in betas)
         super().__init__(params, dict(lr=lr, hypergrad_lr=hypergrad_lr, levels=levels, gamma=gamma,
@@ -911,7 +936,14 @@ class CamHD(CoreOptimizer):
         param_dict = dict(zip(names, params))
         rule = self.rule(group)
         state = self.load_rule_state(group, rule, param_dict)
-        if self.fast:
+        new_state = None
+        if screened and self.compile is not False:
+            new_state = self._compiled_step(group, rule, param_dict, grads, state)
+            if new_state is False:
+                return False
+        if new_state is not None:
+            pass
+        elif self.fast:
             rates = rule.rates(param_dict, grads, state)
             if screened and not all_finite([rates.gamma_grad]) and not self.check_finite(group, grads.values()):
                 return False
@@ -942,6 +974,104 @@ class CamHD(CoreOptimizer):
             return True
         return self.skip_nonfinite(group, "learning rate or gamma from the hypergradient (lower hypergrad_lr or "
                                           "gamma_lr)")
+
+    def _compiled_step(self, group: dict[str, Any], rule: CamHDRule, params: Params, grads: Params,
+                       state: CamHDState) -> CamHDState | bool | None:
+        """A step after the first through :mod:`~metaopt.hypergrad.cam_hd_compiled`: the new state (parameters and the
+        base optimizer's buffers updated in place), False where it skipped a non-finite step, or None where the
+        group does not fit the compiled functions (mixed dtypes or devices, an empty tensor, a momentum buffer not
+        started yet) and steps eagerly."""
+        layout, levels = rule.layout_for(params), rule.levels
+        live = [n for n in layout.names if n in grads]
+        ps, gs = [params[n] for n in live], [grads[n] for n in live]
+        dtype, device = ps[0].dtype, ps[0].device
+        if any(p.dtype != dtype or p.device != device or p.numel() == 0 for p in ps) or rate_dtype(dtype) != dtype:
+            return None
+        adam = rule.base == "adam"
+        if not adam and rule.momentum and any(state.momentum_buffer[n].shape != params[n].shape for n in live):
+            return None
+        t, mode = state.step + 1, self.compile
+        tau_prev, tau = decay_factor(rule.decay, t - 1), decay_factor(rule.decay, t)
+        gamma_prev = state.gamma
+
+        k_param = levels.index("parameter") if "parameter" in levels else None
+        gammas = [float(g) for g in group["gamma"]]  # γ_{t−1} (the state's, as Python floats)
+        gamma_p = 0.0 if k_param is None else gammas[k_param]
+        beta1, beta2 = (rule.beta1, rule.beta2) if adam else (0.0, 0.0)
+        # The step's changing scalars as 0-dim tensors (no recompilation), made in one call: the parameter level's
+        # β_p·γ_p·τ_{t−1}, Adam's bias corrections of steps t − 1 and t, γ_p, τ_t and (1 − τ_t)·α_∞.
+        (coef, bc1_prev, bc2_prev, bc1, bc2, gamma_p, tau_t, rest) = torch.tensor(
+            [0.0 if k_param is None else float(rule.level_betas[k_param]) * gamma_p * tau_prev,
+             1 - beta1 ** (t - 1), (1 - beta2 ** (t - 1)) ** 0.5, 1 - beta1**t, (1 - beta2**t) ** 0.5, gamma_p, tau,
+             (1 - tau) * float(rule.alpha_inf)], dtype=dtype, device=device).unbind()
+        alphas = None if k_param is None else [state.alpha_param[n] for n in live]
+        if adam:
+            first, second = [state.exp_avg[n] for n in live], [state.exp_avg_sq[n] for n in live]
+        else:
+            first, second = [state.prev_direction[n] for n in live], None
+        unit_rows = [layout.unit_rows[layout.position[n]] for n in live] if "unit" in levels else None
+        rows, totals, dots, new_sums, new_mins = compiled_step(cam_hd_compiled.reductions, mode)(
+            ps, gs, first, second, alphas, rule.weight_decay, bc1_prev, bc2_prev, rule.eps, coef,
+            rule.clip_lr_at_zero, unit_rows, bool({"layer", "global"} & set(levels)))
+
+        # The coarse levels and γ (small vectors) as the rule computes them, from the fused sums.
+        where = {n: i for i, n in enumerate(live)}
+        zero = torch.zeros((), dtype=HYPER_DTYPE, device=device)
+        row_list = [rows[where[n]] if n in where else torch.zeros(layout.unit_rows[layout.position[n]],
+                                                                 dtype=HYPER_DTYPE, device=device)
+                    for n in layout.names] if unit_rows is not None else []
+        total_list = [totals[where[n]] if n in where and totals else zero for n in layout.names]
+        h = coarse_hypergradients(layout, levels, row_list, total_list, tau_prev, device)
+        old = level_rates(state, levels)
+        new: dict[str, Any] = {}
+        terms, negative = [], []
+        for k, level in enumerate(levels):
+            if level == "parameter":
+                new[level] = state.alpha_param
+                terms.append(-(tau_prev * torch.stack(dots).sum()))
+                negative.append(torch.stack(new_mins).min() < 0)
+                continue
+            coef_k = rule._level_beta(k, level, layout, device) * gamma_prev[k]
+            new[level], term, below = rule.coarse_step(coef_k, rule._mean_reduced(level, h[level], layout, device),
+                                                       h[level], old[level])
+            terms.append(term)
+            negative.append(below)
+        gamma_grad = torch.stack(terms)
+        gamma_new = gamma_prev if _is_zero(rule.gamma_lr) else update_gamma(gamma_prev, gamma_grad, rule.gamma_lr,
+                                                                             rule.gamma_mode)
+        if not all_finite([gamma_grad]) and not self.check_finite(group, gs):
+            return False
+        coarse_new = {level: rates for level, rates in new.items() if level != "parameter"}
+        if not self._rates_finite(group, gamma_new, dict(coarse_new, parameter={"sums": torch.stack(new_sums)}
+                                                         if alphas is not None else {})):
+            return False
+
+        coarse_levels = [level for level in levels if level != "parameter"]
+        if coarse_levels:
+            index = [levels.index(level) for level in coarse_levels]
+            combined = combine_levels(layout, coarse_levels, gamma_prev[index], coarse_new, params, live)
+            coarse = [combined[n] for n in live]
+        else:
+            coarse = [torch.zeros((), dtype=dtype, device=device)] * len(live)
+        common = (coef, rule.clip_lr_at_zero, gamma_p, tau_t, rest)
+        if adam:
+            compiled_step(cam_hd_compiled.adam_update, mode)(ps, gs, first, second, alphas, coarse, rule.weight_decay,
+                                                             bc1_prev, bc2_prev, bc1, bc2, beta1, beta2, rule.eps,
+                                                             *common)
+        else:
+            bufs = [state.momentum_buffer[n] for n in live] if rule.momentum else first
+            compiled_step(cam_hd_compiled.sgd_update, mode)(ps, gs, first, bufs, alphas, coarse, rule.weight_decay,
+                                                            rule.momentum, rule.nesterov, *common)
+        fields = dict(step=t, gamma=gamma_new, gamma_grad=gamma_grad,
+                      negative_lr_steps=state.negative_lr_steps + torch.stack(negative).any().to(torch.int64),
+                      alpha_param=state.alpha_param, alpha_unit=new.get("unit"), alpha_layer=new.get("layer"),
+                      alpha_global=new.get("global"))
+        if adam:
+            return CamHDAdamState(**fields, exp_avg=state.exp_avg, exp_avg_sq=state.exp_avg_sq)
+        directions = dict(state.prev_direction)
+        if rule.momentum and not rule.nesterov:  # heavy ball: d_{t−1} is the buffer
+            directions.update({n: state.momentum_buffer[n] for n in live})
+        return CamHDSGDState(**fields, momentum_buffer=state.momentum_buffer, prev_direction=directions)
 
     @staticmethod
     def _apply_in_place(rule: CamHDRule, rates: CamHDRates, params: Params, grads: Params,
@@ -1003,11 +1133,11 @@ class CamHDSGD(CamHD):
                  gamma_mode: str = "renorm", decay: float = 0.0, alpha_inf: float | None = None,
                  weight_decay: float = 0.0, beta_reduction: str = "sum", clip_lr_at_zero: bool = False,
                  layer_key: Callable[[str], str] | None = None, nonfinite: str = "skip",
-                 fast: bool = True):
+                 fast: bool = True, compile: bool | str = False):
         super().__init__(params, lr, hypergrad_lr, levels=levels, gamma=gamma, gamma_lr=gamma_lr,
                          gamma_mode=gamma_mode, decay=decay, alpha_inf=alpha_inf, weight_decay=weight_decay,
                          beta_reduction=beta_reduction, clip_lr_at_zero=clip_lr_at_zero, layer_key=layer_key,
-                         nonfinite=nonfinite, fast=fast)
+                         nonfinite=nonfinite, fast=fast, compile=compile)
 
 
 class CamHDSGDN(CamHD):
@@ -1025,14 +1155,14 @@ class CamHDSGDN(CamHD):
                  decay: float = 0.0, alpha_inf: float | None = None, weight_decay: float = 0.0,
                  beta_reduction: str = "sum", clip_lr_at_zero: bool = False,
                  layer_key: Callable[[str], str] | None = None, nonfinite: str = "skip",
-                 fast: bool = True):
+                 fast: bool = True, compile: bool | str = False):
         check_range("momentum value", momentum)
         if nesterov and momentum <= 0:
             raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum > 0")
         super().__init__(params, lr, hypergrad_lr, levels=levels, gamma=gamma, gamma_lr=gamma_lr,
                          gamma_mode=gamma_mode, decay=decay, alpha_inf=alpha_inf, weight_decay=weight_decay,
                          beta_reduction=beta_reduction, clip_lr_at_zero=clip_lr_at_zero, layer_key=layer_key,
-                         nonfinite=nonfinite, fast=fast, momentum=momentum, nesterov=nesterov)
+                         nonfinite=nonfinite, fast=fast, compile=compile, momentum=momentum, nesterov=nesterov)
 
     def base_hparams(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(momentum=group["momentum"], nesterov=group["nesterov"])
@@ -1053,13 +1183,13 @@ class CamHDAdam(CamHD):
                  gamma_mode: str = "renorm", decay: float = 0.0, alpha_inf: float | None = None,
                  weight_decay: float = 0.0, beta_reduction: str = "sum", clip_lr_at_zero: bool = False,
                  layer_key: Callable[[str], str] | None = None, nonfinite: str = "skip",
-                 fast: bool = True):
+                 fast: bool = True, compile: bool | str = False):
         check_range("epsilon value", eps)
         check_betas(betas)
         super().__init__(params, lr, hypergrad_lr, levels=levels, gamma=gamma, gamma_lr=gamma_lr,
                          gamma_mode=gamma_mode, decay=decay, alpha_inf=alpha_inf, weight_decay=weight_decay,
                          beta_reduction=beta_reduction, clip_lr_at_zero=clip_lr_at_zero, layer_key=layer_key,
-                         nonfinite=nonfinite, fast=fast, betas=tuple(betas), eps=eps)
+                         nonfinite=nonfinite, fast=fast, compile=compile, betas=tuple(betas), eps=eps)
 
     def base_hparams(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(betas=tuple(group["betas"]), eps=group["eps"])

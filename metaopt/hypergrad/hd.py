@@ -33,7 +33,7 @@ from torch import Tensor
 
 from metaopt.baselines import (ForeachFace, adam_apply, adam_direction, adam_foreach_denominator, adam_foreach_update,
                                 adam_moments, apply_update, decayed, sgd_direction, with_weight_decay)
-from metaopt.compiling import compile_with_fallback
+from metaopt.compiling import check_compile, compiled_step
 from metaopt.core import FunctionalOptimizer, Params, check_betas, check_range
 from metaopt.numerics import dot64
 from metaopt.registry import register_optimizer
@@ -335,25 +335,6 @@ def _adam_update(params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs
         p.sub_(step_size * m / (v.sqrt() / bias_correction2_sqrt + eps))
 
 
-_EAGER_STEPS = {fn.__name__: fn for fn in (_sgd_hd_hypergradient, _sgd_hd_update, _adam_hd_hypergradient, _adam_update)}
-_COMPILED_STEPS: dict[tuple[str, bool | str], Any] = {}
-
-
-def compiled_step(name: str, mode: bool | str) -> Any:
-    """The function ``name`` of this section through ``torch.compile(dynamic=False, fullgraph=True)`` in ``mode``
-    (True: the default mode), shared by every face of the process (one graph per shapes and configuration), with the
-    eager function as the fallback (:func:`~metaopt.compiling.compile_with_fallback`)."""
-    if (name, mode) not in _COMPILED_STEPS:
-        eager = _EAGER_STEPS[name]
-        compiled = torch.compile(eager, dynamic=False, fullgraph=True, mode=None if mode is True else mode)
-        # No detaching and dynamo's own recompile limit: both cost more per call than such a step takes on a small
-        # model (measured: 187 µs a call instead of 53 on the 15,910 parameters of MLP 784-20-10). Beyond the limit
-        # dynamo runs the eager function (the same maths) and says so.
-        _COMPILED_STEPS[name, mode] = compile_with_fallback(compiled, eager, "the hypergradient step", detach=False,
-                                                            recompile_limit=None)
-    return _COMPILED_STEPS[name, mode]
-
-
 def _scalar(value: float, like: Tensor) -> Tensor:
     return torch.tensor(value, dtype=torch.float64, device=like.device)
 
@@ -375,10 +356,7 @@ class _HypergradientFace(ForeachFace):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, nonfinite: str, fast: bool,
                  compile: bool | str):
-        if not isinstance(compile, (bool, str)):
-            raise ValueError(f"Invalid compile: {compile!r} (expected True, False or a torch.compile mode)")
-        if compile is not False and not fast:
-            raise ValueError(f"Invalid compile: {compile!r} (compiling needs fast=True)")
+        check_compile(compile, fast)
         self.fast, self.compile = fast, compile
         super().__init__(params, dict(defaults, negative_lr_steps=0), nonfinite=nonfinite)
 
@@ -498,11 +476,11 @@ class SGDHD(_HypergradientFace):
         """:meth:`foreach_step` through the compiled functions (every momentum buffer exists)."""
         weight_decay, momentum = group["weight_decay"], group["momentum"]
         prev = [s["prev_direction"] for s in state]
-        h = compiled_step("_sgd_hd_hypergradient", self.compile)(params, grads, prev, weight_decay)
+        h = compiled_step(_sgd_hd_hypergradient, self.compile)(params, grads, prev, weight_decay)
         if not self.hypergradient_step(group, grads, h):
             return False
         bufs = [s["momentum_buffer"] for s in state]
-        compiled_step("_sgd_hd_update", self.compile)(params, grads, prev, bufs, _scalar(group["lr"], params[0]),
+        compiled_step(_sgd_hd_update, self.compile)(params, grads, prev, bufs, _scalar(group["lr"], params[0]),
                                                       weight_decay, momentum, group["dampening"], group["nesterov"])
         if momentum and not group["nesterov"]:  # heavy ball: d_prev is the buffer
             for s in state:
@@ -593,13 +571,13 @@ class AdamHD(_HypergradientFace):
     def _compiled_step(self, group, params, grads, ms, vs) -> bool:
         """:meth:`foreach_step` through the compiled functions (after the first step)."""
         (beta1, beta2), eps, weight_decay, prev_step = group["betas"], group["eps"], group["weight_decay"], group["step"]
-        h = compiled_step("_adam_hd_hypergradient", self.compile)(
+        h = compiled_step(_adam_hd_hypergradient, self.compile)(
             params, grads, ms, vs, weight_decay, _scalar(1 - beta1**prev_step, params[0]),
             _scalar((1 - beta2**prev_step) ** 0.5, params[0]), eps)
         if not self.hypergradient_step(group, grads, h):
             return False
         step = prev_step + 1
-        compiled_step("_adam_update", self.compile)(
+        compiled_step(_adam_update, self.compile)(
             params, grads, ms, vs, weight_decay, _scalar(group["lr"] / (1 - beta1**step), params[0]),
             _scalar((1 - beta2**step) ** 0.5, params[0]), beta1, beta2, eps)
         group["step"] = step
