@@ -57,6 +57,7 @@ from metaopt.baselines import (
 from metaopt.compiling import check_compile, compiled_step
 from metaopt.core import CoreOptimizer, FunctionalOptimizer, Params, all_finite, check_betas, check_range
 from metaopt.hypergrad import cam_hd_compiled
+from metaopt.hypergrad.cam_hd_gamma import GAMMA_MODES, update_gamma
 from metaopt.hypergrad.hd import warn_negative_rate_once
 from metaopt.numerics import dot64
 from metaopt.registry import register_optimizer
@@ -70,7 +71,6 @@ LEVEL_ALIASES = {"param": "parameter", "filter": "unit"}
 DEFAULT_LEVELS = ("parameter", "layer", "global")
 DEFAULT_GAMMA = (0.3, 0.3, 0.4)          # the paper's 3-level FFNN experiment (γ_p, γ_l, γ_g)
 DEFAULT_GAMMA_2_LEVEL = (0.2, 0.8)       # the paper's 2-level experiments (γ_l or γ_filter, γ_g), A-C10
-GAMMA_MODES = ("renorm", "softmax")
 BETA_REDUCTIONS = ("sum", "mean", "paper_eq35")
 BASES = ("sgd", "adam")
 
@@ -412,29 +412,6 @@ def combine_levels(layout: ParamLayout, levels: Sequence[str], gamma: Tensor, al
             total = term if total is None else total + term
         result[name] = total
     return result
-
-
-def update_gamma(gamma: Tensor, gamma_grad: Tensor, gamma_lr: Scalar, mode: str = "renorm") -> Tensor:
-    """One step on the combination weights (spec §6(b) step 5; paper Alg. 1 with A-C3/A-C6).
-
-    - ``renorm`` (Alg. 1): ``γ' = γ − δ·∂L/∂γ``; ``γ_new = max(γ', 0)/Σ max(γ', 0)``; if that sum is 0 the previous γ
-      is kept.
-    - ``softmax``: gradient descent on logits ``c`` with ``γ = softmax(c)``:
-      ``c ← c − δ·γ ⊙ (∂L/∂γ − ⟨γ, ∂L/∂γ⟩)`` (the chain rule through the softmax), ``γ_new = softmax(c)``. The logits
-      are taken as ``log γ``: softmax is shift-invariant, so this equals carrying logits in the state, and the state
-      (and ``param_groups[i]["gamma"]``) holds only γ. A zero weight is a ``−inf`` logit and stays zero.
-
-    Differentiable in all tensor arguments (the zero-sum guard uses a safe denominator, so no NaN reaches the
-    gradient). Returns a new (K,) tensor.
-    """
-    if mode == "softmax":
-        centred = gamma_grad - (gamma * gamma_grad).sum()
-        return torch.softmax(torch.log(gamma) - gamma_lr * gamma * centred, dim=0)
-    _check_choice("gamma_mode", mode, GAMMA_MODES)
-    clipped = (gamma - gamma_lr * gamma_grad).clamp(min=0.0)
-    total = clipped.sum()
-    positive = total > 0
-    return torch.where(positive, clipped / torch.where(positive, total, torch.ones_like(total)), gamma)
 
 
 def decay_factor(decay: float, step: int) -> float:
@@ -929,6 +906,10 @@ class CamHD(CoreOptimizer):
         applies them in place (:meth:`_apply_in_place`); from the second step on it screens the gradients through
         ``∂L/∂γ`` instead of a separate pass (every entry sums ``g ⊙ d_{t−1}`` over all tensors, and 0·inf is NaN)."""
         screened = self.fast and group.get("step", 0) > 0
+        if screened and self.compile is not False and grads is None:
+            stepped = self._compiled_step(group)
+            if stepped is not None:
+                return stepped
         gathered = self.gather(group, grads, check=not screened)
         if gathered is None:
             return False
@@ -936,14 +917,7 @@ class CamHD(CoreOptimizer):
         param_dict = dict(zip(names, params))
         rule = self.rule(group)
         state = self.load_rule_state(group, rule, param_dict)
-        new_state = None
-        if screened and self.compile is not False:
-            new_state = self._compiled_step(group, rule, param_dict, grads, state)
-            if new_state is False:
-                return False
-        if new_state is not None:
-            pass
-        elif self.fast:
+        if self.fast:
             rates = rule.rates(param_dict, grads, state)
             if screened and not all_finite([rates.gamma_grad]) and not self.check_finite(group, grads.values()):
                 return False
@@ -975,103 +949,88 @@ class CamHD(CoreOptimizer):
         return self.skip_nonfinite(group, "learning rate or gamma from the hypergradient (lower hypergrad_lr or "
                                           "gamma_lr)")
 
-    def _compiled_step(self, group: dict[str, Any], rule: CamHDRule, params: Params, grads: Params,
-                       state: CamHDState) -> CamHDState | bool | None:
-        """A step after the first through :mod:`~metaopt.hypergrad.cam_hd_compiled`: the new state (parameters and the
-        base optimizer's buffers updated in place), False where it skipped a non-finite step, or None where the
-        group does not fit the compiled functions (mixed dtypes or devices, an empty tensor, a momentum buffer not
-        started yet) and steps eagerly."""
-        layout, levels = rule.layout_for(params), rule.levels
-        live = [n for n in layout.names if n in grads]
-        ps, gs = [params[n] for n in live], [grads[n] for n in live]
-        dtype, device = ps[0].dtype, ps[0].device
-        if any(p.dtype != dtype or p.device != device or p.numel() == 0 for p in ps) or rate_dtype(dtype) != dtype:
+    def _compiled_step(self, group: dict[str, Any]) -> bool | None:
+        """A step after the first through :mod:`~metaopt.hypergrad.cam_hd_compiled`, reading and writing the group and
+        ``self.state`` directly: True, False where it skipped a non-finite step, or None (nothing done) where the group
+        does not fit the compiled functions — a parameter without a gradient or without state, mixed dtypes or
+        devices, an empty tensor, a momentum buffer not started yet — and steps eagerly."""
+        params = list(group["params"])
+        grads = [p.grad for p in params]
+        if any(g is None or g.is_sparse for g in grads):
             return None
-        adam = rule.base == "adam"
-        if not adam and rule.momentum and any(state.momentum_buffer[n].shape != params[n].shape for n in live):
+        states = [self.state[p] for p in params]
+        dtype, device = params[0].dtype, params[0].device
+        if (not all(states) or rate_dtype(dtype) != dtype
+                or any(p.dtype != dtype or p.device != device or p.numel() == 0 for p in params)):
             return None
-        t, mode = state.step + 1, self.compile
-        tau_prev, tau = decay_factor(rule.decay, t - 1), decay_factor(rule.decay, t)
-        gamma_prev = state.gamma
-
-        k_param = levels.index("parameter") if "parameter" in levels else None
-        gammas = [float(g) for g in group["gamma"]]  # γ_{t−1} (the state's, as Python floats)
-        gamma_p = 0.0 if k_param is None else gammas[k_param]
-        beta1, beta2 = (rule.beta1, rule.beta2) if adam else (0.0, 0.0)
-        # The step's changing scalars as 0-dim tensors (no recompilation), made in one call: the parameter level's
-        # β_p·γ_p·τ_{t−1}, Adam's bias corrections of steps t − 1 and t, γ_p, τ_t and (1 − τ_t)·α_∞.
-        (coef, bc1_prev, bc2_prev, bc1, bc2, gamma_p, tau_t, rest) = torch.tensor(
-            [0.0 if k_param is None else float(rule.level_betas[k_param]) * gamma_p * tau_prev,
-             1 - beta1 ** (t - 1), (1 - beta2 ** (t - 1)) ** 0.5, 1 - beta1**t, (1 - beta2**t) ** 0.5, gamma_p, tau,
-             (1 - tau) * float(rule.alpha_inf)], dtype=dtype, device=device).unbind()
-        alphas = None if k_param is None else [state.alpha_param[n] for n in live]
-        if adam:
-            first, second = [state.exp_avg[n] for n in live], [state.exp_avg_sq[n] for n in live]
-        else:
-            first, second = [state.prev_direction[n] for n in live], None
-        unit_rows = [layout.unit_rows[layout.position[n]] for n in live] if "unit" in levels else None
-        rows, totals, dots, new_sums, new_mins = compiled_step(cam_hd_compiled.reductions, mode)(
-            ps, gs, first, second, alphas, rule.weight_decay, bc1_prev, bc2_prev, rule.eps, coef,
-            rule.clip_lr_at_zero, unit_rows, bool({"layer", "global"} & set(levels)))
-
-        # The coarse levels and γ (small vectors) as the rule computes them, from the fused sums.
-        where = {n: i for i, n in enumerate(live)}
-        zero = torch.zeros((), dtype=HYPER_DTYPE, device=device)
-        row_list = [rows[where[n]] if n in where else torch.zeros(layout.unit_rows[layout.position[n]],
-                                                                 dtype=HYPER_DTYPE, device=device)
-                    for n in layout.names] if unit_rows is not None else []
-        total_list = [totals[where[n]] if n in where and totals else zero for n in layout.names]
-        h = coarse_hypergradients(layout, levels, row_list, total_list, tau_prev, device)
-        old = level_rates(state, levels)
-        new: dict[str, Any] = {}
-        terms, negative = [], []
-        for k, level in enumerate(levels):
-            if level == "parameter":
-                new[level] = state.alpha_param
-                terms.append(-(tau_prev * torch.stack(dots).sum()))
-                negative.append(torch.stack(new_mins).min() < 0)
-                continue
-            coef_k = rule._level_beta(k, level, layout, device) * gamma_prev[k]
-            new[level], term, below = rule.coarse_step(coef_k, rule._mean_reduced(level, h[level], layout, device),
-                                                       h[level], old[level])
-            terms.append(term)
-            negative.append(below)
-        gamma_grad = torch.stack(terms)
-        gamma_new = gamma_prev if _is_zero(rule.gamma_lr) else update_gamma(gamma_prev, gamma_grad, rule.gamma_lr,
-                                                                             rule.gamma_mode)
-        if not all_finite([gamma_grad]) and not self.check_finite(group, gs):
+        adam, momentum = self.base == "adam", group.get("momentum", 0.0)
+        if momentum and any(s["momentum_buffer"].shape != p.shape for s, p in zip(states, params)):
+            return None
+        layout, levels, mode = self.layout(group), tuple(group["levels"]), self.compile
+        cfg = self._levels_config(group, layout)
+        index = layout.indices(device)
+        t = group["step"] + 1
+        tau_prev, tau = decay_factor(group["decay"], t - 1), decay_factor(group["decay"], t)
+        alpha_inf = group["lr"] if group["alpha_inf"] is None else group["alpha_inf"]
+        beta1, beta2 = group["betas"] if adam else (0.0, 0.0)
+        eps = group["eps"] if adam else 0.0
+        # The step's changing scalars as 0-dim tensors (no recompilation), made in two calls.
+        bc1_prev, bc2_prev, bc1, bc2, tau_t, rest = torch.tensor(
+            [1 - beta1 ** (t - 1), (1 - beta2 ** (t - 1)) ** 0.5, 1 - beta1**t, (1 - beta2**t) ** 0.5, tau,
+             (1 - tau) * alpha_inf], dtype=dtype, device=device).unbind()
+        small = torch.tensor([tau_prev, *group["gamma"]], dtype=HYPER_DTYPE, device=device)
+        old = {level: None if group[field] is None else torch.tensor(group[field], dtype=HYPER_DTYPE, device=device)
+               for level, field in (("unit", "alpha_unit"), ("layer", "alpha_layer"), ("global", "alpha_global"))}
+        alphas = [s["alpha_param"] for s in states] if "parameter" in levels else None
+        first = [s["exp_avg"] if adam else s["prev_direction"] for s in states]
+        second = [s["exp_avg_sq"] for s in states] if adam else None
+        unit, layer, global_, gamma_grad, gamma, coarse, gamma_p, coef, checks = compiled_step(
+            cam_hd_compiled.levels_step, mode)(
+            params, grads, first, second, alphas, old["unit"], old["layer"], old["global"], small[1:], small[0],
+            index["unit_index"], index["layer_index"], index["unit_size"], index["layer_size"], group["weight_decay"],
+            bc1_prev, bc2_prev, eps, cfg)
+        grad_check, rate_check, negative = checks.tolist()
+        if not math.isfinite(grad_check) and not self.check_finite(group, grads):
             return False
-        coarse_new = {level: rates for level, rates in new.items() if level != "parameter"}
-        if not self._rates_finite(group, gamma_new, dict(coarse_new, parameter={"sums": torch.stack(new_sums)}
-                                                         if alphas is not None else {})):
-            return False
+        if not math.isfinite(rate_check):
+            return self.skip_nonfinite(group, "learning rate or gamma from the hypergradient (lower hypergrad_lr or "
+                                              "gamma_lr)")
+        common = (coef, cfg.clip, gamma_p, tau_t, rest)
+        if adam:
+            compiled_step(cam_hd_compiled.adam_update, mode)(params, grads, first, second, alphas, coarse,
+                                                             group["weight_decay"], bc1_prev, bc2_prev, bc1, bc2,
+                                                             beta1, beta2, eps, *common)
+        else:
+            bufs = [s["momentum_buffer"] for s in states] if momentum else first
+            compiled_step(cam_hd_compiled.sgd_update, mode)(params, grads, first, bufs, alphas, coarse,
+                                                            group["weight_decay"], momentum, group.get("nesterov", False),
+                                                            *common)
+            if momentum and not group["nesterov"]:  # heavy ball: d_{t−1} is the buffer
+                for s in states:
+                    s["prev_direction"] = s["momentum_buffer"]
+        negative_before = group["negative_lr_steps"]
+        values = torch.cat([gamma, gamma_grad] + [r.reshape(-1) for r in (unit, layer, global_) if r is not None])
+        values, k = values.tolist(), len(levels)
+        group["gamma"], group["gamma_grad"], rest_values = values[:k], values[k:2 * k], values[2 * k:]
+        for field, rates in (("alpha_unit", unit), ("alpha_layer", layer)):
+            if rates is not None:
+                group[field], rest_values = rest_values[:rates.numel()], rest_values[rates.numel():]
+        if global_ is not None:
+            group["alpha_global"] = rest_values[0]
+        group["negative_lr_steps"] = negative_before + int(negative)
+        group["step"] = t
+        warn_negative_rate_once(self, group, negative_before, "clipped to 0" if group["clip_lr_at_zero"]
+                                else "kept (clip_lr_at_zero=False)")
+        return True
 
-        coarse_levels = [level for level in levels if level != "parameter"]
-        if coarse_levels:
-            index = [levels.index(level) for level in coarse_levels]
-            combined = combine_levels(layout, coarse_levels, gamma_prev[index], coarse_new, params, live)
-            coarse = [combined[n] for n in live]
-        else:
-            coarse = [torch.zeros((), dtype=dtype, device=device)] * len(live)
-        common = (coef, rule.clip_lr_at_zero, gamma_p, tau_t, rest)
-        if adam:
-            compiled_step(cam_hd_compiled.adam_update, mode)(ps, gs, first, second, alphas, coarse, rule.weight_decay,
-                                                             bc1_prev, bc2_prev, bc1, bc2, beta1, beta2, rule.eps,
-                                                             *common)
-        else:
-            bufs = [state.momentum_buffer[n] for n in live] if rule.momentum else first
-            compiled_step(cam_hd_compiled.sgd_update, mode)(ps, gs, first, bufs, alphas, coarse, rule.weight_decay,
-                                                            rule.momentum, rule.nesterov, *common)
-        fields = dict(step=t, gamma=gamma_new, gamma_grad=gamma_grad,
-                      negative_lr_steps=state.negative_lr_steps + torch.stack(negative).any().to(torch.int64),
-                      alpha_param=state.alpha_param, alpha_unit=new.get("unit"), alpha_layer=new.get("layer"),
-                      alpha_global=new.get("global"))
-        if adam:
-            return CamHDAdamState(**fields, exp_avg=state.exp_avg, exp_avg_sq=state.exp_avg_sq)
-        directions = dict(state.prev_direction)
-        if rule.momentum and not rule.nesterov:  # heavy ball: d_{t−1} is the buffer
-            directions.update({n: state.momentum_buffer[n] for n in live})
-        return CamHDSGDState(**fields, momentum_buffer=state.momentum_buffer, prev_direction=directions)
+    def _levels_config(self, group: dict[str, Any], layout: ParamLayout) -> cam_hd_compiled.LevelsConfig:
+        levels = tuple(group["levels"])
+        betas = _check_level_betas(group["hypergrad_lr"], levels)
+        return cam_hd_compiled.LevelsConfig(
+            levels, tuple(float(b) for b in betas), group["beta_reduction"], bool(group["clip_lr_at_zero"]),
+            float(group["gamma_lr"]), group["gamma_mode"], layout.unit_rows, layout.unit_offset,
+            tuple(layout.unit_view_shape(n) for n in layout.names), layout.layer_of, layout.num_units,
+            layout.num_layers, layout.numel)
 
     @staticmethod
     def _apply_in_place(rule: CamHDRule, rates: CamHDRates, params: Params, grads: Params,
