@@ -11,8 +11,8 @@ from metaopt import baselines, external, hypergrad, learned  # noqa: F401  (impo
 from metaopt.core import CoreOptimizer, FunctionalOptimizer
 from metaopt.learned import from_pretrained
 from metaopt.registry import make_optimizer, register_optimizer, registered_names
+from metaopt.version import __version__
 
-__version__ = "0.1.0"
 
 OPTIMIZERS: tuple[str, ...] = registered_names()
 

@@ -23,6 +23,17 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 _FACTORIES: dict[str, OptimizerFactory] = {}
 _FIXED: dict[str, dict[str, Any]] = {}
+# What make_optimizer asks when ``name`` is not a registered name: ``source(name, params, hparams)`` builds an
+# optimizer from another kind of name (a checkpoint directory, a learned-optimizer instance: metaopt.learned registers
+# that one) or returns None. The registry stays a leaf: implementations register into it.
+OptimizerSource = Callable[[Any, Iterable[Any], Mapping[str, Any]], "torch.optim.Optimizer | None"]
+_SOURCES: list[OptimizerSource] = []
+
+
+def register_source(source: OptimizerSource) -> OptimizerSource:
+    """Add a builder for names that are not registered (see ``_SOURCES``); returns it (usable as a decorator)."""
+    _SOURCES.append(source)
+    return source
 
 
 def register_optimizer(name: str, fixed: Mapping[str, Any] | None = None
@@ -70,11 +81,13 @@ def hyperparameters(name: str) -> dict[str, Any]:
     """The hyper-parameters the registered ``name`` accepts, each with its type hint (``Any`` where none), following
     ``**kwargs`` to where the factory forwards them; the ones the name fixes are listed too (a consistent value is
     accepted). Raises ``ValueError`` for an unknown name."""
-    return _accepted(_factory(name))
+    return accepted_hyperparameters(_factory(name))
 
 
 @functools.cache
-def _accepted(target: Callable[..., Any]) -> dict[str, Any]:
+def accepted_hyperparameters(target: Callable[..., Any]) -> dict[str, Any]:
+    """The keyword arguments ``target`` accepts, with their type hints, following ``**kwargs`` to where it forwards
+    them (``target.forwards_to``)."""
     accepted: dict[str, Any] = {}
     while target is not None:
         named, hints, forwards = _parameters(target)
@@ -149,12 +162,14 @@ def check_hyperparameters(label: str, accepted: Mapping[str, Any], hparams: Mapp
     return passed
 
 
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"Unknown optimizer {name!r}. Valid names: {', '.join(_FACTORIES)}")
+
+
 def _factory(name: str) -> OptimizerFactory:
-    try:
-        return _FACTORIES[name]
-    except KeyError:
-        valid = ", ".join(_FACTORIES)
-        raise ValueError(f"Unknown optimizer {name!r}. Valid names: {valid}") from None
+    if name not in _FACTORIES:
+        raise _unknown(name)
+    return _FACTORIES[name]
 
 
 def registered_names() -> tuple[str, ...]:
@@ -174,16 +189,14 @@ def make_optimizer(name: Any, params: Iterable[Any], **hparams: Any) -> torch.op
     with the same value and rejected with another; out-of-range values raise ``ValueError`` naming the argument
     (from the optimizer's constructor).
     """
-    from metaopt.learned import LearnedOptimizer, from_pretrained
-
-    if isinstance(name, LearnedOptimizer):
-        return name.frozen(params, **check_hyperparameters(type(name).__name__, _accepted(LearnedOptimizer.frozen),
-                                                           hparams))
-    if isinstance(name, os.PathLike) or (isinstance(name, str) and name not in _FACTORIES and Path(name).exists()):
-        hparams = check_hyperparameters(str(name), _accepted(LearnedOptimizer.frozen), hparams)
-        return from_pretrained(name).frozen(params, **hparams)
+    if isinstance(name, str) and name in _FACTORIES:
+        factory = _FACTORIES[name]
+        return factory(params, **check_hyperparameters(name, accepted_hyperparameters(factory), hparams, _FIXED[name]))
+    for source in _SOURCES:
+        made = source(name, params, hparams)
+        if made is not None:
+            return made
     if not isinstance(name, str):
         raise TypeError(f"make_optimizer expects a name, a checkpoint directory or a LearnedOptimizer, "
                         f"got {type(name).__name__}")
-    factory = _factory(name)
-    return factory(params, **check_hyperparameters(name, _accepted(factory), hparams, _FIXED[name]))
+    raise _unknown(name)

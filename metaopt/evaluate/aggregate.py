@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from metaopt.evaluate import report
+import metaopt.evaluate.report as report
 from metaopt.evaluate.runner import Run
 
 BASELINE = "adam"

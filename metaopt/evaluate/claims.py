@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from metaopt.evaluate import report
+import metaopt.evaluate.report as report
 from metaopt.evaluate.runner import Run
 from metaopt.evaluate.suites import SUITES, TLR_HD_BETAS
 

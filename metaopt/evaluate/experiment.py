@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 import metaopt
+import metaopt.evaluate.aggregate as aggregate
+import metaopt.evaluate.report as report
 from metaopt.environment import device_name
-from metaopt.evaluate import aggregate, report
 from metaopt.evaluate.journal import Journal, JournalMismatch
 from metaopt.evaluate.runner import (TUNE_SEED_OFFSET, Run, RunConfig, Stopped, build_tasks, run_grid, run_lrs_opt,
                                      tune_learning_rates)

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from metaopt.evaluate import report
+import metaopt.evaluate.report as report
 from metaopt.evaluate.runner import Run
 
 JOURNAL_FILE = "journal.jsonl"

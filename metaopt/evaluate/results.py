@@ -30,7 +30,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from metaopt.evaluate import aggregate, claims, report
+import metaopt.evaluate.aggregate as aggregate
+import metaopt.evaluate.claims as claims
+import metaopt.evaluate.report as report
 from metaopt.evaluate.runner import Run
 from metaopt.evaluate.suites import PARAMETER_FREE, SUITES
 from metaopt.learned.base import CHECKPOINT_ROOT

@@ -56,7 +56,7 @@ from metaopt.baselines import (
 )
 from metaopt.compiling import check_compile, compiled_step
 from metaopt.core import CoreOptimizer, FunctionalOptimizer, Params, all_finite, check_betas, check_range
-from metaopt.hypergrad import cam_hd_compiled
+from metaopt.hypergrad.cam_hd_compiled import LevelsConfig, adam_update, levels_step, sgd_update
 from metaopt.hypergrad.cam_hd_gamma import GAMMA_MODES, update_gamma
 from metaopt.hypergrad.hd import warn_negative_rate_once
 from metaopt.numerics import dot64
@@ -985,7 +985,7 @@ class CamHD(CoreOptimizer):
         first = [s["exp_avg"] if adam else s["prev_direction"] for s in states]
         second = [s["exp_avg_sq"] for s in states] if adam else None
         unit, layer, global_, gamma_grad, gamma, coarse, gamma_p, coef, checks = compiled_step(
-            cam_hd_compiled.levels_step, mode)(
+            levels_step, mode)(
             params, grads, first, second, alphas, old["unit"], old["layer"], old["global"], small[1:], small[0],
             index["unit_index"], index["layer_index"], index["unit_size"], index["layer_size"], group["weight_decay"],
             bc1_prev, bc2_prev, eps, cfg)
@@ -997,12 +997,12 @@ class CamHD(CoreOptimizer):
                                               "gamma_lr)")
         common = (coef, cfg.clip, gamma_p, tau_t, rest)
         if adam:
-            compiled_step(cam_hd_compiled.adam_update, mode)(params, grads, first, second, alphas, coarse,
+            compiled_step(adam_update, mode)(params, grads, first, second, alphas, coarse,
                                                              group["weight_decay"], bc1_prev, bc2_prev, bc1, bc2,
                                                              beta1, beta2, eps, *common)
         else:
             bufs = [s["momentum_buffer"] for s in states] if momentum else first
-            compiled_step(cam_hd_compiled.sgd_update, mode)(params, grads, first, bufs, alphas, coarse,
+            compiled_step(sgd_update, mode)(params, grads, first, bufs, alphas, coarse,
                                                             group["weight_decay"], momentum, group.get("nesterov", False),
                                                             *common)
             if momentum and not group["nesterov"]:  # heavy ball: d_{t−1} is the buffer
@@ -1023,10 +1023,10 @@ class CamHD(CoreOptimizer):
                                 else "kept (clip_lr_at_zero=False)")
         return True
 
-    def _levels_config(self, group: dict[str, Any], layout: ParamLayout) -> cam_hd_compiled.LevelsConfig:
+    def _levels_config(self, group: dict[str, Any], layout: ParamLayout) -> LevelsConfig:
         levels = tuple(group["levels"])
         betas = _check_level_betas(group["hypergrad_lr"], levels)
-        return cam_hd_compiled.LevelsConfig(
+        return LevelsConfig(
             levels, tuple(float(b) for b in betas), group["beta_reduction"], bool(group["clip_lr_at_zero"]),
             float(group["gamma_lr"]), group["gamma_mode"], layout.unit_rows, layout.unit_offset,
             tuple(layout.unit_view_shape(n) for n in layout.names), layout.layer_of, layout.num_units,

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from metaopt.core import CoreOptimizer, FunctionalOptimizer, all_finite, check_range
 from metaopt.learned.cells import flatten, unflatten
-from metaopt.learned import kernels
 from metaopt.learned.fast import FlatGroupState, compile_flat_step, flat_step
 from metaopt.learned.fused import compile_with_fallback
+from metaopt.version import __version__
 
 Params = dict[str, Tensor]
 
@@ -147,12 +147,10 @@ class LearnedOptimizer(nn.Module, abc.ABC):
         """Write ``config.json`` and ``model.safetensors`` (and ``README.md`` when ``card`` is given) to ``directory``."""
         from safetensors.torch import save_file
 
-        import metaopt
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"class": type(self).__name__, "name": self.registry_name, "config": self.config,
-                  "metaopt_version": metaopt.__version__, "format_version": FORMAT_VERSION}
+                  "metaopt_version": __version__, "format_version": FORMAT_VERSION}
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
         _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
@@ -268,6 +266,15 @@ class CoordinatewiseOptimizer(LearnedOptimizer):
     def step_flat(self, grad: Tensor, state: NamedTuple) -> tuple[Tensor, NamedTuple]:
         """The update direction d (n,) for the flat gradient ``grad`` (n,), and the new state (w ← w − α d)."""
 
+    #: The fused Triton kernel of :mod:`metaopt.learned.kernels` that steps this class (``kernel=True``), if any.
+    kernel_name: ClassVar[str | None] = None
+
+    def kernel_width(self) -> int:
+        """The width the kernel's tiles cover (HyperAdam's candidates, an LSTM's hidden units); ``ValueError`` where
+        no kernel implements this class or configuration."""
+        raise ValueError(f"kernel=True: no Triton kernel for {type(self).__name__} (HyperAdam, DMoptimizer and RNNprop "
+                         "have one)")
+
     #: True when :meth:`step_flat` is purely coordinatewise (no reduction over the coordinates), so that it takes
     #: leading batch dimensions as they are: :meth:`fused_step` then is ``step_flat`` itself on all instances at once.
     batch_agnostic: ClassVar[bool] = False
@@ -347,6 +354,14 @@ class _FrozenRule(FunctionalOptimizer):
         return {n: p + updates[n] for n, p in params.items()}, state
 
 
+def _kernels() -> Any:
+    """:mod:`metaopt.learned.kernels`, imported where ``kernel=True`` is used: it loads Triton (a third of a second),
+    which nothing else needs, so ``import metaopt`` does not (DESIGN.md: heavy optional dependencies load when used)."""
+    import metaopt.learned.kernels as kernels
+
+    return kernels
+
+
 class FrozenLearnedOptimizer(CoreOptimizer):
     """A learned optimizer with frozen θ as a ``torch.optim.Optimizer``.
 
@@ -392,7 +407,7 @@ class FrozenLearnedOptimizer(CoreOptimizer):
         self.fast = bool(fast) and coordinatewise
         self.compile, self.kernel = compile, bool(kernel)
         if self.kernel:
-            self._flat_step = kernels.kernel_step
+            self._flat_step = _kernels().kernel_step
         else:
             self._flat_step = compile_flat_step(compile) if compile is not False else flat_step
         self._flat_groups: dict[int, FlatGroupState] = {}  # id(param group) -> its flat state
@@ -400,7 +415,7 @@ class FrozenLearnedOptimizer(CoreOptimizer):
         if self.kernel:
             for group in self.param_groups:
                 for p in group["params"]:
-                    kernels.check_supported(self.lopt, p.device, p.dtype)
+                    _kernels().check_supported(self.lopt, p.device, p.dtype)
 
     def rule(self, group: dict[str, Any]) -> FunctionalOptimizer:
         self._lopt_on(group["params"][0].device)
@@ -452,7 +467,7 @@ class FrozenLearnedOptimizer(CoreOptimizer):
                  old: FlatGroupState | None) -> FlatGroupState:
         """New flat buffers for the group's parameters with a gradient, from ``self.state`` (the source of truth)."""
         if self.kernel:  # also covers groups added after construction
-            kernels.check_supported(self.lopt, grad.device, grad.dtype)
+            _kernels().check_supported(self.lopt, grad.device, grad.dtype)
         names, params = self.named_params(group)
         live_ids = {id(p) for p in live}
         live_names = [n for n, p in zip(names, params) if id(p) in live_ids]

@@ -73,6 +73,10 @@ class DMOptimizer(CoordinatewiseOptimizer):
     """
 
     batch_agnostic = True  # no reduction over the coordinates: step_flat takes a meta-batch's instances as they are
+    kernel_name = "dm"
+
+    def kernel_width(self) -> int:
+        return self.hidden_size
 
     def __init__(self, hidden_size: int = 20, num_layers: int = 2, lr: float = 1.0, output_scale: float = 0.1,
                  p: float = 10.0, preprocess: bool = True):

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaopt.learned import fused
+from metaopt.learned.fused import hyperadam_step
 from metaopt.learned.base import CoordinatewiseOptimizer, register_learned, register_pretrained
 from metaopt.learned.cells import ACCUMULATOR_EPS, LSTMCellParams, rms_normalize, safe_sqrt
 
@@ -133,6 +133,14 @@ class HyperAdam(CoordinatewiseOptimizer):
     def state_width(self) -> int:
         return self.weight.in_features
 
+    kernel_name = "hyperadam"
+
+    def kernel_width(self) -> int:
+        if not (self.use_lstm and self.preprocess):
+            raise ValueError(f"kernel=True: the HyperAdam kernel implements the paper's cell (use_lstm=True, "
+                             f"preprocess=True), not use_lstm={self.use_lstm}, preprocess={self.preprocess}")
+        return self.num_candidates
+
     def init_flat(self, n: int, like: Tensor) -> HyperAdamState:
         J, width = self.num_candidates, self.state_width
         zeros = like.new_zeros(n, J)
@@ -147,7 +155,7 @@ class HyperAdam(CoordinatewiseOptimizer):
                    compiled: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
         if not self.has_fused_step:
             return super().fused_step(grad, state, compiled)
-        return fused.hyperadam_step(self, grad, state, MOMENT_EPS, compiled, self.normalize_state)
+        return hyperadam_step(self, grad, state, MOMENT_EPS, compiled, self.normalize_state)
 
     def step_flat(self, grad: Tensor, state: HyperAdamState) -> tuple[Tensor, HyperAdamState]:
         g = grad.unsqueeze(-1)                                     # (n, 1)

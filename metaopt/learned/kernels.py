@@ -55,21 +55,10 @@ def interpreting() -> bool:
 
 
 def check_supported(lopt: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Raise ``ValueError`` naming the reason if the kernels cannot step ``lopt`` on ``device`` in ``dtype``."""
-    from metaopt.learned.dm import DMOptimizer
-    from metaopt.learned.hyperadam import HyperAdam
-    from metaopt.learned.rnnprop import RNNprop
-
+    """Raise ``ValueError`` naming the reason if the kernels cannot step ``lopt`` (a coordinatewise learned optimizer,
+    whose ``kernel_name`` / ``kernel_width()`` declare its kernel) on ``device`` in ``dtype``."""
     name = type(lopt).__name__
-    if isinstance(lopt, HyperAdam):
-        if not (lopt.use_lstm and lopt.preprocess):
-            raise ValueError(f"kernel=True: the HyperAdam kernel implements the paper's cell (use_lstm=True, "
-                             f"preprocess=True), not use_lstm={lopt.use_lstm}, preprocess={lopt.preprocess}")
-        width = lopt.num_candidates
-    elif isinstance(lopt, (DMOptimizer, RNNprop)):
-        width = lopt.hidden_size
-    else:
-        raise ValueError(f"kernel=True: no Triton kernel for {name} (HyperAdam, DMOptimizer and RNNprop have one)")
+    width = lopt.kernel_width()
     if width > MAX_WIDTH:
         raise ValueError(f"kernel=True: {name}'s width {width} exceeds the kernels' {MAX_WIDTH}")
     if dtype != torch.float32:
@@ -307,21 +296,18 @@ def kernel_step(lopt: nn.Module, state_type: type, grad: Tensor, neg_lr: float, 
     """:func:`metaopt.learned.fast.flat_step` as one fused Triton kernel: the (n, k) ``state`` buffers are
     overwritten with the new state and ``update`` (n,) receives ``neg_lr · d``. The caller has checked the
     configuration with :func:`check_supported`."""
-    from metaopt.learned.dm import DMOptimizer
-    from metaopt.learned.hyperadam import HyperAdam
-
     n = grad.numel()
     if n == 0:
         return
     neg_lr = float(neg_lr)
-    if isinstance(lopt, HyperAdam):
+    if lopt.kernel_name == "hyperadam":
         J = lopt.num_candidates
         s, c, m, v, beta_hat, gamma_hat = state
         _launch("hyperadam", n, grad, s, c, m, v, beta_hat, gamma_hat, update, _rms(grad).reshape(1), _rms(m, 0),
                 lopt.pre.weight, lopt.pre.bias, lopt.lstm.weight_ih, lopt.lstm.weight_hh, lopt.lstm.bias,
                 lopt.decay_beta.weight, lopt.decay_beta.bias, lopt.decay_gamma.weight, lopt.decay_gamma.bias,
                 lopt.weight.weight, lopt.weight.bias, neg_lr, n, J, JP=_width(J))
-    elif isinstance(lopt, DMOptimizer):
+    elif lopt.kernel_name == "dm":
         H, L = lopt.hidden_size, lopt.num_layers
         w_ih, w_hh, bias = _layers(lopt.lstm, skip_first_input=True)
         h, c = state
@@ -329,7 +315,7 @@ def kernel_step(lopt: nn.Module, state_type: type, grad: Tensor, neg_lr: float, 
                 lopt.output.bias, float(lopt.p), math.exp(-lopt.p), math.exp(lopt.p),
                 float(lopt.output_scale), neg_lr, n, H, lopt.lstm[0].input_size, L=L,
                 PREPROCESS=bool(lopt.preprocess), HP=_width(H))
-    else:  # RNNprop
+    else:  # "rnnprop"
         H, L = lopt.hidden_size, lopt.num_layers
         w_ih, w_hh, bias = _layers(lopt.lstm, skip_first_input=False)
         h, c, m, v, b1_hat, b2_hat = state

@@ -58,6 +58,10 @@ class RNNprop(CoordinatewiseOptimizer):
     """
 
     batch_agnostic = True  # no reduction over the coordinates: step_flat takes a meta-batch's instances as they are
+    kernel_name = "rnnprop"
+
+    def kernel_width(self) -> int:
+        return self.hidden_size
 
     def __init__(self, hidden_size: int = 20, num_layers: int = 2, lr: float = 1.0, output_bound: float = 0.1,
                  betas: tuple[float, float] = (0.95, 0.95)):

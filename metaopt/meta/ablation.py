@@ -23,10 +23,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import metaopt.meta.campaign as campaigns
+import metaopt.meta.cli as cli
 from metaopt.checkpoint import write_campaign_card, write_golden
 from metaopt.learned.base import CHECKPOINT_ROOT, CONFIG_FILE, WEIGHTS_FILE
-from metaopt.meta import campaign as campaigns
-from metaopt.meta import cli
 
 ROOT = CHECKPOINT_ROOT / "hyperadam-ablation"
 BASE = ("--preset", "hyperadam-paper")
