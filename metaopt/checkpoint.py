@@ -34,6 +34,11 @@ from typing import Any
 
 import torch
 
+import meta_tasks
+import metaopt.evaluate.report as report
+from metaopt.evaluate.experiment import repository_path
+from metaopt.evaluate.results import paired
+from metaopt.evaluate.runner import train
 from metaopt.learned.base import GOLDEN_FILE, LEARNED_NAMES, WEIGHTS_FILE, fingerprint
 from metaopt.meta import campaign as campaigns
 
@@ -48,9 +53,6 @@ LOSS_WINDOW = 50  # the card's mean meta-loss over the first and the last this m
 def golden_loss(source: Any, run: dict[str, Any] | None = None) -> float:
     """Final training loss of the frozen optimizer ``source`` (a checkpoint directory, a registered name or a
     LearnedOptimizer) on :data:`GOLDEN_RUN`, through its ``torch.optim`` face exactly as users run it."""
-    import meta_tasks
-    from metaopt.evaluate import train
-
     run = dict(GOLDEN_RUN if run is None else run)
     task = meta_tasks.get_task(run["task"], dim=run["dim"], seed=run["task_seed"], **run.get("task_options", {}))
     with torch.random.fork_rng(devices=[]):
@@ -344,10 +346,6 @@ def campaign_meta_step(directory: str | os.PathLike[str], campaign_dir: str | os
 def _comparison(eval_dir: Path, directory: Path) -> str:
     """The checkpoint against :data:`CARD_BASELINES` in one evaluation set: per task the means ± standard errors
     of the set's compare metric over the seeds both ran, the paired Wilcoxon p-value and the ratio."""
-    from metaopt.evaluate import report
-    from metaopt.evaluate.experiment import repository_path
-    from metaopt.evaluate.results import paired
-
     results = report.read_results(eval_dir)
     meta, sha = results["meta"], fingerprint(directory)["weights_sha256"]
     labels = [label for label, record in meta.get("checkpoints", {}).items()

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+import meta_tasks
 import metaopt
 import metaopt.evaluate.aggregate as aggregate
 import metaopt.evaluate.report as report
@@ -118,8 +119,6 @@ def select_optimizers(suite: Suite, names: Sequence[str] | Mapping[str, Mapping[
 def select_tasks(suite: Suite, names: Sequence[str] | None, quick: bool = False) -> list[TaskSpec]:
     """The suite's tasks (thinned to ``quick_tasks`` with ``quick``), or ``names``: suite task labels or any
     ``meta_tasks`` task name with its default options."""
-    import meta_tasks
-
     specs = {spec.label: spec for spec in suite.task_specs}
     if names is None:
         keep = suite.quick_tasks if quick and suite.quick_tasks else tuple(specs)

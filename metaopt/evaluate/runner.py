@@ -40,6 +40,7 @@ from metaopt.core import step_needs
 from metaopt.environment import time_left
 from metaopt.evaluate.suites import LrsOpt, Suite, TaskSpec, as_spec
 from metaopt.external import evaluation_mode
+from metaopt.hypergrad.lrs_opt import optimize_schedule
 from metaopt.learned import LEARNED_NAMES, LearnedOptimizer, from_pretrained
 from metaopt.tree import stack, unstack
 
@@ -433,8 +434,6 @@ def run_lrs_opt(task_label: str, spec: TaskSpec, task: Task, config: LrsOpt, see
     SGD (:func:`metaopt.hypergrad.lrs_opt.optimize_schedule`), with E the loss on the whole validation split and
     fresh minibatches at every outer iteration (paper fn. 7). The optimized schedule is then run like any optimizer
     (the seed's batch stream) and returned as a Run labelled ``lrs-opt``, with the outer iterations' E values."""
-    from metaopt.hypergrad.lrs_opt import optimize_schedule
-
     if not isinstance(task, SupervisedTask):
         raise ValueError(f"LRS-OPT needs a classification task with a validation split, got {task_label}")
     val_batch = Batch(*task.data.full("val"))

@@ -25,6 +25,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from metaopt.evaluate.experiment import run_suite
+from metaopt.evaluate.report import mean_se, metric
+from metaopt.evaluate.results import ALPHA, paired
+from metaopt.evaluate.suites import SUITES
+from metaopt.learned.base import checkpoint_root, from_pretrained
 from metaopt.meta.config import PRESETS, MetaConfig, preset
 from metaopt.meta.campaign import BEST_DIR, Piece
 from metaopt.meta.trainer import STATE_FILE, MetaTrainer, resolve_device
@@ -173,9 +178,7 @@ def _export(trainer: MetaTrainer, export: Path, out: Path, which: str, campaign:
 
 def main_job_suite(seeds: int = MAIN_JOB_EVAL["seeds"], adam_grid: Sequence[float] = MAIN_JOB_EVAL["adam_grid"]):
     """The main job's comparison as a suite: HyperAdam's Table-1 tasks with :data:`MAIN_JOB_EVAL`'s lineup."""
-    from metaopt import evaluate
-
-    table1 = evaluate.SUITES["hyperadam-table1"]
+    table1 = SUITES["hyperadam-table1"]
     optimizers = {MAIN_JOB_THIS: {}, MAIN_JOB_SHIPPED: {}, MAIN_JOB_ADAM: {"lr": adam_grid[len(adam_grid) // 2]},
                   **MAIN_JOB_BASELINES}
     return dataclasses.replace(
@@ -194,9 +197,6 @@ def evaluate_export(checkpoint: Path, out: Path, *, seeds: int = MAIN_JOB_EVAL["
     table.md, the CSVs and curves.png to ``out`` and returns the text to print: the table with every row's learning
     rate and how it was set, the paired test of every row against this run, one verdict per task, and where the files
     are. ``shipped`` defaults to the committed checkpoints/hyperadam."""
-    from metaopt.evaluate.experiment import run_suite
-    from metaopt.learned.base import checkpoint_root
-
     suite = main_job_suite(seeds, adam_grid)
     shipped = checkpoint_root() / "hyperadam" if shipped is None else Path(shipped)
     result = run_suite(suite, seeds=seeds, tasks=tasks, steps=steps, device=device, tune=True, tune_seeds=tune_seeds,
@@ -206,8 +206,6 @@ def evaluate_export(checkpoint: Path, out: Path, *, seeds: int = MAIN_JOB_EVAL["
 
 
 def _learned_rate(source: Path) -> float:
-    from metaopt import from_pretrained
-
     return float(from_pretrained(source).lr)
 
 
@@ -230,9 +228,6 @@ def _span(seeds: Sequence[int]) -> str:
 
 def main_job_report(result: Any, checkpoint: Path, shipped: Path, out: Path) -> str:
     """The main job's printed report (see :func:`evaluate_export`)."""
-    from metaopt.evaluate.report import mean_se, metric
-    from metaopt.evaluate.results import ALPHA
-
     learned = {MAIN_JOB_THIS: _learned_rate(checkpoint), MAIN_JOB_SHIPPED: _learned_rate(shipped)}
     tests = {(row["task"], row["optimizer"]): row for row in result.significance}
     finals: dict[tuple[str, str], list[float]] = {}
@@ -268,8 +263,6 @@ def main_job_report(result: Any, checkpoint: Path, shipped: Path, out: Path) -> 
 
 def _verdict(task: str, runs: Sequence[Any], seeds: int) -> str:
     """One line in words: this run against tuned Adam (the claim that matters) and against the shipped weights."""
-    from metaopt.evaluate.results import ALPHA, paired
-
     parts = []
     for label, name in ((MAIN_JOB_ADAM, "tuned Adam"), (MAIN_JOB_SHIPPED, "the shipped HyperAdam")):
         c = paired(runs, task, MAIN_JOB_THIS, label, "train_loss")

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 import meta_tasks
+import metaopt.evaluate as evaluate
 from meta_tasks.base import Task, TaskFamily, TransformedFamily
 from meta_tasks.tricks import hyperadam_tricks
 from metaopt.environment import time_left
@@ -191,15 +192,13 @@ class MetaTrainer:
         instances: plain tasks without the training tricks, seeds disjoint from training, each run for ``horizon``
         steps through the optimizer's ``torch.optim`` face exactly as users run it (so a rule that needs closures,
         like marthe-learned-mu, is validated with its real oracles). Lower is better; a diverged run scores +inf."""
-        from metaopt.evaluate import train
-
         frozen = copy.deepcopy(self.lopt)  # the face freezes the module it is given; θ itself keeps training
         finals = []
         for i in range(self.config.val_tasks):
             seed = instance_seed(self.config.seed + 1_000_000_007, i, 0) % 2**31  # small: train() scales it
             task: Task = self.val_family.sample(torch.Generator().manual_seed(seed))
-            run = train(task, "validation", {"lr": self.config.lr}, seed, self.config.horizon, source=frozen,
-                        splits=())
+            run = evaluate.train(task, "validation", {"lr": self.config.lr}, seed, self.config.horizon, source=frozen,
+                                 splits=())
             finals.append(run.losses[-1])
         if self.config.val_score == "log-mean":
             # a NaN (diverged) instance scores +inf like a diverged one in the mean; a loss of exactly 0 cannot be beaten
