@@ -974,7 +974,8 @@ class CamHD(CoreOptimizer):
         alpha_inf = group["lr"] if group["alpha_inf"] is None else group["alpha_inf"]
         beta1, beta2 = group["betas"] if adam else (0.0, 0.0)
         eps = group["eps"] if adam else 0.0
-        # The step's changing scalars as 0-dim tensors (no recompilation), made in two calls.
+        # The step's changing scalars as 0-dim tensors (no recompilation): one call for those in the parameters'
+        # dtype, one for τ_{t−1} and γ_{t−1} (float64).
         bc1_prev, bc2_prev, bc1, bc2, tau_t, rest = torch.tensor(
             [1 - beta1 ** (t - 1), (1 - beta2 ** (t - 1)) ** 0.5, 1 - beta1**t, (1 - beta2**t) ** 0.5, tau,
              (1 - tau) * alpha_inf], dtype=dtype, device=device).unbind()
@@ -984,8 +985,7 @@ class CamHD(CoreOptimizer):
         alphas = [s["alpha_param"] for s in states] if "parameter" in levels else None
         first = [s["exp_avg"] if adam else s["prev_direction"] for s in states]
         second = [s["exp_avg_sq"] for s in states] if adam else None
-        unit, layer, global_, gamma_grad, gamma, coarse, gamma_p, coef, checks = compiled_step(
-            levels_step, mode)(
+        unit, layer, global_, gamma_grad, gamma, coarse, gamma_p, coef, checks = compiled_step(levels_step, mode)(
             params, grads, first, second, alphas, old["unit"], old["layer"], old["global"], small[1:], small[0],
             index["unit_index"], index["layer_index"], index["unit_size"], index["layer_size"], group["weight_decay"],
             bc1_prev, bc2_prev, eps, cfg)
@@ -997,14 +997,12 @@ class CamHD(CoreOptimizer):
                                               "gamma_lr)")
         common = (coef, cfg.clip, gamma_p, tau_t, rest)
         if adam:
-            compiled_step(adam_update, mode)(params, grads, first, second, alphas, coarse,
-                                                             group["weight_decay"], bc1_prev, bc2_prev, bc1, bc2,
-                                                             beta1, beta2, eps, *common)
+            compiled_step(adam_update, mode)(params, grads, first, second, alphas, coarse, group["weight_decay"],
+                                             bc1_prev, bc2_prev, bc1, bc2, beta1, beta2, eps, *common)
         else:
             bufs = [s["momentum_buffer"] for s in states] if momentum else first
-            compiled_step(sgd_update, mode)(params, grads, first, bufs, alphas, coarse,
-                                                            group["weight_decay"], momentum, group.get("nesterov", False),
-                                                            *common)
+            compiled_step(sgd_update, mode)(params, grads, first, bufs, alphas, coarse, group["weight_decay"],
+                                            momentum, group.get("nesterov", False), *common)
             if momentum and not group["nesterov"]:  # heavy ball: d_{t−1} is the buffer
                 for s in states:
                     s["prev_direction"] = s["momentum_buffer"]
