@@ -468,6 +468,22 @@ def test_campaign_continues_on_a_fresh_machine(tmp_path, monkeypatch):
             camp / "campaign.pt")
 
 
+def test_a_campaign_saved_before_a_config_field_existed_continues_as_that_fields_default(tmp_path):
+    """A state written before a field was added (here ``val_score``) compares as the field's default; a value it
+    did save still has to match."""
+    trainer = MetaTrainer(preset_config(CAMPAIGN_ARGS, meta_steps=2), tmp_path / "a")
+    trainer.save_campaign(tmp_path / "campaign.pt")
+    state = torch.load(tmp_path / "campaign.pt", weights_only=True)
+    del state["config"]["val_score"]
+    torch.save(state, tmp_path / "old.pt")
+    MetaTrainer(preset_config(CAMPAIGN_ARGS, meta_steps=4), tmp_path / "b").load_campaign(tmp_path / "old.pt")
+    assert trainer.config.changes_from(state["config"]) == []
+    assert trainer.config.changes_from({**state["config"], "val_score": "log-mean"}) == ["val_score"]
+    with pytest.raises(TrainingStateError, match=r"differs in \['meta_steps', 'val_score'\]"):
+        MetaTrainer(preset_config(CAMPAIGN_ARGS, meta_steps=4, val_score="log-mean"), tmp_path / "c").load_campaign(
+            tmp_path / "old.pt")
+
+
 def preset_config(args, **overrides):
     from metaopt.meta.cli import build_parser
     from metaopt.meta.config import preset

@@ -106,6 +106,16 @@ class MetaConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def changes_from(self, saved: dict[str, Any]) -> list[str]:
+        """The fields in which this configuration differs from ``saved`` (a :meth:`to_dict` written earlier).
+
+        A field that ``saved`` lacks was added to the dataclass after it was written; the run then used the
+        behaviour that the field's default names (a new field always defaults to the behaviour before it), so it
+        compares as that default rather than as a change.
+        """
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return sorted(k for k, v in self.to_dict().items() if saved.get(k, defaults[k]) != v)
+
     def outer_lr_at(self, meta_step: int) -> float:
         """The outer learning rate of meta-step ``meta_step`` (0-based): constant, or cosine from ``outer_lr`` to
         ``outer_lr_final`` over ``meta_steps`` (a function of the step alone, so a resumed run continues it)."""

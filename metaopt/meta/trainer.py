@@ -332,7 +332,7 @@ class MetaTrainer:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise TrainingStateError(f"{path}: not a metaopt training state of version {STATE_VERSION}")
         if state["config"] != self.config.to_dict():
-            changed = sorted(k for k, v in self.config.to_dict().items() if state["config"].get(k) != v)
+            changed = self.config.changes_from(state["config"])
             if set(changed) - RESUMABLE_CHANGES:
                 raise TrainingStateError(f"{path}: the run was started with a different configuration "
                                          f"(differs in {changed}); resume with the same flags")
@@ -383,7 +383,7 @@ class MetaTrainer:
                                      "git, or start the campaign over without it.") from None
         if not isinstance(state, dict) or state.get("kind") != "campaign" or state.get("version") != STATE_VERSION:
             raise TrainingStateError(f"{path}: not a metaopt campaign state of version {STATE_VERSION}")
-        changed = sorted(k for k, v in self.config.to_dict().items() if state["config"].get(k) != v)
+        changed = self.config.changes_from(state["config"])
         if set(changed) - RESUMABLE_CHANGES:
             raise TrainingStateError(f"{path}: the campaign was run with a different configuration (differs in "
                                      f"{changed}); continue it with the same flags")
