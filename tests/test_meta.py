@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import shutil
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -543,6 +544,22 @@ def test_main_job_report_states_every_rate_its_tuning_p_values_verdicts_and_file
     assert f"curves: {out / 'curves.png'}" in text and (out / "curves.png").stat().st_size > 0
     assert f"export: {export}" in text and f"results: {out}" in text
     assert text.splitlines()[-1].startswith("the full Table-1 suite") and "--suite hyperadam-table1" in text
+    assert "bit for bit" not in text  # a fresh HyperAdam is not the shipped checkpoint
+
+
+def test_main_job_report_says_when_this_run_reproduced_the_shipped_weights(tmp_path):
+    torch.manual_seed(0)
+    first = HyperAdam(num_candidates=2).save_pretrained(tmp_path / "a")
+    copy = Path(shutil.copytree(first, tmp_path / "b"))
+    assert cli.same_weights(first, copy)
+    torch.manual_seed(1)
+    assert not cli.same_weights(first, HyperAdam(num_candidates=2).save_pretrained(tmp_path / "c"))
+    torch.manual_seed(0)
+    assert not cli.same_weights(first, HyperAdam(num_candidates=2, lr=0.01).save_pretrained(tmp_path / "d"))
+    assert not cli.same_weights(first, HyperAdam(num_candidates=3).save_pretrained(tmp_path / "e"))
+    text = cli.evaluate_export(first, tmp_path / "eval", seeds=2, tune_seeds=1, adam_grid=(1e-3,),
+                               tasks=["mlp-sigmoid"], steps=2, shipped=copy, progress=False)
+    assert f"this run's weights equal {copy}'s bit for bit" in text
 
 
 def test_meta_training_progress_lines_say_the_time_left_and_quiet_silences_them(tmp_path, capsys):
