@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from metaopt.core import CoreOptimizer, FunctionalOptimizer, Params, check_betas, check_range
-from metaopt.registry import register_optimizer
+from metaopt.registry import MemoryModel, register_optimizer
 
 
 def apply_update(param: Tensor, direction: Tensor, lr: float | Tensor) -> Tensor:
@@ -184,17 +184,22 @@ class SGD(ForeachFace):
         group["step"] += 1
 
 
-@register_optimizer("sgd")
+# The registrations' records (metaopt.registry): the hyper-parameters of the contract tests suit their least-squares
+# problem (tests/test_contract.py: well conditioned, 40 steps); the memory models are at the registered defaults (no
+# weight decay; RMSprop not centered, no momentum).
+@register_optimizer("sgd", kind="classic", builds=SGD, test_hparams=dict(lr=0.1), memory=MemoryModel(0, 0, "no state"))
 def _make_sgd(params, lr: float = 1e-3, weight_decay: float = 0.0, **kw) -> SGD:
     return SGD(params, lr=lr, weight_decay=weight_decay, **kw)
 
 
-@register_optimizer("momentum")
+@register_optimizer("momentum", kind="classic", builds=SGD, test_hparams=dict(lr=0.05),
+                    memory=MemoryModel(1, 0, "momentum buffer"))
 def _make_momentum(params, lr: float = 1e-3, momentum: float = 0.9, **kw) -> SGD:
     return SGD(params, lr=lr, momentum=momentum, **kw)
 
 
-@register_optimizer("nesterov", fixed={"nesterov": True})
+@register_optimizer("nesterov", fixed={"nesterov": True}, kind="classic", builds=SGD, test_hparams=dict(lr=0.05),
+                    memory=MemoryModel(1, 0, "momentum buffer"))
 def _make_nesterov(params, lr: float = 1e-3, momentum: float = 0.9, **kw) -> SGD:
     return SGD(params, lr=lr, momentum=momentum, nesterov=True, **kw)
 
@@ -302,7 +307,7 @@ class Adam(ForeachFace):
         group["step"] = step
 
 
-register_optimizer("adam")(Adam)
+register_optimizer("adam", kind="classic", test_hparams=dict(lr=0.05), memory=MemoryModel(2, 0, "m, v"))(Adam)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -399,7 +404,8 @@ class RMSprop(ForeachFace):
         group["step"] += 1
 
 
-register_optimizer("rmsprop")(RMSprop)
+register_optimizer("rmsprop", kind="classic", test_hparams=dict(lr=0.01),
+                   memory=MemoryModel(1, 0, "square average"))(RMSprop)
 
 
 class AdagradState(NamedTuple):
@@ -465,7 +471,8 @@ class Adagrad(ForeachFace):
         group["step"] = step
 
 
-register_optimizer("adagrad")(Adagrad)
+register_optimizer("adagrad", kind="classic", test_hparams=dict(lr=0.1),
+                   memory=MemoryModel(1, 0, "sum of squares"))(Adagrad)
 
 
 class AdadeltaState(NamedTuple):
@@ -532,4 +539,5 @@ class Adadelta(ForeachFace):
         group["step"] += 1
 
 
-register_optimizer("adadelta")(Adadelta)
+register_optimizer("adadelta", kind="classic", test_hparams=dict(lr=1.0),
+                   memory=MemoryModel(2, 0, "square average, accumulated delta"))(Adadelta)

@@ -35,6 +35,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from metaopt.registry import StepNeeds
+
 Params = dict[str, Tensor]
 
 NONFINITE_MODES = ("skip", "raise")
@@ -103,12 +105,14 @@ def all_finite(tensors: list[Tensor]) -> bool:
 
 
 def step_needs(optimizer: torch.optim.Optimizer) -> tuple[bool, bool]:
-    """What ``optimizer.step`` needs, as its class declares it: ``(closure, val_closure)``. ``requires_closure``:
-    the optimizer differentiates the training loss itself (``step(closure)``: MARTHE, RTHO, HD-val, TLR-naive);
-    ``accepts_val_closure``: its ``step`` also takes ``val_closure``, a loss on held-out data (MARTHE's family).
-    Other optimizers step on ``p.grad`` (``step()``)."""
-    closure = bool(getattr(optimizer, "requires_closure", False))
-    return closure, closure and bool(getattr(optimizer, "accepts_val_closure", False))
+    """What ``optimizer.step`` needs, as its class declares it: ``(closure, val_closure)``. ``closure``: the
+    optimizer differentiates the training loss itself (``step(closure)``: MARTHE, RTHO, HD-val, TLR-naive);
+    ``val_closure``: its ``step`` also takes ``val_closure``, a loss on held-out data (MARTHE's family). Other
+    optimizers step on ``p.grad`` (``step()``). Read by :meth:`metaopt.registry.StepNeeds.of` from the class, the
+    single source a registry record's ``needs`` is read from too, so an optimizer built from its class directly
+    answers as one built by name."""
+    needs = StepNeeds.of(type(optimizer))
+    return needs.closure, needs.val_closure
 
 
 class NonfiniteGuard:

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from metaopt.core import NONFINITE_MODES, NonfiniteGuard
-from metaopt.registry import register_optimizer
+from metaopt.registry import MemoryModel, register_optimizer
 
 # name -> (pip requirement, module) of the packages behind the registered names
 PACKAGES: dict[str, tuple[str, str]] = {
@@ -123,7 +123,14 @@ def _guarded(base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
     return Guarded
 
 
-@register_optimizer("schedule-free-adamw")
+# The registrations' records (metaopt.registry). test_hparams, for the contract tests' least-squares problem
+# (tests/test_contract.py, 40 steps): the packages' defaults, except where 40 steps are too few for the default's warm
+# start (DoG's first step is reps_rel * (1 + |x0|); Schedule-Free's lr is Adam-like) and D-Adapt Adam's bias
+# correction (off by default: without it the D estimate overshoots this problem within 40 steps). The memory models
+# count the packages' state. Each factory builds a subclass of its package's torch.optim.Optimizer whose step needs
+# nothing but p.grad (builds=torch.optim.Optimizer).
+@register_optimizer("schedule-free-adamw", kind="parameter-free", builds=torch.optim.Optimizer,
+                    test_hparams=dict(lr=0.05), memory=MemoryModel(2, 0, "z, v (the parameters hold y)"))
 def schedule_free_adamw(params: Iterable[Any], lr: float = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
                         eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0,
                         weight_lr_power: float = 2.0, nonfinite: str = "skip") -> torch.optim.Optimizer:
@@ -136,7 +143,8 @@ def schedule_free_adamw(params: Iterable[Any], lr: float = 0.0025, betas: tuple[
     return optimizer
 
 
-@register_optimizer("prodigy")
+@register_optimizer("prodigy", kind="parameter-free", builds=torch.optim.Optimizer, test_hparams={},
+                    memory=MemoryModel(4, 3, "s, p0, m, v; reads g, p0, p for <g, p0 - p> before the update"))
 def prodigy(params: Iterable[Any], lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
             beta3: float | None = None, eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = True,
             use_bias_correction: bool = False, safeguard_warmup: bool = False, d0: float = 1e-6,
@@ -148,7 +156,9 @@ def prodigy(params: Iterable[Any], lr: float = 1.0, betas: tuple[float, float] =
                growth_rate=growth_rate, nonfinite=nonfinite)
 
 
-@register_optimizer("d-adapt-adam")
+@register_optimizer("d-adapt-adam", kind="parameter-free", builds=torch.optim.Optimizer,
+                    test_hparams=dict(use_bias_correction=True),
+                    memory=MemoryModel(3, 2, "s, m, v; reads g, s for <g, s> before the update"))
 def d_adapt_adam(params: Iterable[Any], lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = False,
                  use_bias_correction: bool = False, d0: float = 1e-6, growth_rate: float = float("inf"),
@@ -159,7 +169,9 @@ def d_adapt_adam(params: Iterable[Any], lr: float = 1.0, betas: tuple[float, flo
                use_bias_correction=use_bias_correction, d0=d0, growth_rate=growth_rate, nonfinite=nonfinite)
 
 
-@register_optimizer("mechanic-adam")
+@register_optimizer("mechanic-adam", kind="parameter-free", builds=torch.optim.Optimizer, test_hparams={},
+                    memory=MemoryModel(4, 4, "Adam's m, v, the reference x0, the offset; copies g and p before Adam's "
+                                             "step"))
 def mechanic_adam(params: Iterable[Any], lr: float = 1.0, s_decay: float = 0.01, s_init: float = 1e-8,
                   nonfinite: str = "skip") -> torch.optim.Optimizer:
     """Mechanic (Cutkosky, Defazio & Mehta 2023; ``mechanic_pytorch.mechanize``) learning the scale of
@@ -251,7 +263,8 @@ def _averaged_dog(base: type[torch.optim.Optimizer], averager: type) -> type[tor
     return AveragedDoG
 
 
-@register_optimizer("dog")
+@register_optimizer("dog", kind="parameter-free", builds=torch.optim.Optimizer, test_hparams=dict(reps_rel=1e-2),
+                    memory=MemoryModel(2, 3, "x0, the polynomial-decay average; reads p, x0, g for |x - x0| and |g|^2"))
 def dog(params: Iterable[Any], reps_rel: float = 1e-6, lr: float = 1.0, weight_decay: float = 0.0, eps: float = 1e-8,
         init_eta: float | None = None, averaging: bool = True, gamma: float = DOG_AVERAGING_GAMMA,
         nonfinite: str = "skip") -> torch.optim.Optimizer:

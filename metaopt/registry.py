@@ -1,12 +1,28 @@
-"""The optimizer registry: every optimizer name resolves to a factory here, and ``make_optimizer`` builds it.
+"""The optimizer registry: one record per optimizer name (:class:`OptimizerRecord`), and ``make_optimizer``, which
+builds one.
 
-A new optimizer is one ``@register_optimizer("name")`` on a factory ``(params, **hparams) -> torch.optim.Optimizer``;
-contract tests iterate the registry.
+A new optimizer is one ``@register_optimizer("name", kind=..., test_hparams=..., memory=...)`` on a factory
+``(params, **hparams) -> torch.optim.Optimizer`` (or on the class itself); the record is all the rest of the code
+knows of it: contract tests build each record's optimizer with its ``test_hparams`` (tests/test_contract.py), and the
+benchmark's roofline reads its ``memory`` (:mod:`metaopt.bench`). The registry is a leaf: it imports no
+implementation; implementations register into it.
+
+Where each capability is stated (one place each):
+
+* what a step needs (:class:`StepNeeds`) is declared by the optimizer class, the one that defines ``step``, in two
+  class attributes: ``requires_closure`` (``step(closure)``: the optimizer differentiates the training loss itself)
+  and ``accepts_val_closure`` (``step`` also takes ``val_closure``, a loss on held-out data). A record names the
+  class its factory builds (``builds``) and its ``needs`` is read from that class, so an optimizer built from its
+  class directly (``metaopt.Marthe(...)``, no registry name) and one built by name get the same answer from
+  :func:`metaopt.core.step_needs`;
+* everything else in a record (kind, fixed and test hyper-parameters, memory model) is stated at its registration.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import enum
 import functools
 import inspect
 import numbers
@@ -21,8 +37,90 @@ import torch
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
-_FACTORIES: dict[str, OptimizerFactory] = {}
-_FIXED: dict[str, dict[str, Any]] = {}
+# The kinds of optimizer a record can be: fixed update rules, rules that adapt their learning rate by a hypergradient,
+# rules that estimate their step size without one ("parameter-free", metaopt.external) and learned rules (the names of
+# pretrained checkpoints, metaopt.learned).
+KINDS: tuple[str, ...] = ("classic", "hypergradient", "parameter-free", "learned")
+
+
+class StepNeeds(enum.Enum):
+    """What an optimizer's ``step`` needs from its caller.
+
+    ``NOTHING``: it steps on ``p.grad`` (``step()``; a ``closure`` is optional, as in ``torch.optim``). ``CLOSURE``:
+    ``step(closure)``, the closure returning the training loss with its graph (TLR-naive). ``CLOSURE_AND_VALIDATION``:
+    ``step(closure, val_closure=None)``, ``val_closure`` an optional loss on held-out data (MARTHE, RTHO, HD-val)."""
+
+    NOTHING = "nothing"
+    CLOSURE = "closure"
+    CLOSURE_AND_VALIDATION = "closure, optional validation closure"
+
+    @property
+    def closure(self) -> bool:
+        """Whether ``step`` must be given ``closure``."""
+        return self is not StepNeeds.NOTHING
+
+    @property
+    def val_closure(self) -> bool:
+        """Whether ``step`` accepts ``val_closure``."""
+        return self is StepNeeds.CLOSURE_AND_VALIDATION
+
+    @classmethod
+    def of(cls, optimizer_class: type) -> StepNeeds:
+        """What the steps of ``optimizer_class`` need, as the class declares it (``requires_closure``,
+        ``accepts_val_closure``; a class that declares neither needs nothing). The one place these declarations are
+        read (module docstring)."""
+        if not getattr(optimizer_class, "requires_closure", False):
+            return cls.NOTHING
+        if getattr(optimizer_class, "accepts_val_closure", False):
+            return cls.CLOSURE_AND_VALIDATION
+        return cls.CLOSURE
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryModel:
+    """The fewest float32 values one step must move per learner coordinate, as plain data (the benchmark's
+    ``ByteModel`` is built from it and says how it becomes a roofline): ``state`` floats of per-coordinate state read
+    and written, ``reductions`` floats read in a pass of their own for a reduction over all coordinates that the update
+    depends on (a norm, a dot product), and ``basis``, the text the benchmark prints saying what they are. A step
+    moves 3 + 2·state + reductions floats per coordinate (:attr:`floats_per_coordinate`)."""
+
+    state: float
+    reductions: float
+    basis: str
+
+    @property
+    def floats_per_coordinate(self) -> float:
+        """Floats moved per coordinate per step: the parameter and its gradient read and the parameter written (3),
+        the state read and written, the reduction pass."""
+        return 3 + 2 * self.state + self.reductions
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerRecord:
+    """Everything the code knows of a registered optimizer (see the module docstring for where each field is stated).
+
+    name: the registered name. factory: ``(params, **hparams) -> builds``. builds: the class the factory returns (its
+    base class, where that is all the name promises), which declares what its step needs. kind: one of
+    :data:`KINDS`. fixed: the hyper-parameters the name itself sets (``"nesterov"`` is SGD with ``nesterov=True``).
+    test_hparams: the hyper-parameters under which the contract tests (tests/test_contract.py) run it on their
+    least-squares problem. memory: its :class:`MemoryModel` at its registered defaults, None where it has none (a
+    step that evaluates the loss itself; a learned rule, whose model depends on its configuration)."""
+
+    name: str
+    factory: OptimizerFactory
+    builds: type
+    kind: str
+    fixed: Mapping[str, Any]
+    test_hparams: Mapping[str, Any]
+    memory: MemoryModel | None
+
+    @property
+    def needs(self) -> StepNeeds:
+        """What its step needs: read from the class it builds (:meth:`StepNeeds.of`), not stated twice."""
+        return StepNeeds.of(self.builds)
+
+
+_RECORDS: dict[str, OptimizerRecord] = {}
 # What make_optimizer asks when ``name`` is not a registered name: ``source(name, params, hparams)`` builds an
 # optimizer from another kind of name (a checkpoint directory, a learned-optimizer instance: metaopt.learned registers
 # that one) or returns None. The registry stays a leaf: implementations register into it.
@@ -36,24 +134,47 @@ def register_source(source: OptimizerSource) -> OptimizerSource:
     return source
 
 
-def register_optimizer(name: str, fixed: Mapping[str, Any] | None = None
+def register_optimizer(name: str, *, kind: str, test_hparams: Mapping[str, Any], builds: type | None = None,
+                       memory: MemoryModel | None = None, fixed: Mapping[str, Any] | None = None
                        ) -> Callable[[OptimizerFactory], OptimizerFactory]:
-    """Decorator: register ``factory`` under ``name`` (unique). ``fixed``: the hyper-parameters the name itself sets
-    (``"nesterov"`` is SGD with ``nesterov=True``): passing one with the same value is accepted (and dropped before the
-    factory sees it), a different value is an error.
+    """Decorator: record ``factory`` under ``name`` (unique) as an :class:`OptimizerRecord` with these fields.
+
+    ``builds``: the class the factory returns; required unless the factory is that class. ``fixed``: the
+    hyper-parameters the name itself sets: passing one with the same value is accepted (and dropped before the
+    factory sees it), a different value is an error. Raises ``ValueError`` for a name registered twice or an unknown
+    ``kind``, ``TypeError`` for a function factory without ``builds``.
 
     The factory's hyper-parameters (:func:`hyperparameters`) are its keyword parameters; a factory that forwards
     ``**kwargs`` declares where they go by its return annotation (a class: its ``__init__``) or a ``forwards_to``
     attribute (any callable)."""
+    if kind not in KINDS:
+        raise ValueError(f"Invalid kind {kind!r} for optimizer {name!r}; valid kinds: {', '.join(KINDS)}")
 
     def decorate(factory: OptimizerFactory) -> OptimizerFactory:
-        if name in _FACTORIES:
+        if name in _RECORDS:
             raise ValueError(f"optimizer {name!r} is already registered")
-        _FACTORIES[name] = factory
-        _FIXED[name] = dict(fixed or {})
+        built = builds if builds is not None else factory
+        if not inspect.isclass(built):
+            raise TypeError(f"register_optimizer({name!r}): the factory {factory.__name__} is not a class; name the "
+                            "class it builds (builds=)")
+        _RECORDS[name] = OptimizerRecord(name=name, factory=factory, builds=built, kind=kind,
+                                         fixed=types.MappingProxyType(dict(fixed or {})),
+                                         test_hparams=types.MappingProxyType(dict(test_hparams)), memory=memory)
         return factory
 
     return decorate
+
+
+def record(name: str) -> OptimizerRecord:
+    """The record of the registered ``name``; ``ValueError`` listing the valid names for an unknown one."""
+    if name not in _RECORDS:
+        raise _unknown(name)
+    return _RECORDS[name]
+
+
+def records() -> tuple[OptimizerRecord, ...]:
+    """Every record, in registration order."""
+    return tuple(_RECORDS.values())
 
 
 # -- hyper-parameter checking --------------------------------------------------------------------------------------
@@ -100,8 +221,6 @@ def accepted_hyperparameters(target: Callable[..., Any]) -> dict[str, Any]:
 def _admits(hint: Any, value: Any) -> bool:
     """Whether ``value`` fits the type hint ``hint``; hints this does not model admit everything (the constructor
     checks them)."""
-    import torch
-
     if hint is Any:
         return True
     origin = typing.get_origin(hint)
@@ -163,18 +282,16 @@ def check_hyperparameters(label: str, accepted: Mapping[str, Any], hparams: Mapp
 
 
 def _unknown(name: str) -> ValueError:
-    return ValueError(f"Unknown optimizer {name!r}. Valid names: {', '.join(_FACTORIES)}")
+    return ValueError(f"Unknown optimizer {name!r}. Valid names: {', '.join(_RECORDS)}")
 
 
 def _factory(name: str) -> OptimizerFactory:
-    if name not in _FACTORIES:
-        raise _unknown(name)
-    return _FACTORIES[name]
+    return record(name).factory
 
 
 def registered_names() -> tuple[str, ...]:
     """Every registered optimizer name, in registration order."""
-    return tuple(_FACTORIES)
+    return tuple(_RECORDS)
 
 
 def make_optimizer(name: Any, params: Iterable[Any], **hparams: Any) -> torch.optim.Optimizer:
@@ -189,9 +306,10 @@ def make_optimizer(name: Any, params: Iterable[Any], **hparams: Any) -> torch.op
     with the same value and rejected with another; out-of-range values raise ``ValueError`` naming the argument
     (from the optimizer's constructor).
     """
-    if isinstance(name, str) and name in _FACTORIES:
-        factory = _FACTORIES[name]
-        return factory(params, **check_hyperparameters(name, accepted_hyperparameters(factory), hparams, _FIXED[name]))
+    if isinstance(name, str) and name in _RECORDS:
+        entry = _RECORDS[name]
+        return entry.factory(params, **check_hyperparameters(name, accepted_hyperparameters(entry.factory), hparams,
+                                                             entry.fixed))
     for source in _SOURCES:
         made = source(name, params, hparams)
         if made is not None:

@@ -14,6 +14,7 @@ import metaopt
 from meta_tasks import datasets
 from metaopt import bench
 from metaopt.learned import LEARNED_NAMES, DMOptimizer, HyperAdam, RNNprop
+from metaopt.registry import records
 
 HAS_FMNIST = datasets.find_dataset("fashion-mnist") is not None
 
@@ -82,6 +83,23 @@ def test_every_registered_optimizer_without_closure_has_a_byte_model():
         opt = metaopt.make_optimizer(name, [("w", param)])
         if not getattr(opt, "requires_closure", False):
             assert name in bench.HAND_DESIGNED_BYTES, f"declare the byte model of {name!r} in HAND_DESIGNED_BYTES"
+
+
+def test_the_bench_reads_each_memory_model_from_the_registry_record():
+    """Every record's memory model (stated at its registration) is the byte model the bench times the name against;
+    a record has one unless its step evaluates the loss itself or it is learned (configuration-dependent)."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    for entry in records():
+        assert (entry.memory is None) == (entry.needs.closure or entry.kind == "learned"), entry.name
+        if entry.memory is None:
+            assert entry.name not in bench.HAND_DESIGNED_BYTES
+            continue
+        model = bench.HAND_DESIGNED_BYTES[entry.name]
+        assert (model.state, model.reductions, model.basis) == (entry.memory.state, entry.memory.reductions,
+                                                                entry.memory.basis)
+        assert model.floats_per_coordinate == entry.memory.floats_per_coordinate
+        assert bench.build_optimizer(entry.name, [("w", param)])[1] == model
+    assert set(bench.HAND_DESIGNED_BYTES) == {e.name for e in records() if e.memory is not None} | set(bench.TORCH_ADAM)
 
 
 def test_config_validates_its_fields():

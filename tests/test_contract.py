@@ -1,4 +1,5 @@
-"""The contract every registered hand-designed optimizer keeps (registry-driven: a new optimizer is one table row).
+"""The contract every registered hand-designed optimizer keeps (registry-driven: a new optimizer is one registry
+record, metaopt.registry, whose ``test_hparams`` the tests below run it with).
 
 On a least-squares problem: the loss falls, every update is finite, the state's shapes are stable across steps, and
 ``state_dict()`` / ``load_state_dict()`` resume exactly. Learned names (which load pretrained checkpoints) are covered
@@ -14,22 +15,14 @@ import torch
 import metaopt
 from metaopt.core import step_needs
 from metaopt.learned import LEARNED_NAMES
+from metaopt.hypergrad.hd import AdamHD
+from metaopt.hypergrad.marthe import Marthe
+from metaopt.hypergrad.tlr import NaiveTLR
+from metaopt.registry import KINDS, StepNeeds, record, records, register_optimizer
 
-# name -> hyper-parameters suited to the problem below (a well-conditioned least squares, 40 steps)
-HPARAMS = {
-    "sgd": dict(lr=0.1), "momentum": dict(lr=0.05), "nesterov": dict(lr=0.05), "adam": dict(lr=0.05),
-    "rmsprop": dict(lr=0.01), "adagrad": dict(lr=0.1), "adadelta": dict(lr=1.0),
-    "sgd-hd": dict(lr=0.05, hypergrad_lr=1e-3), "sgdn-hd": dict(lr=0.05, hypergrad_lr=1e-3),
-    "adam-hd": dict(lr=0.05, hypergrad_lr=1e-4),
-    "hd-val": dict(lr=0.05, base="sgd"), "rtho": dict(lr=0.05, base="sgd"), "marthe": dict(lr=0.05, base="sgd"),
-    "cam-hd-sgd": dict(lr=0.05), "cam-hd-sgdn": dict(lr=0.05), "cam-hd-adam": dict(lr=0.05, hypergrad_lr=1e-4),
-    "tlr": dict(lr=0.05), "tlr-pl": dict(lr=0.05), "tlr-naive": dict(lr=0.05, eta=1e-3),
-    # the parameter-free baselines (metaopt.external): their defaults, except where 40 steps are too few for the
-    # default's warm start (DoG's first step is reps_rel * (1 + |x0|); Schedule-Free's lr is Adam-like) and D-Adapt
-    # Adam's bias correction (off by default: without it the D estimate overshoots this problem within 40 steps)
-    "schedule-free-adamw": dict(lr=0.05), "prodigy": {}, "d-adapt-adam": dict(use_bias_correction=True),
-    "dog": dict(reps_rel=1e-2), "mechanic-adam": {},
-}
+# name -> hyper-parameters suited to the problem below (a well-conditioned least squares, 40 steps): each
+# hand-designed record's test_hparams (stated, with why, at its registration)
+HPARAMS = {entry.name: dict(entry.test_hparams) for entry in records() if entry.kind != "learned"}
 # (name, test) pairs a package itself does not support, with the reason (metaopt.external's docstring); strict: the
 # test runs and must fail, so a package release that fixes it shows up here
 PACKAGE_LIMITS = {
@@ -48,17 +41,54 @@ def test_every_registered_optimizer_is_in_the_table():
     assert sorted(HAND_DESIGNED) == sorted(HPARAMS)
 
 
+def test_every_registered_name_has_a_record():
+    assert tuple(entry.name for entry in records()) == metaopt.OPTIMIZERS
+    for name in metaopt.OPTIMIZERS:
+        entry = record(name)
+        assert entry.name == name and entry.kind in KINDS
+        assert (entry.kind == "learned") == (name in LEARNED_NAMES)
+    with pytest.raises(ValueError, match="Unknown optimizer 'not-an-optimizer'. Valid names: sgd, "):
+        record("not-an-optimizer")
+
+
 @pytest.mark.parametrize("name", list(metaopt.OPTIMIZERS))
 def test_the_declared_step_needs_match_the_step(name):
-    """metaopt.core.step_needs reads what a class declares (requires_closure, accepts_val_closure) instead of
-    inspecting its step; the declaration must be true of the signature."""
+    """metaopt.core.step_needs and the record's ``needs`` read what a class declares (requires_closure,
+    accepts_val_closure) instead of inspecting its step; the declaration must be true of the signature, and the record
+    must build an instance of the class it reads it from."""
+    entry = record(name)
     model, _, _ = problem()
-    opt = metaopt.make_optimizer(name, model.named_parameters(), **HPARAMS.get(name, {}))
+    opt = metaopt.make_optimizer(name, model.named_parameters(), **entry.test_hparams)
+    assert isinstance(opt, entry.builds)
     closure, val_closure = step_needs(opt)
+    assert (closure, val_closure) == (entry.needs.closure, entry.needs.val_closure)
     parameters = inspect.signature(opt.step).parameters
     assert not closure or "closure" in parameters
     assert val_closure == ("val_closure" in parameters)
     assert closure == (name in ("marthe", "rtho", "hd-val", "tlr-naive", "marthe-learned-mu"))
+    assert entry.needs == {"marthe": StepNeeds.CLOSURE_AND_VALIDATION, "rtho": StepNeeds.CLOSURE_AND_VALIDATION,
+                           "hd-val": StepNeeds.CLOSURE_AND_VALIDATION, "marthe-learned-mu":
+                           StepNeeds.CLOSURE_AND_VALIDATION, "tlr-naive": StepNeeds.CLOSURE}.get(name,
+                                                                                                 StepNeeds.NOTHING)
+
+
+def test_step_needs_of_an_optimizer_built_from_its_class():
+    """Without the registry: the class's declaration answers (the record of a name built from it reads the same)."""
+    model, _, _ = problem()
+    assert step_needs(Marthe(model.parameters(), lr=0.05)) == (True, True)
+    assert step_needs(NaiveTLR(model.parameters())) == (True, False)
+    assert step_needs(AdamHD(model.parameters())) == (False, False)
+    assert step_needs(torch.optim.SGD(model.parameters(), lr=0.1)) == (False, False)
+
+
+def test_a_registration_states_a_valid_record():
+    with pytest.raises(ValueError, match="Invalid kind 'clever' for optimizer 'x'; valid kinds: classic, "):
+        register_optimizer("x", kind="clever", test_hparams={})
+    with pytest.raises(TypeError, match="name the class it builds"):
+        register_optimizer("x", kind="classic", test_hparams={})(lambda params: torch.optim.SGD(params, lr=0.1))
+    with pytest.raises(ValueError, match="'sgd' is already registered"):
+        register_optimizer("sgd", kind="classic", test_hparams={})(torch.optim.SGD)
+    assert "x" not in metaopt.registry.registered_names()
 
 
 def problem(seed=0):

@@ -99,6 +99,7 @@ from metaopt.evaluate import SUITES, evaluate_suite
 from metaopt.learned import LEARNED_NAMES, DMOptimizer, HyperAdam, LearnedOptimizer, RNNprop
 from metaopt.meta import MetaConfig, MetaTrainer, preset
 from metaopt.meta.trainer import resolve_device
+from metaopt.registry import MemoryModel, records
 
 SECTIONS: tuple[str, ...] = ("faces", "step", "iteration", "meta", "table1")
 FORMAT_VERSION = 1
@@ -257,31 +258,17 @@ class ByteModel:
         return {"state_floats": self.state, "reduction_floats": self.reductions,
                 "floats_per_coordinate": self.floats_per_coordinate, "basis": self.basis}
 
+    @classmethod
+    def from_memory_model(cls, memory: MemoryModel) -> ByteModel:
+        """The byte model of a registry record's :class:`~metaopt.registry.MemoryModel` (the same numbers)."""
+        return cls(memory.state, memory.reductions, memory.basis)
 
-# The hand-designed optimizers at their registered defaults (no weight decay; RMSprop not centered, no momentum).
+
+# The hand-designed optimizers, from their registry records (each registration states its memory model at the
+# registered defaults; the records of optimizers whose step evaluates the loss itself have none), and torch.optim's
+# Adam.
 HAND_DESIGNED_BYTES: dict[str, ByteModel] = {
-    "sgd": ByteModel(0, 0, "no state"),
-    "momentum": ByteModel(1, 0, "momentum buffer"),
-    "nesterov": ByteModel(1, 0, "momentum buffer"),
-    "adam": ByteModel(2, 0, "m, v"),
-    "rmsprop": ByteModel(1, 0, "square average"),
-    "adagrad": ByteModel(1, 0, "sum of squares"),
-    "adadelta": ByteModel(2, 0, "square average, accumulated delta"),
-    "sgd-hd": ByteModel(1, 2, "previous direction; reads g, d_prev for <g, d_prev> before the update"),
-    "sgdn-hd": ByteModel(2, 2, "momentum buffer, previous direction; reads g, d_prev for <g, d_prev>"),
-    "adam-hd": ByteModel(2, 3, "m, v; reads g, m, v for <g, d_prev> (d_prev recomputed from m, v)"),
-    "cam-hd-sgd": ByteModel(2, 2, "per-parameter rate, previous direction; reads g, d_prev for the level "
-                                  "hypergradients"),
-    "cam-hd-sgdn": ByteModel(3, 2, "per-parameter rate, momentum buffer, previous direction; reads g, d_prev"),
-    "cam-hd-adam": ByteModel(3, 3, "per-parameter rate, m, v; reads g, m, v for the level hypergradients"),
-    "tlr": ByteModel(1, 2, "previous gradient; reads g, g_prev for <g, g_prev> and |g|^2 before the update"),
-    "tlr-pl": ByteModel(1, 2, "previous gradient; reads g, g_prev for the per-tensor <g, g_prev> and |g|^2"),
-    # the parameter-free baselines (metaopt.external), from their packages' state
-    "schedule-free-adamw": ByteModel(2, 0, "z, v (the parameters hold y)"),
-    "prodigy": ByteModel(4, 3, "s, p0, m, v; reads g, p0, p for <g, p0 - p> before the update"),
-    "d-adapt-adam": ByteModel(3, 2, "s, m, v; reads g, s for <g, s> before the update"),
-    "dog": ByteModel(2, 3, "x0, the polynomial-decay average; reads p, x0, g for |x - x0| and |g|^2"),
-    "mechanic-adam": ByteModel(4, 4, "Adam's m, v, the reference x0, the offset; copies g and p before Adam's step"),
+    **{entry.name: ByteModel.from_memory_model(entry.memory) for entry in records() if entry.memory is not None},
     "torch-adam-foreach": ByteModel(2, 0, "m, v"),
     "torch-adam-fused": ByteModel(2, 0, "m, v"),
 }

@@ -60,7 +60,7 @@ from metaopt.hypergrad.cam_hd_compiled import LevelsConfig, adam_update, levels_
 from metaopt.hypergrad.cam_hd_gamma import GAMMA_MODES, update_gamma
 from metaopt.hypergrad.hd import warn_negative_rate_once
 from metaopt.numerics import dot64
-from metaopt.registry import register_optimizer
+from metaopt.registry import MemoryModel, register_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -1152,9 +1152,17 @@ class CamHDAdam(CamHD):
         return dict(betas=tuple(group["betas"]), eps=group["eps"])
 
 
-register_optimizer("cam-hd-sgd")(CamHDSGD)
-register_optimizer("cam-hd-sgdn")(CamHDSGDN)
-register_optimizer("cam-hd-adam")(CamHDAdam)
+# The registrations' records (metaopt.registry): test_hparams for the contract tests' least-squares problem,
+# memory models at the registered defaults.
+register_optimizer("cam-hd-sgd", kind="hypergradient", test_hparams=dict(lr=0.05),
+                   memory=MemoryModel(2, 2, "per-parameter rate, previous direction; reads g, d_prev for the level "
+                                            "hypergradients"))(CamHDSGD)
+register_optimizer("cam-hd-sgdn", kind="hypergradient", test_hparams=dict(lr=0.05),
+                   memory=MemoryModel(3, 2, "per-parameter rate, momentum buffer, previous direction; reads g, d_prev")
+                   )(CamHDSGDN)
+register_optimizer("cam-hd-adam", kind="hypergradient", test_hparams=dict(lr=0.05, hypergrad_lr=1e-4),
+                   memory=MemoryModel(3, 3, "per-parameter rate, m, v; reads g, m, v for the level hypergradients")
+                   )(CamHDAdam)
 
 __all__ = ["BETA_REDUCTIONS", "DEFAULT_GAMMA", "DEFAULT_LEVELS", "GAMMA_MODES", "LEVELS", "CamHD", "CamHDAdam",
            "CamHDAdamState", "CamHDRule", "CamHDSGD", "CamHDSGDN", "CamHDSGDState", "ParamLayout", "combine_levels",

@@ -36,7 +36,7 @@ from metaopt.baselines import (ForeachFace, adam_apply, adam_direction, adam_for
 from metaopt.compiling import check_compile, compiled_step
 from metaopt.core import FunctionalOptimizer, Params, check_betas, check_range
 from metaopt.numerics import dot64
-from metaopt.registry import register_optimizer
+from metaopt.registry import MemoryModel, register_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -584,14 +584,21 @@ class AdamHD(_HypergradientFace):
         return True
 
 
-register_optimizer("sgd-hd")(SGDHD)
+# The registrations' records (metaopt.registry): test_hparams for the contract tests' least-squares problem,
+# memory models at the registered defaults.
+register_optimizer("sgd-hd", kind="hypergradient", test_hparams=dict(lr=0.05, hypergrad_lr=1e-3),
+                   memory=MemoryModel(1, 2, "previous direction; reads g, d_prev for <g, d_prev> before the update")
+                   )(SGDHD)
 
 
-@register_optimizer("sgdn-hd")
+@register_optimizer("sgdn-hd", kind="hypergradient", builds=SGDHD, test_hparams=dict(lr=0.05, hypergrad_lr=1e-3),
+                    memory=MemoryModel(2, 2, "momentum buffer, previous direction; reads g, d_prev for <g, d_prev>"))
 def _make_sgdn_hd(params, lr: float = 1e-3, hypergrad_lr: float = 1e-3, momentum: float = 0.9, nesterov: bool = True,
                   **kw) -> SGDHD:
     """SGDN-HD (Baydin et al. 2018, Alg. 5): :class:`SGDHD` with Nesterov momentum 0.9 (the paper's setting)."""
     return SGDHD(params, lr=lr, hypergrad_lr=hypergrad_lr, momentum=momentum, nesterov=nesterov, **kw)
 
 
-register_optimizer("adam-hd")(AdamHD)
+register_optimizer("adam-hd", kind="hypergradient", test_hparams=dict(lr=0.05, hypergrad_lr=1e-4),
+                   memory=MemoryModel(2, 3, "m, v; reads g, m, v for <g, d_prev> (d_prev recomputed from m, v)")
+                   )(AdamHD)

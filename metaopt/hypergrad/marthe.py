@@ -632,21 +632,23 @@ def _fixed_mu(name: str, fixed: float, mu: Any) -> float:
     return fixed
 
 
-@register_optimizer("marthe")
+# The records (metaopt.registry): test_hparams for the contract tests' least-squares problem; no memory model (the step
+# evaluates the loss itself: no roofline).
+@register_optimizer("marthe", kind="hypergradient", builds=Marthe, test_hparams=dict(lr=0.05, base="sgd"))
 def _make_marthe(params, lr: float | None = None, hypergrad_lr: float = 0.0, base: str = "momentum",
                  mu: float | str = "adaptive", adapt_hypergrad_lr: float | None = 1e-6, **kw) -> Marthe:
     return Marthe(params, lr=lr, hypergrad_lr=hypergrad_lr, base=base, mu=mu, adapt_hypergrad_lr=adapt_hypergrad_lr,
                   **kw)
 
 
-@register_optimizer("rtho")
+@register_optimizer("rtho", kind="hypergradient", builds=Marthe, test_hparams=dict(lr=0.05, base="sgd"))
 def _make_rtho(params, lr: float | None = None, hypergrad_lr: float = 1e-8, base: str = "momentum",
                mu: float = 1.0, adapt_hypergrad_lr: float | None = None, **kw) -> Marthe:
     return Marthe(params, lr=lr, hypergrad_lr=hypergrad_lr, base=base, mu=_fixed_mu("rtho", 1.0, mu),
                   adapt_hypergrad_lr=adapt_hypergrad_lr, **kw)
 
 
-@register_optimizer("hd-val")
+@register_optimizer("hd-val", kind="hypergradient", builds=Marthe, test_hparams=dict(lr=0.05, base="sgd"))
 def _make_hd_val(params, lr: float | None = None, hypergrad_lr: float = 1e-6, base: str = "momentum",
                  mu: float = 0.0, adapt_hypergrad_lr: float | None = None, **kw) -> Marthe:
     return Marthe(params, lr=lr, hypergrad_lr=hypergrad_lr, base=base, mu=_fixed_mu("hd-val", 0.0, mu),

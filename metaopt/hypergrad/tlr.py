@@ -29,7 +29,7 @@ from torch import Tensor
 from metaopt.baselines import ForeachFace, apply_update, decayed, sgd_direction, with_weight_decay
 from metaopt.core import CoreOptimizer, FunctionalOptimizer, Params, check_range
 from metaopt.hypergrad.hd import NonFiniteLearningRate, warn_negative_rate_once
-from metaopt.registry import register_optimizer
+from metaopt.registry import MemoryModel, register_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -511,14 +511,21 @@ class TLR(_TLRFace, ForeachFace):
         return k > 0 and group.get("boundaries", 0) > 0 and pos != 1
 
 
-@register_optimizer("tlr", fixed={"per_tensor": False})
+# The registrations' records (metaopt.registry): test_hparams for the contract tests' least-squares problem,
+# memory models at the registered defaults (tlr-naive evaluates the loss itself: no roofline).
+@register_optimizer("tlr", fixed={"per_tensor": False}, kind="hypergradient", builds=TLR, test_hparams=dict(lr=0.05),
+                    memory=MemoryModel(1, 2, "previous gradient; reads g, g_prev for <g, g_prev> and |g|^2 before the "
+                                             "update"))
 def _make_tlr(params, lr: float = 0.1, bound: float = DEFAULT_BOUND, window: int | float | None = None,
               steps_per_epoch: int | None = None, momentum: float | None = None, weight_decay: float | None = None,
               **kw: Any) -> TLR:
     return TLR(params, lr, bound, window, steps_per_epoch, momentum, weight_decay, per_tensor=False, **kw)
 
 
-@register_optimizer("tlr-pl", fixed={"per_tensor": True})
+@register_optimizer("tlr-pl", fixed={"per_tensor": True}, kind="hypergradient", builds=TLR,
+                    test_hparams=dict(lr=0.05),
+                    memory=MemoryModel(1, 2, "previous gradient; reads g, g_prev for the per-tensor <g, g_prev> and "
+                                             "|g|^2"))
 def _make_tlr_pl(params, lr: float = 0.1, bound: float = DEFAULT_BOUND, window: int | float | None = None,
                  steps_per_epoch: int | None = None, momentum: float | None = None, weight_decay: float | None = None,
                  **kw: Any) -> TLR:
@@ -694,4 +701,4 @@ class NaiveTLR(_TLRFace):
         return loss.detach(), dict(zip(params, grads))
 
 
-register_optimizer("tlr-naive")(NaiveTLR)
+register_optimizer("tlr-naive", kind="hypergradient", test_hparams=dict(lr=0.05, eta=1e-3))(NaiveTLR)

@@ -14,7 +14,7 @@ from metaopt.learned.base import (LEARNED_CLASSES, LEARNED_NAMES, CheckpointErro
 from metaopt.learned.dm import DMOptimizer
 from metaopt.learned.hyperadam import HyperAdam
 from metaopt.learned.rnnprop import RNNprop
-from metaopt.learned.rules import LearnedGammaCAMHD, LearnedMuMARTHE
+from metaopt.learned.rules import FrozenGroupStateOptimizer, FrozenLearnedMarthe, LearnedGammaCAMHD, LearnedMuMARTHE
 from metaopt.registry import accepted_hyperparameters, check_hyperparameters, register_optimizer, register_source
 
 
@@ -28,8 +28,17 @@ def _pretrained_factory(name: str):
     return make
 
 
-for _name in LEARNED_NAMES:
-    register_optimizer(_name)(_pretrained_factory(_name))
+# The class of each learned class's frozen face (what its frozen() builds): a learned name's record builds it, and
+# reads from it what a step needs (metaopt.registry; tests/test_contract.py checks make_optimizer builds one).
+FROZEN_FACES: dict[type[LearnedOptimizer], type[torch.optim.Optimizer]] = {
+    HyperAdam: FrozenLearnedOptimizer, DMOptimizer: FrozenLearnedOptimizer, RNNprop: FrozenLearnedOptimizer,
+    LearnedGammaCAMHD: FrozenGroupStateOptimizer, LearnedMuMARTHE: FrozenLearnedMarthe,
+}
+
+# Records: the contract tests build each name at its checkpoint's defaults (test_hparams {}; tests/test_learned.py
+# covers the rest); no memory model (a learned rule's depends on its configuration: metaopt.bench.learned_byte_model).
+for _name, _class in LEARNED_NAMES.items():
+    register_optimizer(_name, kind="learned", builds=FROZEN_FACES[_class], test_hparams={})(_pretrained_factory(_name))
 
 
 @register_source
