@@ -1,11 +1,14 @@
-"""The meta-training loop: truncated BPTT over a task distribution, with exact resume.
+"""The meta-training loop: a meta-gradient estimator (truncated BPTT by default) over a task distribution, with exact
+resume.
 
 Read top to bottom, one meta-step is::
 
     reset the slots that reached the horizon T (fresh instance: configuration, draws, initialization, batches)
-    for each group of slots sharing a task configuration: unroll K inner steps (vectorized), collect meta-losses
-    meta_loss = mean over instances; backward; (all-reduce across ranks); skip if not finite; clip; Adam on theta
-    carry each instance's parameters and optimizer state to the next truncation, DETACHED (the truncation boundary)
+    the estimator (:mod:`.estimators`) advances every slot K inner steps and leaves the meta-gradient in theta's .grad;
+        TruncatedBPTT: for each group of slots sharing a task configuration, unroll K inner steps (vectorized);
+        meta_loss = mean over instances; backward; the state carried on is DETACHED (the truncation boundary)
+    (all-reduce across ranks); skip if not finite; clip; Adam on theta
+    carry each instance's parameters and optimizer state to the next truncation; reset diverged instances
 
 Everything random comes from seeds derived from ``config.seed``: an instance is rebuilt exactly from its
 ``instance_seed``, so the training state file (written atomically every ``checkpoint_every`` steps, at the end and on
@@ -37,6 +40,7 @@ from meta_tasks.tricks import hyperadam_tricks
 from metaopt.environment import time_left
 from metaopt.learned.base import LEARNED_NAMES, LearnedOptimizer, is_class_name
 from metaopt.meta.config import MetaConfig
+from metaopt.meta.estimators import MetaGradientEstimator, TruncatedBPTT
 from metaopt.meta.unroll import Slot, unroll
 
 STATE_FILE = "state.pt"
@@ -84,11 +88,14 @@ class MetaTrainer:
         device: a torch device for the learners, the data and theta.
         logger: called with a dict of metrics after every meta-step (console / wandb); rank 0 only.
         family / val_family: task families to use instead of the ones ``config`` names (tests).
+        estimator: how a meta-step's meta-gradient is made (default: :class:`TruncatedBPTT` with ``config``'s
+            truncation and unroll options). It is not part of the training state: resume a run with the same one.
     """
 
     def __init__(self, config: MetaConfig, run_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu",
                  resume: bool = False, logger: Callable[[dict[str, Any]], None] | None = None,
-                 family: TaskFamily | None = None, val_family: TaskFamily | None = None):
+                 family: TaskFamily | None = None, val_family: TaskFamily | None = None,
+                 estimator: MetaGradientEstimator | None = None):
         self.config, self.run_dir = config, Path(run_dir)
         self.device = torch.device(device)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -103,6 +110,8 @@ class MetaTrainer:
                                                       config.convex_style, config.learner_init_std))
         self.lopt = build_optimizer(config).to(self.device)
         self.outer = torch.optim.Adam(self.lopt.parameters(), lr=config.outer_lr)
+        # The default differentiates through this module's ``unroll`` name, looked up now (tests replace it with a spy)
+        self.estimator = estimator if estimator is not None else TruncatedBPTT(unroll)
         self.meta_step, self.skipped, self.best_score = 0, 0, math.inf
         self.quiet = False  # True: no progress bar and no progress lines (train_meta.py --quiet)
         self.initial_score = math.inf  # θ's validation score before its first meta-step
@@ -136,26 +145,10 @@ class MetaTrainer:
             if slot.step >= config.horizon:
                 self.slots[i] = self._new_slot(self.slot_ids[i], slot.generation + 1)
         start = time.perf_counter()
-        groups: dict[int, list[int]] = {}
-        for i, slot in enumerate(self.slots):
-            groups.setdefault(id(slot.task.base()), []).append(i)
-        meta_losses, inner_losses, results = [], [], {}
-        for indices in groups.values():
-            out = unroll(self.lopt, [self.slots[i] for i in indices], config.truncation, lr=config.lr,
-                         batch_size=config.batch_size, meta_loss=config.meta_loss, second_order=config.second_order,
-                         loss_clip=config.loss_clip or None, recompute=config.recompute,
-                         fused=config.fused, compile=config.compile)
-            meta_losses.append(out.meta_losses)
-            inner_losses.append(out.inner_loss * len(indices))
-            for j, i in enumerate(indices):
-                results[i] = (out.params[j], out.opt_states[j])
-        meta_loss = torch.cat(meta_losses).mean()
-
         self.outer.zero_grad(set_to_none=False)
-        meta_loss.backward()
+        estimate = self.estimator.estimate(self.lopt, self.slots, config)
         grads = [p.grad for p in self.lopt.parameters()]
-        stats = torch.stack([meta_loss.detach(), torch.tensor(sum(inner_losses) / len(self.slots),
-                                                              device=meta_loss.device)])
+        stats = torch.stack([estimate.meta_loss, torch.tensor(estimate.inner_loss, device=estimate.meta_loss.device)])
         if self.world > 1:
             for g in grads:
                 dist.all_reduce(g)
@@ -171,11 +164,10 @@ class MetaTrainer:
         else:
             self.skipped += 1  # neither theta nor Adam's moments see a non-finite meta-gradient
 
-        # The truncation boundary: the inner state is carried on, detached from this truncation's graph.
-        for i, (params, opt_state) in results.items():
+        # The estimator carries each instance on across the truncation boundary (detached).
+        for i, (params, opt_state) in enumerate(zip(estimate.params, estimate.opt_states, strict=True)):
             slot = self.slots[i]
-            slot.params = {n: p.detach() for n, p in params.items()}
-            slot.opt_state = type(opt_state)(*({n: t.detach() for n, t in f.items()} for f in opt_state))
+            slot.params, slot.opt_state = params, opt_state
             slot.step += config.truncation
             if not all(bool(torch.isfinite(p).all()) for p in slot.params.values()):
                 self.slots[i] = self._new_slot(self.slot_ids[i], slot.generation + 1)  # diverged: start afresh
