@@ -41,7 +41,7 @@ from metaopt.environment import time_left
 from metaopt.learned.base import LEARNED_NAMES, LearnedOptimizer, is_class_name
 from metaopt.meta.config import MetaConfig
 from metaopt.meta.estimators import MetaGradientEstimator, TruncatedBPTT
-from metaopt.meta.unroll import Slot, unroll
+from metaopt.meta.unroll import Slot
 
 STATE_FILE = "state.pt"
 STATE_VERSION = 1
@@ -110,8 +110,7 @@ class MetaTrainer:
                                                       config.convex_style, config.learner_init_std))
         self.lopt = build_optimizer(config).to(self.device)
         self.outer = torch.optim.Adam(self.lopt.parameters(), lr=config.outer_lr)
-        # The default differentiates through this module's ``unroll`` name, looked up now (tests replace it with a spy)
-        self.estimator = estimator if estimator is not None else TruncatedBPTT(unroll)
+        self.estimator = estimator if estimator is not None else TruncatedBPTT()
         self.meta_step, self.skipped, self.best_score = 0, 0, math.inf
         self.quiet = False  # True: no progress bar and no progress lines (train_meta.py --quiet)
         self.initial_score = math.inf  # θ's validation score before its first meta-step
