@@ -71,6 +71,20 @@ def test_iqm_is_the_trimmed_mean_and_intervals_bracket_it():
     assert aggregate.interval_estimates({"x": values}) == {"x": result["x"]}
 
 
+def test_iqm_equals_rliables_bit_for_bit():
+    from rliable import metrics
+
+    rng = np.random.default_rng(1)
+    for shape in ((1, 1), (3, 1), (5, 4), (12, 3), (7, 13), (100, 4)):
+        values = rng.lognormal(size=shape)
+        values[rng.random(shape) < 0.1] = np.inf  # diverged runs
+        (ours,) = aggregate.iqm(values)
+        theirs = metrics.aggregate_iqm(values)
+        assert ours == theirs or (np.isinf(ours) and np.isinf(theirs)), shape
+    assert np.isnan(aggregate.iqm(np.array([[1.0, np.nan, 2.0, 3.0]]))[0])
+    assert np.isnan(metrics.aggregate_iqm(np.array([[1.0, np.nan, 2.0, 3.0]])))
+
+
 def results_payload(suite, curves, seeds, date="2026-01-01"):
     runs = runs_for(curves)
     tasks = list(dict.fromkeys(t for _, t in curves))

@@ -100,15 +100,25 @@ def scores(runs: Sequence[Run], tasks: Sequence[str], baseline: str = BASELINE
     return out, seeds
 
 
-def interval_estimates(score: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """``{label: {"iqm", "low", "high"}}``: rliable's IQM and its stratified bootstrap percentile interval."""
-    from rliable import library as rly
-    from rliable import metrics
+def iqm(scores: np.ndarray) -> np.ndarray:
+    """The interquartile mean of all of ``scores`` as a 1-element array: rliable's ``metrics.aggregate_iqm``
+    (``scipy.stats.trim_mean(scores, 0.25, axis=None)``) bit for bit, the same partition and the same mean, without
+    scipy's per-call argument handling, which was ~90 % of the 2,000-resample bootstrap's time.
 
-    # an infinite loss (a diverged run) sorts above every finite one; IQM trims it unless it is in the middle half,
-    # where it makes the IQM infinite, as it should
-    def iqm(x: np.ndarray) -> np.ndarray:
-        return np.array([metrics.aggregate_iqm(x)])
+    An infinite loss (a diverged run) sorts above every finite one; IQM trims it unless it is in the middle half, where
+    it makes the IQM infinite, as it should. A NaN makes it NaN (scipy's default ``nan_policy="propagate"``)."""
+    a = np.ravel(np.asarray(scores, dtype=np.float64))
+    if a.size == 0 or np.isnan(a).any():
+        return np.array([math.nan])
+    low = int(0.25 * a.size)
+    high = a.size - low
+    return np.array([np.mean(np.partition(a, (low, high - 1))[low:high])])
+
+
+def interval_estimates(score: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """``{label: {"iqm", "low", "high"}}``: the IQM (:func:`iqm`) and rliable's stratified bootstrap percentile
+    interval of it."""
+    from rliable import library as rly
 
     out = {}
     saved = np.random.get_state()

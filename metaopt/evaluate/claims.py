@@ -18,6 +18,7 @@ Every verdict says which result sets it used and how their protocol differs from
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -80,16 +81,34 @@ class Claim:
 # Reading the result sets
 
 
+@functools.lru_cache(maxsize=64)
+def _parsed(path: str, mtime_ns: int, size: int) -> tuple[Mapping[str, Any], dict[tuple[str, str], dict[int, Run]]]:
+    """The payload of the results file at ``path`` and its runs grouped by (task, label) and seed, parsed once per
+    version of the file (``mtime_ns`` and ``size`` are the key's part that changes when it is rewritten): the claims
+    table judges every claim over the same directories, and parsing the committed sets is most of its time. Shared:
+    callers must not modify what it returns."""
+    results = report.read_results(Path(path).parent)
+    groups: dict[tuple[str, str], dict[int, Run]] = {}
+    for r in report.runs_from_json(results["runs"]):
+        groups.setdefault((r.task, r.optimizer), {})[r.seed] = r
+    return results, groups
+
+
+def _read(directory: Path) -> tuple[Mapping[str, Any], dict[tuple[str, str], dict[int, Run]]]:
+    path = report.results_file(directory)
+    if path is None:
+        report.read_results(directory)  # raises the FileNotFoundError that says what is missing
+    stat = path.stat()
+    return _parsed(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
 def load_sets(directories: Sequence[Path]) -> list[ResultSet]:
     """The result sets of ``directories``, newest first (by date, then name), without ``--quick`` ones."""
     sets = []
     for d in directories:
-        results = report.read_results(d)
+        results, groups = _read(Path(d))
         if results["meta"].get("quick"):
             continue
-        groups: dict[tuple[str, str], dict[int, Run]] = {}
-        for r in report.runs_from_json(results["runs"]):
-            groups.setdefault((r.task, r.optimizer), {})[r.seed] = r
         suite = SUITES.get(results["meta"]["suite"])  # a set of a suite built in code has the default home
         home = "/".join(filter(None, ("checkpoints", suite.checkpoint_subdir if suite is not None else "")))
         current = frozenset(label for label, record, state in report.checkpoint_states(results)
@@ -451,7 +470,7 @@ def protocol(claim: Claim, verdict: Verdict, directories: Sequence[Path]) -> str
     """How the result sets the verdict used differ from the paper's protocol: dataset, seeds, plus the claim's note."""
     suite = SUITES[claim.suite]
     facts = []
-    metas = [report.read_results(d)["meta"] for d in directories if d.name in verdict.used]
+    metas = [_read(Path(d))[0]["meta"] for d in directories if d.name in verdict.used]
     generated = all(spec.name.startswith(GENERATED_TASKS) for spec in suite.task_specs)
     datasets = sorted({m["dataset"] for m in metas if m["dataset"] != claim.paper_dataset})
     if datasets and not generated and claim.paper_dataset is not None:
