@@ -29,7 +29,7 @@ from __future__ import annotations
 import abc
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -83,11 +83,50 @@ def check_betas(betas: tuple[float, float]) -> None:
 
 def _to_group_value(value: Any) -> Any:
     """Group-level state as plain Python values (floats, ints, lists), so param_groups stay readable."""
+    return to_group_values([value])[0]
+
+
+def _tensors_in(value: Any) -> list[Tensor]:
     if isinstance(value, Tensor):
-        return value.item() if value.dim() == 0 else value.detach().cpu().tolist()
+        return [value]
     if isinstance(value, tuple):
-        return [_to_group_value(v) for v in value]
-    return value
+        return [t for v in value for t in _tensors_in(v)]
+    return []
+
+
+def to_group_values(values: Sequence[Any]) -> list[Any]:
+    """:func:`_to_group_value` of each of ``values`` (tensors, tuples of them, anything else kept) with one host read
+    per device instead of one per tensor: the tensors are flattened into one float64 vector, read once, and cut back
+    into each tensor's ``item()`` / ``tolist()``. Exact: float32 and float16 values are float64 values, integer and
+    boolean tensors come back as ``int`` / ``bool`` (counters stay far below 2**53)."""
+    tensors = [t for v in values for t in _tensors_in(v)]
+    read: dict[int, list[float]] = {}
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    for group in by_device.values():
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in group]).tolist() if group else []
+        start = 0
+        for t in group:
+            read[id(t)] = flat[start:start + t.numel()]
+            start += t.numel()
+
+    def rebuild(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [rebuild(v) for v in value]
+        if not isinstance(value, Tensor):
+            return value
+        if value.numel() == 0:
+            return value.tolist()
+        kind = float if value.is_floating_point() else bool if value.dtype == torch.bool else int
+        items = [kind(x) for x in read[id(value)]]
+        if value.dim() == 0:
+            return items[0]
+        for size in reversed(value.shape[1:]):
+            items = [items[i:i + size] for i in range(0, len(items), size)]
+        return items if value.shape[0] else []
+
+    return [rebuild(v) for v in values]
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
@@ -258,12 +297,15 @@ class CoreOptimizer(NonfiniteGuard, torch.optim.Optimizer):
 
     def store_rule_state(self, group: dict[str, Any], params: Params, state: NamedTuple) -> None:
         """Write a rule's state back: per-parameter fields to ``self.state``, the rest into the group."""
+        group_fields = []
         for field, value in zip(state._fields, state):
             if isinstance(value, dict):
                 for n, p in params.items():
                     self.state[p][field] = value[n]
             else:
-                group[field] = _to_group_value(value)
+                group_fields.append((field, value))
+        for (field, _), value in zip(group_fields, to_group_values([v for _, v in group_fields])):
+            group[field] = value
 
     @staticmethod
     def _from_group_value(stored: Any, like: Any) -> Any:

@@ -759,6 +759,14 @@ class CamHDRule(FunctionalOptimizer):
         return combine_levels(layout, self.levels, state.gamma, level_rates(state, self.levels), params)
 
 
+def _rate_tensors(gamma: Tensor, rates: Mapping[str, Any]) -> list[Tensor]:
+    """γ and every level's rates (a tensor, or a dict of per-tensor rates) as one list, for one finiteness read."""
+    tensors = [gamma]
+    for level in rates.values():
+        tensors.extend(level.values() if isinstance(level, dict) else [level])
+    return tensors
+
+
 def _is_zero(x: Scalar) -> bool:
     return not isinstance(x, Tensor) and x == 0
 
@@ -919,10 +927,12 @@ class CamHD(CoreOptimizer):
         state = self.load_rule_state(group, rule, param_dict)
         if self.fast:
             rates = rule.rates(param_dict, grads, state)
-            if screened and not all_finite([rates.gamma_grad]) and not self.check_finite(group, grads.values()):
-                return False
-            if not self._rates_finite(group, rates.gamma, rates.new):
-                return False
+            # One host read where all is finite (the usual step); otherwise the two checks say which was not
+            if not all_finite([rates.gamma_grad] * screened + _rate_tensors(rates.gamma, rates.new)):
+                if screened and not all_finite([rates.gamma_grad]) and not self.check_finite(group, grads.values()):
+                    return False
+                if not self._rates_finite(group, rates.gamma, rates.new):
+                    return False
             new_state = self._apply_in_place(rule, rates, param_dict, grads, state)
         else:
             new_params, new_state = rule.step(param_dict, grads, state)
@@ -941,10 +951,7 @@ class CamHD(CoreOptimizer):
     def _rates_finite(self, group: dict[str, Any], gamma: Tensor, rates: Mapping[str, Any]) -> bool:
         """A huge hypergradient can overflow a rate or γ; such a step is skipped (or raises) like a non-finite
         gradient, before anything is written."""
-        tensors = [gamma]
-        for level in rates.values():
-            tensors.extend(level.values() if isinstance(level, dict) else [level])
-        if all_finite(tensors):
+        if all_finite(_rate_tensors(gamma, rates)):
             return True
         return self.skip_nonfinite(group, "learning rate or gamma from the hypergradient (lower hypergrad_lr or "
                                           "gamma_lr)")

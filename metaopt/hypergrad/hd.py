@@ -104,12 +104,13 @@ def adam_hypergradient(grads: Mapping[str, Tensor], exp_avg: Mapping[str, Tensor
     return h if h is not None else global_hypergradient(grads, {})
 
 
-def update_learning_rate(lr: Scalar, hypergrad_lr: Scalar, h: Tensor,
+def update_learning_rate(lr: Scalar, hypergrad_lr: Scalar, h: Tensor | float,
                          clip_lr_at_zero: bool = False) -> tuple[Scalar, bool | Tensor]:
     """One hypergradient-descent step on the learning rate: ``α_t = α_{t−1} − β·h_t`` (spec §2 step 3).
 
     Python floats ``lr`` and ``hypergrad_lr`` give a Python float (``h`` converted with ``float()``, one host
-    synchronisation; ``β = 0`` leaves ``α`` bit-identical). If either is a tensor the result is a tensor,
+    synchronisation, none where the caller passes ``h`` as a float it has read already; ``β = 0`` leaves ``α``
+    bit-identical). If either is a tensor the result is a tensor,
     differentiable in ``lr``, ``hypergrad_lr`` and ``h`` (cast to ``lr``'s dtype when ``lr`` is a tensor, so the
     state's dtype is stable); pass tensors under ``torch.func`` transforms, where ``float()`` is not allowed.
 
@@ -366,9 +367,11 @@ class _HypergradientFace(ForeachFace):
     def hypergradient_step(self, group: dict[str, Any], grads: list[Tensor], h: Tensor) -> bool:
         """``α_t = α_{t−1} − β·h_t`` into ``group["lr"]`` (negative steps counted), or False (nothing written) when
         ``h`` is not finite because a gradient is not (``grads``: the step's gradients as given)."""
-        if not math.isfinite(float(h)) and not self.check_finite(group, grads):
+        value = float(h)  # the step's one host read: the finiteness screen and the Python-float rate update share it
+        if not math.isfinite(value) and not self.check_finite(group, grads):
             return False
-        group["lr"], negative = update_learning_rate(group["lr"], group["hypergrad_lr"], h, group["clip_lr_at_zero"])
+        group["lr"], negative = update_learning_rate(group["lr"], group["hypergrad_lr"], value,
+                                                     group["clip_lr_at_zero"])
         group["negative_lr_steps"] = _count(group["negative_lr_steps"], negative)
         return True
 

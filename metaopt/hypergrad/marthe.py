@@ -321,7 +321,7 @@ class MartheRule(FunctionalOptimizer):
         g1 = -_dot(state.direction, val_grads)
         scalars = (state.lr, state.hypergrad_lr, state.damping, state.horizon, state.delta_lr, self.mu)
         if not (delta.requires_grad or g1.requires_grad or any(isinstance(s, Tensor) for s in scalars)):
-            delta, g1 = delta.item(), g1.item()  # the face: exact double arithmetic from here on
+            delta, g1 = torch.stack([delta, g1]).tolist()  # the face: exact double arithmetic from here on (one read)
 
         ratio = _safe_ratio(delta, g1)
         q_tilde = _clip01(ratio)
@@ -602,7 +602,11 @@ class Marthe(CoreOptimizer):
         with torch.no_grad():
             new_state, diag = rule.hyper_step(state, val_grads, mu=self.mu_rule)
         scalars = [new_state.lr, new_state.hypergrad_lr, new_state.damping, new_state.horizon, new_state.delta_lr]
-        if not self.check_finite(group, [torch.tensor([float(s) for s in scalars])]):
+        if all(isinstance(s, (int, float)) for s in scalars):  # the face's Python floats: no tensor, no host read
+            finite = all(math.isfinite(s) for s in scalars) or self.skip_nonfinite(group, "gradient (NaN or inf)")
+        else:
+            finite = self.check_finite(group, [torch.tensor([float(s) for s in scalars])])
+        if not finite:
             return state
         if self.mu_rule is not None:
             check_range("damping returned by mu_rule", new_state.damping, 0.0, 1.0)
