@@ -825,3 +825,29 @@ def test_base_specific_validation_and_defaults():
     two = metaopt.make_optimizer("cam-hd-sgd", [torch.zeros(1, requires_grad=True)], levels=("filter", "global"))
     assert (two.param_groups[0]["levels"], two.param_groups[0]["gamma"]) == (("unit", "global"), (0.2, 0.8))
     assert {"cam-hd-sgd", "cam-hd-sgdn", "cam-hd-adam"} <= set(metaopt.registry.registered_names())
+
+
+def test_an_lr_scheduler_scales_every_levels_rate_and_the_state_dict_keeps_the_last_lr_seen():
+    """With the rates frozen (β = 0, δ = 0), halving ``lr`` halves every level's rate exactly; the face remembers the
+    last ``lr`` it stepped with in the group, so a resumed optimizer does not scale twice."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    frozen_rates = dict(lr=0.05, hypergrad_lr=0.0, gamma_lr=0.0, levels=("parameter", "layer", "global"))
+    opt = metaopt.hypergrad.cam_hd.CamHDAdam(model.named_parameters(), **frozen_rates)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5 ** epoch)
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        scheduler.step()
+    group = opt.param_groups[0]
+    assert group["lr"] == 0.05 / 8 and group["lr_seen"] == 0.05 / 4  # stepped at 0.05, 0.025, 0.0125
+    assert group["alpha_global"] == 0.05 / 4 and group["alpha_layer"] == [0.05 / 4] * 2
+    assert all(torch.all(opt.state[p]["alpha_param"] == 0.05 / 4) for p in model.parameters())
+    resumed = metaopt.hypergrad.cam_hd.CamHDAdam(model.named_parameters(), **frozen_rates)
+    resumed.load_state_dict(opt.state_dict())
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    resumed.step()
+    assert resumed.param_groups[0]["alpha_global"] == 0.05 / 8

@@ -803,7 +803,8 @@ class CamHD(CoreOptimizer):
     ``param_groups[i]["gamma_grad"]`` the last ``∂L/∂γ``; ``param_groups[i]["alpha_unit"]`` / ``["alpha_layer"]`` are
     lists of floats and ``["alpha_global"]`` a float (``None`` for unused levels), so ``state_dict()`` round-trips
     them exactly; the parameter-level rates are ``optimizer.state[p]["alpha_param"]``. ``param_groups[i]["lr"]`` stays
-    α_0 (the rates' initial value; also α_∞ unless ``alpha_inf`` is given). :meth:`combined_lr` gives α* per
+    α_0 (the rates' initial value; also α_∞ unless ``alpha_inf`` is given); an LR scheduler that changes it scales
+    every level's rate by the same factor (:meth:`_follow_lr_schedule`). :meth:`combined_lr` gives α* per
     parameter. Pass ``model.named_parameters()`` so that layers and units follow the modules; with plain
     ``parameters()`` each tensor is a layer.
 
@@ -913,6 +914,7 @@ class CamHD(CoreOptimizer):
         With ``fast=True`` (the default) the rule computes the step's rates (:meth:`CamHDRule.rates`) and the face
         applies them in place (:meth:`_apply_in_place`); from the second step on it screens the gradients through
         ``∂L/∂γ`` instead of a separate pass (every entry sums ``g ⊙ d_{t−1}`` over all tensors, and 0·inf is NaN)."""
+        self._follow_lr_schedule(group)
         screened = self.fast and group.get("step", 0) > 0
         if screened and self.compile is not False and grads is None:
             stepped = self._compiled_step(group)
@@ -947,6 +949,28 @@ class CamHD(CoreOptimizer):
         warn_negative_rate_once(self, group, negative_before, "clipped to 0" if group["clip_lr_at_zero"]
                                 else "kept (clip_lr_at_zero=False)")
         return True
+
+    def _follow_lr_schedule(self, group: dict[str, Any]) -> None:
+        """An LR scheduler (or a user) that changed ``param_groups[i]["lr"]`` since the last step scales every level's
+        current rate by the same factor, new / old: the schedule multiplies the hypergradient-adapted rates as it
+        multiplies SGD's one rate (``LambdaLR``'s λ_t then scales them by λ_t overall), and α_∞ follows ``lr`` as
+        before. The last ``lr`` the face stepped with is ``param_groups[i]["lr_seen"]``; tensor-valued rates (the
+        learned γ rule's face) are left to their owner."""
+        lr, seen = group["lr"], group.get("lr_seen", group["lr"])
+        group["lr_seen"] = lr
+        numbers = (int, float)
+        if lr == seen or group.get("step", 0) == 0 or not (isinstance(lr, numbers) and isinstance(seen, numbers)):
+            return
+        factor = lr / seen
+        for field in ("alpha_unit", "alpha_layer"):
+            if group.get(field) is not None:
+                group[field] = [a * factor for a in group[field]]
+        if group.get("alpha_global") is not None:
+            group["alpha_global"] = group["alpha_global"] * factor
+        for p in group["params"]:
+            rates = self.state[p].get("alpha_param")
+            if rates is not None:
+                rates.mul_(factor)
 
     def _rates_finite(self, group: dict[str, Any], gamma: Tensor, rates: Mapping[str, Any]) -> bool:
         """A huge hypergradient can overflow a rate or γ; such a step is skipped (or raises) like a non-finite
