@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import scipy.stats
@@ -91,15 +92,15 @@ def test_cli_batches_seeds_on_cuda_and_loops_on_cpu_unless_told(monkeypatch, arg
 
     seen = {}
 
-    def fake_run_config(steps, splits, eval_every, record_lr, batched, progress):
-        seen["batched"] = batched
+    def fake_run_config(steps, splits, eval_every, record_lr, batched, progress, papers_measure=False):
+        seen["batched"], seen["papers_measure"] = batched, papers_measure
         raise Stop
 
     monkeypatch.setattr(experiment, "RunConfig", fake_run_config)
     monkeypatch.setattr(experiment, "build_tasks", lambda *args: [])  # no CUDA here: nothing is built
     with pytest.raises(Stop):
         evaluate.main([*argv, "--optimizers", "adam", "--tasks", "quadratic", "--no-tune", "--seeds", "1", "--quiet"])
-    assert seen["batched"] is batched
+    assert seen["batched"] is batched and seen["papers_measure"]  # hyperadam-table1 computes the papers' measure
 
 
 def test_help_documents_every_flag(capsys):
@@ -136,6 +137,9 @@ def _assert_same_runs(batched, looped):
         assert b.test.keys() == loop.test.keys()
         for key in b.test:
             assert b.test[key] == pytest.approx(loop.test[key], rel=1e-5, abs=1e-6)
+        assert b.batches.keys() == loop.batches.keys()  # the papers' measure, where asked for
+        for key in b.batches:
+            assert b.batches[key] == pytest.approx(loop.batches[key], rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("name", LEARNED_FACTORIES)
@@ -144,10 +148,76 @@ def test_batched_learned_optimizer_equals_the_per_seed_loop(name):
     lopt = LEARNED_FACTORIES[name]()
     assert evaluate.can_batch(task, lopt, {})
     seeds = [0, 1, 2]
-    batched = evaluate.train_batched(task, name, lopt, {"lr": 0.01}, seeds, 6)
-    looped = [evaluate.train(task, name, {"lr": 0.01}, s, 6, lopt) for s in seeds]
+    batched = evaluate.train_batched(task, name, lopt, {"lr": 0.01}, seeds, 6, papers_measure=True)
+    looped = [evaluate.train(task, name, {"lr": 0.01}, s, 6, lopt, papers_measure=True) for s in seeds]
     _assert_same_runs(batched, looped)
     assert batched[0].losses[0] != batched[1].losses[0]  # different seeds, different starts
+    assert all(set(r.batches) == {"loss"} for r in batched + looped)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The papers' measure: the loss of the final weights averaged over the run's batches (HyperAdam Table 1's "final loss")
+
+
+def _sgd_by_hand(task, seed, steps, lr):
+    """Plain SGD written out with torch.optim.SGD from the seed's initial weights and training batches: the per-step
+    losses, the final weights and the batches, in order."""
+    init_gen, batch_gen = evaluate.runner.seeded_generators(seed, task.device)
+    params = {n: p.requires_grad_() for n, p in task.init(init_gen).items()}
+    buffers = task.init_buffers()
+    opt = torch.optim.SGD(list(params.values()), lr=lr)
+    losses, batches = [], []
+    for _ in range(steps):
+        batch = task.sample_batch(batch_gen)
+        opt.zero_grad()
+        loss = task.loss(params, batch, buffers)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        batches.append(batch)
+    return losses, {n: p.detach() for n, p in params.items()}, batches
+
+
+def test_the_papers_measure_is_the_final_weights_loss_averaged_over_the_runs_batches():
+    task = meta_tasks.get_task("quadratic", dim=6, seed=1)
+    run = evaluate.train(task, "sgd", {"lr": 0.05}, seed=2, steps=7, papers_measure=True)
+    losses, final, batches = _sgd_by_hand(task, 2, 7, 0.05)
+    assert run.losses == pytest.approx(losses, rel=1e-6)  # the same run
+    by_hand = sum(float(task.loss(final, b)) for b in batches) / len(batches)
+    assert run.batches == {"loss": pytest.approx(by_hand, rel=1e-6)}
+    assert report.metric(run, "batches_loss") == run.batches["loss"] != pytest.approx(run.losses[-1], rel=1e-3)
+    without = evaluate.train(task, "sgd", {"lr": 0.05}, seed=2, steps=7)
+    assert without.batches == {} and math.isnan(report.metric(without, "batches_loss"))
+    recording = RecordingTask()
+    evaluate.train(recording, "sgd", {"lr": 0.01}, seed=3, steps=4, papers_measure=True)
+    assert len(recording.seen) == 8 and recording.seen[4:] == recording.seen[:4]  # the run's batches, in order
+    # everything else the run reports is as without the measure
+    assert dataclasses.replace(run, batches={}, seconds_per_step=0.0) == \
+        dataclasses.replace(without, seconds_per_step=0.0)
+
+
+@needs_fmnist
+@pytest.mark.parametrize("name", ["cnn-1-bn", "cnn-2-dropout"])
+def test_the_papers_measure_with_batchnorm_and_dropout_replays_the_training_losses(name):
+    """At lr = 0 the final weights are the initial ones, so the measure is the mean of the run's own training losses:
+    the replayed batches are normalized by their own statistics (BatchNorm, training mode) and carry the dropout masks
+    of training. The run's buffers are left as they were, and so are its held-out metrics."""
+    task = evaluate.build_task(name, eval_size=64)
+    still = evaluate.train(task, "sgd", {"lr": 0.0}, seed=1, steps=3, papers_measure=True)
+    assert still.batches["loss"] == pytest.approx(sum(still.losses) / 3, rel=1e-6)
+    run = evaluate.train(task, "sgd", {"lr": 0.05}, seed=1, steps=3, papers_measure=True)
+    without = evaluate.train(task, "sgd", {"lr": 0.05}, seed=1, steps=3)
+    assert run.losses == without.losses and run.test == without.test
+    losses, final, batches = _sgd_by_hand(task, 1, 3, 0.05)
+    assert run.losses == pytest.approx(losses, rel=1e-5)
+    buffers = task.init_buffers()
+    before = {n: b.clone() for n, b in buffers.items()}
+    value = evaluate.runner.final_batches_loss(task, final, buffers, 1, 3)
+    assert all(torch.equal(buffers[n], before[n]) for n in before)  # replay ran on a copy
+    scratch = {n: b.clone() for n, b in buffers.items()}
+    with torch.no_grad():
+        by_hand = sum(float(task.loss(final, b, scratch)) for b in batches) / 3
+    assert value == pytest.approx(by_hand, rel=1e-6) and run.batches["loss"] == pytest.approx(by_hand, rel=1e-4)
 
 
 class SometimesNaNTask(meta_tasks.Task):
@@ -292,6 +362,70 @@ def test_results_files_match_hand_computations(tmp_path):
         assert float(row["test_loss"]) == point["test_loss"]
     # adam-hd adapts its rate, adam does not
     assert len(set(by_run[("adam", 0)]["lrs"])) == 1 and len(set(by_run[("adam-hd", 0)]["lrs"])) > 1
+    # a suite without the papers' measure writes nothing of it
+    assert not any("batches" in r for r in data["runs"]) and "papers_measure" not in data["meta"]
+    assert all(r.batches == {} for r in result.runs) and report.BATCHES_HEADER not in table
+    assert "batches_loss" not in (tmp_path / "finals.csv").read_text()
+
+
+def test_a_suite_with_the_papers_measure_reports_it_beside_the_final_training_loss(tmp_path):
+    suite = dataclasses.replace(QUADRATIC_SUITE, papers_measure=True, eval_every=0, record_lr=False)
+    result = evaluate.run_suite(suite, seeds=3, steps=6, tune=False, out=tmp_path, progress=False)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["papers_measure"] is True and data["meta"]["compare"] == "train_loss"
+    assert all(row["metric"] == "train_loss" for row in data["significance"])  # the verdicts' measure is unchanged
+    exact = report.runs_from_json(data["runs"])
+    assert [r.batches for r in exact] == [r.batches for r in result.runs]
+    assert all(set(r.batches) == {"loss"} for r in exact)
+    task = evaluate.build_task("quadratic")
+    for r in exact[:2]:  # what the runner stored is the runner's measure of the same run, redone
+        again = evaluate.train(task, r.optimizer, r.hparams, r.seed, 6, papers_measure=True)
+        assert again.batches == r.batches
+    table = (tmp_path / "table.md").read_text()
+    assert f"| final train loss | {report.BATCHES_HEADER} | test loss |" in table
+    for label in ("adam", "sgd", "adam-hd"):
+        group = [r for r in exact if r.optimizer == label]
+        cells = []
+        for values in ([r.losses[-1] for r in group], [r.batches["loss"] for r in group]):
+            mean = sum(values) / 3
+            cells.append(f"{mean:.4f} ± {math.sqrt(sum((v - mean) ** 2 for v in values) / 2 / 3):.4f}")
+        assert f"| quadratic | {label} | {cells[0]} | {cells[1]} |" in table
+    with open(tmp_path / "finals.csv") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames[3:5] == ["final_train_loss", "batches_loss"]
+        by_run = {(r.optimizer, r.seed): r for r in exact}
+        for row in reader:
+            assert float(row["batches_loss"]) == by_run[(row["optimizer"], int(row["seed"]))].batches["loss"]
+    # results without the measure cannot take runs with it: the column would mix the two
+    with pytest.raises(experiment.SelectionError, match="papers_measure None there, True here"):
+        experiment.check_mergeable({k: v for k, v in data["meta"].items() if k != "papers_measure"}, data["meta"])
+
+
+def test_the_hyperadam_final_loss_suites_compute_the_papers_measure():
+    from metaopt.meta.cli import main_job_suite
+
+    measured = {name for name, suite in evaluate.SUITES.items() if suite.papers_measure}
+    assert measured == {"hyperadam-table1", "hyperadam-table2", "hyperadam-depth"}
+    assert main_job_suite().papers_measure  # built from hyperadam-table1
+    assert all(evaluate.SUITES[name].compare == "train_loss" for name in measured)
+
+
+COMMITTED = Path(__file__).resolve().parents[1] / "checkpoints" / "results" / "hyperadam-table1-general-campaign-cpu"
+
+
+@pytest.mark.skipif(report.results_file(COMMITTED) is None, reason="committed result set not present")
+def test_results_written_before_the_papers_measure_read_back_and_render_as_committed(tmp_path):
+    import gzip
+
+    data = report.read_results(COMMITTED)
+    assert not any("batches" in r for r in data["runs"])
+    runs = report.runs_from_json(data["runs"])
+    assert all(r.batches == {} for r in runs) and report.runs_to_json(runs) == data["runs"]
+    meta = data["meta"]
+    assert report.markdown_table(runs, meta["reference"], meta["references"], meta["compare"]) in \
+        (COMMITTED / "table.md").read_text()
+    report.write_csvs(tmp_path, runs)
+    assert (tmp_path / "finals.csv").read_bytes() == gzip.open(COMMITTED / "finals.csv.gz").read()
 
 
 MERGE_SUITE = evaluate.Suite(
@@ -612,6 +746,7 @@ def test_every_suite_runs_in_reduced_form(name, tmp_path):
         assert result.sweep and (tmp_path / "sweep.png").is_file()
     if name in CHEAP_TO_TUNE:
         assert set(result.tuned[tasks[0]]) == set(suite.tune) & set(labels)
+    assert all(bool(r.batches) == suite.papers_measure for r in result.runs)
     default, pairs = evaluate.experiment.reference_map(suite, labels, None)
     for row in result.significance:
         assert row["reference"] == pairs.get(row["optimizer"], default) and row["metric"] == suite.compare

@@ -530,6 +530,7 @@ def test_main_job_report_states_every_rate_its_tuning_p_values_verdicts_and_file
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| mlp-sigmoid |")}
     assert set(rows) == {cli.MAIN_JOB_THIS, cli.MAIN_JOB_SHIPPED, cli.MAIN_JOB_ADAM, *cli.MAIN_JOB_BASELINES}
     assert "reference" in rows[cli.MAIN_JOB_THIS]
+    assert f"| final train loss | {cli.BATCHES_HEADER} | p vs this run |" in text  # the papers' measure beside it
     for label in (cli.MAIN_JOB_THIS, cli.MAIN_JOB_SHIPPED):
         assert "α = 0.005, its checkpoint's" in rows[label]
     tuned = json.loads((out / "results.json").read_text())["tuned"]["mlp-sigmoid"][cli.MAIN_JOB_ADAM]

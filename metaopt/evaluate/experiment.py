@@ -246,7 +246,7 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
 
     if previous is not None:
         check_mergeable(previous["meta"], {"suite": suite.name, "steps": steps, "dataset": dataset,
-                                           "eval_size": eval_size, "quick": quick})
+                                           "eval_size": eval_size, "quick": quick, **_measure_key(suite)})
     tuned: dict[str, dict[str, dict[str, Any]]] = {}
     tune_seed_list = seed_list if suite.tune_in_hindsight else [TUNE_SEED_OFFSET + i for i in range(tune_seeds)]
     grids = {label: (grid[1::2] if quick else grid) for label, grid in suite.tune.items() if label in chosen}
@@ -260,7 +260,8 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
                     "sources": {label: _describe(all_sources[label]) for label in chosen},
                     "checkpoints": fingerprints,
                     "tune": {"grids": grids, "seeds": tune_seed_list} if tuning else None, "quick": quick,
-                    "batched": batched, "eval_every": every, "eval_size": eval_size, "merge": merge}
+                    "batched": batched, "eval_every": every, "eval_size": eval_size, "merge": merge,
+                    **_measure_key(suite)}
         try:
             journal = Journal(out, protocol)
         except JournalMismatch as err:
@@ -278,7 +279,8 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
         check_tuned_rates(previous, tuned, seed_list)
     if journal is not None and journal.tuned is None:
         journal.record_tuned(tuned)
-    config = RunConfig(steps, suite.splits, every, suite.record_lr, batched, progress)
+    config = RunConfig(steps, suite.splits, every, suite.record_lr, batched, progress,
+                       papers_measure=suite.papers_measure)
     deadline = None if max_minutes is None else started + 60 * max_minutes
     try:
         runs = run_grid(built, chosen, all_sources, seed_list, config,
@@ -316,7 +318,7 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
             "reference": default_ref, "references": pairs, "compare": suite.compare,
             "tuned_on_seeds": tune_seed_list if tuned else [],
             "quick": quick, "eval_size": eval_size, "batched": batched, "date": time.strftime("%Y-%m-%d"),
-            "command": list(command) if command is not None else None}
+            "command": list(command) if command is not None else None, **_measure_key(suite)}
     if previous is not None:
         try:
             runs, meta, tuned, lrs_records, skipped = merge_results(previous, runs, meta, tuned, lrs_records,
@@ -344,8 +346,15 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
 
 
 # What a merged result set must share: runs of one suite with one protocol, so that every seed's weights and
-# minibatches are the same whichever piece ran them.
-MERGE_KEYS = ("suite", "steps", "dataset", "eval_size", "quick")
+# minibatches are the same whichever piece ran them (and every run has the papers' measure or none has).
+MERGE_KEYS = ("suite", "steps", "dataset", "eval_size", "quick", "papers_measure")
+
+
+def _measure_key(suite: Suite) -> dict[str, bool]:
+    """``{"papers_measure": True}`` for a suite that computes the papers' measure, else nothing: a journal's protocol
+    and a result's meta of every other suite stay as they were written before the measure existed (journals of
+    interrupted runs continue, results read back unchanged)."""
+    return {"papers_measure": True} if suite.papers_measure else {}
 
 
 def check_mergeable(previous: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
@@ -355,7 +364,9 @@ def check_mergeable(previous: Mapping[str, Any], meta: Mapping[str, Any]) -> Non
     if differ:
         raise SelectionError("Cannot merge into the results already in --out: " + "; ".join(differ) + ". Write to "
                              "another directory, or run with the same suite, --steps, --dataset, --eval-size and "
-                             "--quick.")
+                             "--quick" + (" (a papers_measure difference: results written before the suite computed "
+                                          "the papers' measure cannot be merged with runs that have it)"
+                                          if any(d.startswith("papers_measure") for d in differ) else "") + ".")
 
 
 def check_tuned_rates(previous: Mapping[str, Any], tuned: Mapping[str, Mapping[str, Any]], seeds: Sequence[int]

@@ -1,11 +1,12 @@
 """What an evaluation writes: statistics over seeds, the paired significance test, Markdown tables, JSON / CSV files
 and PNG figures.
 
-Conventions. A run's *final* values are its last training loss and its held-out metrics after the last step. Means
-and standard errors (sample standard deviation / √n) are over the seeds whose value is finite; runs that diverged
-are counted in the table instead. The significance test is the Wilcoxon signed-rank test
-(``scipy.stats.wilcoxon``, two-sided) on a final value (the suite's ``compare``: the training loss by default) of an
-optimizer and its reference, paired by seed.
+Conventions. A run's *final* values are its last training loss and its held-out metrics after the last step, and,
+where its suite computes it, the papers' measure (``batches_loss``: the loss of the final weights averaged over the
+run's training minibatches, shown beside the final training loss). Means and standard errors (sample standard
+deviation / √n) are over the seeds whose value is finite; runs that diverged are counted in the table instead. The
+significance test is the Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, two-sided) on a final value (the
+suite's ``compare``: the training loss by default) of an optimizer and its reference, paired by seed.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ def read_results(directory: str | os.PathLike[str]) -> dict[str, Any]:
 DATASET_NAMES = {"fashion-mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10"}
 METRIC_NAMES = {"train_loss": "final training loss", "test_loss": "test loss", "test_top1": "test top-1",
                 "test_top2": "test top-2", "val_loss": "validation loss", "val_top1": "validation top-1",
-                "val_top2": "validation top-2"}
+                "val_top2": "validation top-2",
+                "batches_loss": "loss of the final weights on the run's batches (the papers' measure)"}
+BATCHES_LOSS = "batches_loss"  # Run.batches["loss"], runner.final_batches_loss: where a suite has papers_measure
+BATCHES_HEADER = "final weights' loss on the run's batches"
 
 
 SCRATCH_DIR = "runs"  # the repository's git-ignored directory of run outputs: never committed
@@ -102,7 +106,8 @@ def mean_se(values: Iterable[float]) -> tuple[float, float, int]:
 
 
 def metric(run: Run, name: str) -> float:
-    """A final value of ``run``: ``train_loss`` or ``<split>_<key>`` (``test_top1``); nan where it does not apply."""
+    """A final value of ``run``: ``train_loss`` or ``<split>_<key>`` (``test_top1``; ``batches_loss``: the papers'
+    measure, ``Run.batches``); nan where it does not apply."""
     if name == "train_loss":
         return run.losses[-1] if run.losses else float("nan")
     split, _, key = name.partition("_")
@@ -169,12 +174,14 @@ def _cell(values: Sequence[float], digits: int) -> str:
 
 def markdown_table(runs: Sequence[Run], reference: str | None = None,
                    references: Mapping[str, str] | None = None, compare: str = "train_loss") -> str:
-    """Per task × optimizer: final training loss, the held-out loss / top-1 / top-2 of each evaluated split
-    (mean ± s.e. over seeds), seconds per update and, when a ``reference`` (or per-label ``references``) is given,
-    the Wilcoxon p-value of the final ``compare`` values against it."""
+    """Per task × optimizer: final training loss, beside it the papers' measure where runs have it
+    (``batches_loss``), the held-out loss / top-1 / top-2 of each evaluated split (mean ± s.e. over seeds), seconds
+    per update and, when a ``reference`` (or per-label ``references``) is given, the Wilcoxon p-value of the final
+    ``compare`` values against it."""
     splits = [s for s in SPLITS if any(getattr(r, s) for r in runs)]
     keys = {s: [k for k in METRIC_KEYS if any(k in getattr(r, s) for r in runs)] for s in splits}
-    header = ["task", "optimizer", "final train loss"]
+    measured = any("loss" in r.batches for r in runs)
+    header = ["task", "optimizer", "final train loss"] + ([BATCHES_HEADER] if measured else [])
     header += [f"{s} {k.replace('top', 'top-')}" for s in splits for k in keys[s]]
     header += ["s / update"]
     tested = reference is not None or bool(references)
@@ -186,6 +193,8 @@ def markdown_table(runs: Sequence[Run], reference: str | None = None,
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (task, label), group in _groups(runs).items():
         cells = [task, label, _cell([metric(r, "train_loss") for r in group if r.losses], 4)]
+        if measured:
+            cells.append(_cell([metric(r, BATCHES_LOSS) for r in group if "loss" in r.batches], 4))
         for s in splits:
             for k in keys[s]:
                 cells.append(_cell([metric(r, f"{s}_{k}") for r in group if k in getattr(r, s)],
@@ -274,10 +283,13 @@ def runs_to_json(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """JSON records of ``runs``. A per-step field (losses, lrs) whose every finite value is a float32 (the
     training losses and rates of float32 models) is written in float32's shortest decimal and named in the record's
     ``"float32"`` list; :func:`runs_from_json` restores the exact values. Lossless, and half the gzipped size of
-    float64's 17 digits (hyperadam-table2-cpu: 3.7 → 2.0 MB)."""
+    float64's 17 digits (hyperadam-table2-cpu: 3.7 → 2.0 MB). An empty ``batches`` (no papers' measure) is left
+    out, so records of suites without it are written as before it existed."""
     records = []
     for r in runs:
         record = dataclasses.asdict(r)
+        if not record["batches"]:
+            del record["batches"]
         narrow = [k for k in PER_STEP_FIELDS if record[k] and _is_float32(record[k])]
         for k in narrow:
             record[k] = _float32_text(record[k])
@@ -288,7 +300,8 @@ def runs_to_json(runs: Sequence[Run]) -> list[dict[str, Any]]:
 
 
 def runs_from_json(records: Sequence[Mapping[str, Any]]) -> list[Run]:
-    """The :class:`Run` records of :func:`runs_to_json`'s output (keys that are not fields are ignored)."""
+    """The :class:`Run` records of :func:`runs_to_json`'s output (keys that are not fields are ignored, fields
+    that are not keys take their defaults: ``batches`` is empty in records written without it)."""
     fields = {f.name for f in dataclasses.fields(Run)}
     runs = []
     for r in records:
@@ -311,7 +324,8 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
 
 def write_csvs(out: Path, runs: Sequence[Run]) -> list[Path]:
     """``steps.csv`` (one row per run and step: loss, and lr where recorded), ``finals.csv`` (one row per run: final
-    training loss, held-out metrics, seconds per update) and, where periodic evaluations exist, ``evals.csv``."""
+    training loss, beside it ``batches_loss`` where runs have the papers' measure, seconds per update, held-out
+    metrics) and, where periodic evaluations exist, ``evals.csv``."""
     written = []
     with open(out / "steps.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -323,12 +337,15 @@ def write_csvs(out: Path, runs: Sequence[Run]) -> list[Path]:
                 writer.writerow([r.task, r.optimizer, r.seed, t, repr(loss)] + [repr(x) if x != "" else x for x in lr])
     written.append(out / "steps.csv")
     columns = [f"{s}_{k}" for s in SPLITS for k in METRIC_KEYS if any(k in getattr(r, s) for r in runs)]
+    beside = [BATCHES_LOSS] if any("loss" in r.batches for r in runs) else []
     with open(out / "finals.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["task", "optimizer", "seed", "final_train_loss", "seconds_per_step", *columns])
+        writer.writerow(["task", "optimizer", "seed", "final_train_loss", *beside, "seconds_per_step", *columns])
         for r in runs:
+            measure = [metric(r, c) for c in beside]
             values = [metric(r, c) for c in columns]
-            writer.writerow([r.task, r.optimizer, r.seed, repr(metric(r, "train_loss")), repr(r.seconds_per_step),
+            writer.writerow([r.task, r.optimizer, r.seed, repr(metric(r, "train_loss")),
+                             *("" if math.isnan(v) else repr(v) for v in measure), repr(r.seconds_per_step),
                              *("" if math.isnan(v) else repr(v) for v in values)])
     written.append(out / "finals.csv")
     if any(r.curve for r in runs):

@@ -56,7 +56,9 @@ class Run:
     ``losses[t]`` is the training loss on step t's minibatch *before* update t (so ``losses[0]`` is the same for every
     optimizer); ``test`` / ``val`` hold the held-out metrics after the last step (``loss``, and ``top1`` / ``top2``
     for classification); ``curve`` the periodic held-out evaluations (``{"step": t, "test_top1": …}``); ``lrs`` the
-    learning rate each step used when recorded; ``hparams`` what the optimizer was built with.
+    learning rate each step used when recorded; ``hparams`` what the optimizer was built with; ``batches`` the
+    papers' measure where the suite asks for it (``{"loss": …}``, :func:`final_batches_loss`: the loss of the final
+    weights averaged over the run's training minibatches; empty otherwise, and in results written before it existed).
     """
 
     optimizer: str
@@ -70,6 +72,7 @@ class Run:
     lrs: list[float] | None = None
     hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
     batched: bool = False
+    batches: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def seeded_generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
@@ -145,13 +148,37 @@ def _held_out(task: Task, params: dict[str, Tensor], buffers: dict[str, Tensor],
         return {split: task.evaluate(params, split, buffers) for split in splits}
 
 
+def final_batches_loss(task: Task, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], seed: int,
+                       steps: int) -> float:
+    """The papers' "final loss" of one run: the training loss of the final weights ``params`` averaged over the
+    run's ``steps`` training minibatches, (1/T) Σ_t L(w_T; batch_t) — HyperAdam Table 1's measure in the authors'
+    code (``../shared/specs/hyperadam-official.md``, Evaluation), beside :attr:`Run.losses` [-1], one minibatch's
+    loss before the last update.
+
+    The minibatches are replayed from the seed's training-batch generator (:func:`seeded_generators`), which the run
+    drew only its training batches from, so they are the run's batches in order. Under ``no_grad``; the losses are
+    summed on the task's device and read once. The loss is the training loss, in the learner's training mode:
+    with BatchNorm each batch is normalized by its own statistics, as in training, and the running statistics that
+    replay advances are a copy's (``buffers`` and the held-out metrics taken with them are unchanged); with dropout
+    each replayed batch carries its seed, so the loss on batch t is taken under the same dropout mask as step t's
+    training loss (the measure is then the dropout-on training loss of w_T, not a deterministic one).
+    """
+    _, batch_gen = seeded_generators(seed, task.device)
+    scratch = {n: b.clone() for n, b in buffers.items()}
+    with torch.no_grad():
+        total = torch.zeros((), device=task.device)
+        for _ in range(steps):
+            total = total + task.loss(dict(params), task.sample_batch(batch_gen), scratch)
+    return float(total / steps) if steps else float("nan")
+
+
 def _curve_point(step: int, split: str, metrics: Mapping[str, float]) -> dict[str, float]:
     return {"step": step, **{f"{split}_{k}": v for k, v in metrics.items()}}
 
 
 def train(task: Task, optimizer: str, hparams: Mapping[str, Any], seed: int, steps: int, source: Any = None, *,
           splits: Sequence[str] = ("test",), eval_every: int = 0, record_lr: bool = False,
-          schedule: Sequence[float] | None = None) -> Run:
+          schedule: Sequence[float] | None = None, papers_measure: bool = False) -> Run:
     """Train ``task`` with ``optimizer`` for ``steps`` steps from seed ``seed``; returns the per-step losses.
 
     ``optimizer`` labels the run; ``source`` (default: the label) is what ``metaopt.make_optimizer`` builds — a
@@ -159,9 +186,11 @@ def train(task: Task, optimizer: str, hparams: Mapping[str, Any], seed: int, ste
     themselves (``requires_closure``: MARTHE, RTHO, HD-val, TLR-naive) get a closure returning the training loss, and
     one on a validation minibatch where their ``step`` takes ``val_closure``. ``splits`` are evaluated at the end (and
     the first of them every ``eval_every`` steps); ``schedule[t]`` overrides every group's learning rate at step t
-    (LRS-OPT); ``record_lr`` keeps the rate each step used. Seconds per step time the update only (loss, backward,
-    step), not batch sampling or evaluation. Held-out metrics are taken in the optimizer's evaluation mode
-    (:func:`metaopt.external.evaluation_mode`: Schedule-Free's x, DoG's average), training losses in its train mode.
+    (LRS-OPT); ``record_lr`` keeps the rate each step used; ``papers_measure`` adds :func:`final_batches_loss` as
+    ``Run.batches["loss"]``. Seconds per step time the update only (loss, backward, step), not batch sampling or
+    evaluation. Held-out metrics and the papers' measure are taken in the optimizer's evaluation mode
+    (:func:`metaopt.external.evaluation_mode`: Schedule-Free's x, DoG's average: the weights it returns), the
+    per-step training losses in its train mode.
     """
     init_gen, batch_gen = seeded_generators(seed, task.device)
     params = {n: p.requires_grad_() for n, p in task.init(init_gen).items()}
@@ -203,9 +232,11 @@ def train(task: Task, optimizer: str, hparams: Mapping[str, Any], seed: int, ste
                 point = _held_out(task, detached, buffers, splits[:1])[splits[0]]
             curve.append(_curve_point(t + 1, splits[0], point))
     with evaluation_mode(opt):  # Schedule-Free's average x, DoG's averaged iterate: held out in eval mode
-        metrics = _held_out(task, {n: p.detach() for n, p in params.items()}, buffers, splits)
+        final = {n: p.detach() for n, p in params.items()}
+        metrics = _held_out(task, final, buffers, splits)
+        batches = {"loss": final_batches_loss(task, final, buffers, seed, steps)} if papers_measure else {}
     return Run(optimizer, task.name, seed, losses, step_seconds / max(steps, 1), metrics.get("test", {}),
-               metrics.get("val", {}), curve, lrs, dict(hparams))
+               metrics.get("val", {}), curve, lrs, dict(hparams), batches=batches)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -228,11 +259,12 @@ def _where(keep: Tensor, new: Tensor, old: Tensor) -> Tensor:
 
 def train_batched(task: Task, optimizer: str, lopt: LearnedOptimizer, hparams: Mapping[str, Any],
                   seeds: Sequence[int], steps: int, *, splits: Sequence[str] = ("test",), eval_every: int = 0,
-                  record_lr: bool = False) -> list[Run]:
+                  record_lr: bool = False, papers_measure: bool = False) -> list[Run]:
     """:func:`train` for every seed at once: the same runs as the per-seed loop through the frozen ``torch.optim``
     face (same initial weights, batches, arithmetic; a seed whose gradient is not finite skips that step, as the face
     does), one ``vmap`` call of the loss gradient and of ``lopt.update`` per step. Needs :func:`can_batch`.
-    ``seconds_per_step`` is the batched step's wall time divided by the number of seeds."""
+    ``seconds_per_step`` is the batched step's wall time divided by the number of seeds; ``papers_measure`` is
+    :func:`final_batches_loss` of each seed's final weights, as :func:`train` computes it."""
     lr = hparams.get("lr")
     lopt = lopt.to(task.device)
     generators = [seeded_generators(seed, task.device) for seed in seeds]
@@ -269,9 +301,10 @@ def train_batched(task: Task, optimizer: str, lopt: LearnedOptimizer, hparams: M
     runs = []
     for i, (seed, p) in enumerate(zip(seeds, unstack(params, k))):
         metrics = _held_out(task, p, {}, splits)
+        batches = {"loss": final_batches_loss(task, p, {}, seed, steps)} if papers_measure else {}
         runs.append(Run(optimizer, task.name, seed, per_seed[i], step_seconds / max(steps, 1) / k,
                         metrics.get("test", {}), metrics.get("val", {}), curves[i],
-                        [rate] * steps if record_lr else None, dict(hparams), batched=True))
+                        [rate] * steps if record_lr else None, dict(hparams), batched=True, batches=batches))
     return runs
 
 
@@ -281,7 +314,7 @@ def train_batched(task: Task, optimizer: str, lopt: LearnedOptimizer, hparams: M
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """What every run of a grid shares."""
+    """What every run of a grid shares (``papers_measure``: :attr:`Suite.papers_measure`)."""
 
     steps: int
     splits: tuple[str, ...] = ("test",)
@@ -289,6 +322,7 @@ class RunConfig:
     record_lr: bool = False
     batched: bool = True
     progress: bool = True
+    papers_measure: bool = False
 
 
 class Stopped(Exception):
@@ -335,7 +369,8 @@ def run_grid(tasks: Mapping[str, tuple[TaskSpec, Task]], optimizers: Mapping[str
                 learned[label] = learned_instance(source, task.device)
             lopt = learned[label]
             hparams = task_hparams({**base, **(tuned or {}).get(task_label, {}).get(label, {})}, source, spec, task)
-            options = dict(splits=config.splits, eval_every=config.eval_every, record_lr=config.record_lr)
+            options = dict(splits=config.splits, eval_every=config.eval_every, record_lr=config.record_lr,
+                           papers_measure=config.papers_measure)
             if config.batched and can_batch(task, lopt, hparams):
                 group = train_batched(task, label, lopt, hparams, seeds, config.steps, **options)
             else:
@@ -379,7 +414,7 @@ def evaluate_suite(suite: Suite, optimizers: Mapping[str, Mapping[str, Any]], se
     overrides hyper-parameters per task; ``batched=False`` runs learned optimizers per seed too."""
     built = build_tasks(suite.task_specs if tasks is None else tasks, dataset, device, eval_size)
     config = RunConfig(steps or suite.steps, suite.splits, suite.eval_every if eval_every is None else eval_every,
-                       suite.record_lr, batched, progress)
+                       suite.record_lr, batched, progress, papers_measure=suite.papers_measure)
     return run_grid(built, optimizers, {label: suite.source_of(label) for label in optimizers} | dict(sources or {}),
                     seeds, config, tuned)
 

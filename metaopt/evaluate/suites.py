@@ -99,6 +99,9 @@ class Suite:
         quick_tasks, quick_optimizers: the labels ``--quick`` keeps (None: all).
         checkpoint_subdir: where the learned labels' checkpoints are, under the checkpoints root (``""``: the root
             itself, ``checkpoints/<label>``; the ablation's variants live in ``checkpoints/hyperadam-ablation/``).
+        papers_measure: also compute the papers' final loss, the loss of the final weights averaged over the run's
+            training minibatches (``batches_loss``, :func:`metaopt.evaluate.runner.final_batches_loss`), reported
+            beside the final training loss; ``compare`` and the verdicts are unchanged by it.
     """
 
     name: str
@@ -122,6 +125,7 @@ class Suite:
     quick_tasks: tuple[str, ...] | None = None
     quick_optimizers: tuple[str, ...] | None = None
     checkpoint_subdir: str = ""
+    papers_measure: bool = False
 
     def __post_init__(self) -> None:
         labels = [as_spec(t).label for t in self.tasks]
@@ -220,17 +224,18 @@ HYPERADAM_NOTE = ("Fashion-MNIST stands in for MNIST; --dataset switches. Final 
                   + TUNED_HYPERADAM_NOTE + " " + PARAMETER_FREE_NOTE)
 
 _HYPERADAM_SUITES = [
-    Suite("hyperadam-table1", ("mlp-sigmoid", "mlp-relu", "mlp-elu", "mlp-tanh"), 100, seeds=100,
+    Suite("hyperadam-table1", ("mlp-sigmoid", "mlp-relu", "mlp-elu", "mlp-tanh"), 100, seeds=100, papers_measure=True,
           description="HyperAdam Sec. 5.1, Table 1 / Fig. 5a: MLP 784-20-10 with sigmoid, ReLU, ELU and tanh units, "
                       "100 steps, batch 128. " + HYPERADAM_NOTE,
           **_hyperadam_lineup()),
     Suite("hyperadam-depth", tuple(TaskSpec(f"mlp-depth-{d}", "mlp-deep", {"depth": d}, x=d) for d in range(1, 11)),
-          100, seeds=100,
+          100, seeds=100, papers_measure=True,
           description="HyperAdam Sec. 5.1, Fig. 5b/5d: sigmoid MLPs with 1-10 hidden layers of 20 units, 100 steps. "
                       + HYPERADAM_NOTE,
           sweep=Sweep("hidden layers", "train_loss", over="tasks", log_x=False),
           quick_tasks=("mlp-depth-1", "mlp-depth-10"), **_hyperadam_lineup()),
     Suite("hyperadam-table2", ("lstm-sine", "lstm-sine-small-noise", "lstm-sine-2layer"), 100, seeds=100,
+          papers_measure=True,
           description="HyperAdam Sec. 5.1, Table 2 / Fig. 5c: LSTM (20 units) predicting f(10) of a noisy sine "
                       "from f(0..9): noise N(0, 0.1), small noise N(0, 0.01), two layers; 100 steps, squared error; "
                       "learning rates of the classic optimizers tuned on separate seeds. " + TUNED_HYPERADAM_NOTE

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from metaopt.evaluate.experiment import run_suite
-from metaopt.evaluate.report import mean_se, metric
+from metaopt.evaluate.report import BATCHES_HEADER, BATCHES_LOSS, mean_se, metric
 from metaopt.evaluate.results import ALPHA, paired
 from metaopt.evaluate.suites import SUITES
 from metaopt.learned.base import checkpoint_root, from_pretrained
@@ -239,18 +239,30 @@ def _span(seeds: Sequence[int]) -> str:
     return str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
 
 
+def _loss_cell(values: Sequence[float]) -> str:
+    mean, se, n = mean_se(values)
+    return f"{mean:.4f} ± {se:.4f}" + (f" ({len(values) - n} diverged)" if n < len(values) else "")
+
+
 def main_job_report(result: Any, checkpoint: Path, shipped: Path, out: Path) -> str:
-    """The main job's printed report (see :func:`evaluate_export`)."""
+    """The main job's printed report (see :func:`evaluate_export`). Where the runs have the papers' measure (the
+    loss of the final weights averaged over the run's batches, which the suite computes), it stands beside the final
+    training loss; the p-values and verdicts stay on the final training loss."""
     learned = {MAIN_JOB_THIS: _learned_rate(checkpoint), MAIN_JOB_SHIPPED: _learned_rate(shipped)}
     tests = {(row["task"], row["optimizer"]): row for row in result.significance}
     finals: dict[tuple[str, str], list[float]] = {}
+    measure: dict[tuple[str, str], list[float]] = {}
     for run in result.runs:
         finals.setdefault((run.task, run.optimizer), []).append(metric(run, "train_loss"))
+        if "loss" in run.batches:
+            measure.setdefault((run.task, run.optimizer), []).append(metric(run, BATCHES_LOSS))
     seeds, steps = result.meta["seeds"], result.meta["steps"]
+    beside = f" | {BATCHES_HEADER}" if measure else ""
     lines = [f"## Main job: final training loss after {steps} steps, mean ± s.e. over {len(seeds)} seeds "
              f"({_span(seeds)}); p: two-sided Wilcoxon signed-rank test against {MAIN_JOB_THIS}, paired by "
              "seed (identical initial weights and minibatches)", "",
-             "| task | optimizer | learning rate | final train loss | p vs this run |", "|---|---|---|---|---|"]
+             f"| task | optimizer | learning rate | final train loss{beside} | p vs this run |",
+             "|---|---|---|---|" + "---|" * bool(measure) + "---|"]
     verdicts = []
     tasks = list(dict.fromkeys(task for task, _ in finals))
     for task in tasks:
@@ -258,8 +270,9 @@ def main_job_report(result: Any, checkpoint: Path, shipped: Path, out: Path) -> 
             values = finals.get((task, label))
             if values is None:
                 continue
-            mean, se, n = mean_se(values)
-            loss = f"{mean:.4f} ± {se:.4f}" + (f" ({len(values) - n} diverged)" if n < len(values) else "")
+            loss = _loss_cell(values)
+            if measure:
+                loss += " | " + (_loss_cell(measure[(task, label)]) if (task, label) in measure else "–")
             row = tests.get((task, label))
             p = "reference" if label == MAIN_JOB_THIS else ("–" if row is None else f"{row['p']:.2g}")
             lines.append(f"| {task} | {label} | {_rate_cell(result, task, label, learned)} | {loss} | {p} |")
