@@ -608,3 +608,11 @@ def test_ablation_variants_get_one_budget_each_as_campaigns_and_are_exported_wit
     with pytest.raises(ValueError, match="unknown ablation variant"):
         ablation.run(4, root=root, labels=["hyperadam-J2"])
     assert set(ablation.VARIANTS) == set(ABLATION_CHECKPOINTS)  # one variant per label the suite evaluates
+
+
+@pytest.mark.parametrize("name", ["hyperadam-paper", "hyperadam-cpu", "hyperadam-general", "dm-paper", "rnnprop-paper"])
+def test_the_campaign_presets_validate_on_at_least_16_instances(name):
+    """Issue 12: validation on >= 16 held-out instances (four gave a score too noisy to select theta by)."""
+    from metaopt.meta.config import preset
+
+    assert preset(name).val_tasks >= 16
