@@ -7,7 +7,8 @@ Public API (a contract, see DESIGN.md):
     metaopt.from_pretrained(name_or_dir)             # a learned optimizer, frozen
 """
 
-from metaopt import baselines, external, hypergrad, learned  # noqa: F401  (importing registers the optimizers)
+# importing registers the optimizers, and (metaopt.checkpoint) make_optimizer of a checkpoint directory or instance
+from metaopt import baselines, checkpoint, external, hypergrad, learned  # noqa: F401
 from metaopt.core import CoreOptimizer, FunctionalOptimizer
 from metaopt.learned import from_pretrained
 from metaopt.registry import make_optimizer, register_optimizer, registered_names

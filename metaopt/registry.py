@@ -122,8 +122,8 @@ class OptimizerRecord:
 
 _RECORDS: dict[str, OptimizerRecord] = {}
 # What make_optimizer asks when ``name`` is not a registered name: ``source(name, params, hparams)`` builds an
-# optimizer from another kind of name (a checkpoint directory, a learned-optimizer instance: metaopt.learned registers
-# that one) or returns None. The registry stays a leaf: implementations register into it.
+# optimizer from another kind of name (a checkpoint directory, a learned-optimizer instance: metaopt.checkpoint
+# registers that one) or returns None. The registry stays a leaf: implementations register into it.
 OptimizerSource = Callable[[Any, Iterable[Any], Mapping[str, Any]], "torch.optim.Optimizer | None"]
 _SOURCES: list[OptimizerSource] = []
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import metaopt
-from metaopt.checkpoint import GOLDEN_FILE, golden_loss, write_golden
+from metaopt.cards import golden_loss, write_golden
+from metaopt.checkpoint import GOLDEN_FILE
 from metaopt.learned import HyperAdam
 from metaopt.learned.base import CHECKPOINT_ROOT, LEARNED_NAMES
 
@@ -59,7 +60,7 @@ TINY_RUN = ["--preset", "hyperadam-paper", "--optimizer-kwargs", '{"num_candidat
 
 
 def test_model_card_is_generated_from_the_run_directory(tmp_path, capsys):
-    from metaopt import checkpoint, evaluate
+    from metaopt import cards, evaluate
     from metaopt.meta import cli
 
     run, ckpt, eval_dir = tmp_path / "run", tmp_path / "ckpt", tmp_path / "eval"
@@ -71,10 +72,10 @@ def test_model_card_is_generated_from_the_run_directory(tmp_path, capsys):
     notes = tmp_path / "notes.md"
     notes.write_text("Why this recipe: a test.\n")
     command = "python train_meta.py " + " ".join(shlex.quote(a) for a in argv)
-    assert checkpoint.main([str(ckpt), "--card", "--run-dir", str(run), "--command", command, "--device-note",
-                            "a test CPU", "--eval-dir", str(eval_dir), "--notes-file", str(notes)]) == 0
+    assert cards.main([str(ckpt), "--card", "--run-dir", str(run), "--command", command, "--device-note",
+                       "a test CPU", "--eval-dir", str(eval_dir), "--notes-file", str(notes)]) == 0
 
-    from metaopt.checkpoint import split_front_matter
+    from metaopt.cards import split_front_matter
 
     header, card = split_front_matter((ckpt / "README.md").read_text())
     assert header.startswith("---\nlibrary_name: metaopt\n")
@@ -103,10 +104,10 @@ def test_model_card_is_generated_from_the_run_directory(tmp_path, capsys):
     assert (ckpt / "train-summary.json").read_bytes() == (run / "summary.json").read_bytes()
 
     (ckpt / GOLDEN_FILE).unlink()
-    assert checkpoint.main([str(ckpt)]) == 0  # a plain DIR: golden.json only, as before
+    assert cards.main([str(ckpt)]) == 0  # a plain DIR: golden.json only, as before
     assert json.loads((ckpt / GOLDEN_FILE).read_text()) == golden
     with pytest.raises(SystemExit):
-        checkpoint.main([str(ckpt), "--card", "--command", command])
+        cards.main([str(ckpt), "--card", "--command", command])
     assert "--card needs --run-dir" in capsys.readouterr().err
 
 
@@ -127,8 +128,8 @@ CAMPAIGN_RUN = ["--preset", "hyperadam-paper", "--optimizer-kwargs", '{"num_cand
 
 
 def test_campaign_card_reports_the_pieces_the_weights_and_their_evaluation(tmp_path, monkeypatch):
-    from metaopt import checkpoint, evaluate
-    from metaopt.checkpoint import split_front_matter
+    from metaopt import cards, evaluate
+    from metaopt.cards import split_front_matter
     from metaopt.meta import campaign
     from metaopt.meta.cli import main
 
@@ -142,8 +143,8 @@ def test_campaign_card_reports_the_pieces_the_weights_and_their_evaluation(tmp_p
     evaluate.run_suite("hyperadam-table1", optimizers=["hyperadam", "adam"], tasks=["quadratic"], seeds=3, steps=3,
                        sources={"hyperadam": str(ckpt)}, tune=False, out=eval_dir, progress=False)
     command = "python -m metaopt.checkpoint ckpt --card --campaign campaign"
-    assert checkpoint.main([str(ckpt), "--card", "--campaign", str(camp), "--command", command, "--eval-dir",
-                            str(eval_dir)]) == 0
+    assert cards.main([str(ckpt), "--card", "--campaign", str(camp), "--command", command, "--eval-dir",
+                       str(eval_dir)]) == 0
 
     header, card = split_front_matter((ckpt / "README.md").read_text())
     assert f"value: {round(scores[best], 6)}" in header and f"meta_steps: {best}" in header
@@ -163,16 +164,16 @@ def test_campaign_card_reports_the_pieces_the_weights_and_their_evaluation(tmp_p
 
     other = next(k for k in scores if k != best)
     with pytest.raises(ValueError, match="meta-step 5 was not validated"):
-        checkpoint.main([str(ckpt), "--card", "--campaign", str(camp), "--command", command, "--meta-step", "5"])
-    assert checkpoint.main([str(ckpt), "--card", "--campaign", str(camp), "--command", command, "--meta-step",
-                            str(other)]) == 0  # a stated step: trusted, and the card says that step
+        cards.main([str(ckpt), "--card", "--campaign", str(camp), "--command", command, "--meta-step", "5"])
+    assert cards.main([str(ckpt), "--card", "--campaign", str(camp), "--command", command, "--meta-step",
+                       str(other)]) == 0  # a stated step: trusted, and the card says that step
     assert f"θ at meta-step {other:,} of the campaign" in (ckpt / "README.md").read_text()
     HyperAdam(num_candidates=2).save_pretrained(ckpt)  # no longer the campaign's best
     with pytest.raises(ValueError, match="not the campaign's best/.*--meta-step"):
-        checkpoint.main([str(ckpt), "--card", "--campaign", str(camp), "--command", command])
+        cards.main([str(ckpt), "--card", "--campaign", str(camp), "--command", command])
     with pytest.raises(ValueError, match="did not evaluate the weights now in"):
-        checkpoint.main([str(ckpt), "--card", "--campaign", str(camp), "--command", command, "--meta-step",
-                         str(best), "--eval-dir", str(eval_dir)])
+        cards.main([str(ckpt), "--card", "--campaign", str(camp), "--command", command, "--meta-step",
+                    str(best), "--eval-dir", str(eval_dir)])
 
 
 def test_a_pretrained_name_loads_its_own_weights_and_is_not_meta_trained():
@@ -202,7 +203,7 @@ def test_shipped_cards_carry_current_machine_readable_front_matter(name, tmp_pat
 
     import yaml
 
-    from metaopt.checkpoint import refresh_front_matter, split_front_matter
+    from metaopt.cards import refresh_front_matter, split_front_matter
 
     directory = CHECKPOINT_ROOT / name
     header, body = split_front_matter((directory / "README.md").read_text())

@@ -327,14 +327,14 @@ def test_config_validation_names_the_field():
 def test_log_mean_validation_is_the_mean_log_of_the_same_final_losses(tmp_path, monkeypatch):
     """val_score="log-mean" scores the same validation runs by the mean of their logs (the general family mixes loss
     scales); a diverged instance still scores +inf."""
-    import metaopt.evaluate
+    import metaopt.meta.inner
 
     finals = iter([0.5, 2.0, 0.5, 2.0, 0.5, float("nan")])
 
     def fake_train(*args, **kwargs):
-        return metaopt.evaluate.runner.Run("validation", "t", 0, [9.0, next(finals)], 0.0, {})
+        return metaopt.meta.inner.Run("validation", "t", 0, [9.0, next(finals)], 0.0, {})
 
-    monkeypatch.setattr(metaopt.evaluate, "train", fake_train)
+    monkeypatch.setattr(metaopt.meta.inner, "train", fake_train)
     plain = MetaTrainer(tiny_config(), tmp_path / "plain").validate()
     logged = MetaTrainer(tiny_config(val_score="log-mean"), tmp_path / "log").validate()
     assert plain == pytest.approx(1.25) and logged == pytest.approx((math.log(0.5) + math.log(2.0)) / 2)

@@ -4,8 +4,10 @@ weights and identical minibatches per seed, with tables, significance tests, fil
 This package owns
 
 * :mod:`~metaopt.evaluate.suites` — the suites (:data:`SUITES`, one per paper experiment, each citing its section);
-* :mod:`~metaopt.evaluate.runner` — :func:`train` (one seed), :func:`train_batched` (all seeds of a learned optimizer
-  in one vmapped loop), :func:`evaluate_suite`, learning-rate tuning on separate seeds and LRS-OPT;
+* :mod:`~metaopt.evaluate.runner` — :func:`evaluate_suite` (a grid of tasks × optimizers × seeds), learning-rate
+  tuning on separate seeds and LRS-OPT; the runs are the inner-loop engine's, :mod:`metaopt.meta.inner`
+  (:func:`train`: one seed, :func:`train_batched`: all seeds of a learned optimizer in one vmapped loop), re-exported
+  here;
 * :mod:`~metaopt.evaluate.report` — mean ± s.e., the Wilcoxon test, :func:`markdown_table`, JSON / CSV and PNGs;
 * :mod:`~metaopt.evaluate.experiment` — :func:`run_suite`, one suite end to end;
 * :mod:`~metaopt.evaluate.results` — the README's Results section rendered from the committed results

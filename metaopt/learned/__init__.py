@@ -1,12 +1,8 @@
-"""Learned optimizers: HyperAdam, DMoptimizer, RNNprop and the learnable CAM-HD γ / MARTHE μ rules."""
-
-import os
-from collections.abc import Iterable, Mapping
-from pathlib import Path
-from typing import Any
+"""Learned optimizers: HyperAdam, DMoptimizer, RNNprop and the learnable CAM-HD γ / MARTHE μ rules, each registered
+under its name (its pretrained weights, ``checkpoints/<name>``); ``make_optimizer`` of a checkpoint directory or of an
+instance is :mod:`metaopt.checkpoint`'s."""
 
 import torch
-
 
 from metaopt.learned.base import (LEARNED_CLASSES, LEARNED_NAMES, CheckpointError, CoordinatewiseOptimizer,
                                   FrozenLearnedOptimizer, LearnedOptimizer, from_pretrained, register_learned,
@@ -15,7 +11,7 @@ from metaopt.learned.dm import DMOptimizer
 from metaopt.learned.hyperadam import HyperAdam
 from metaopt.learned.rnnprop import RNNprop
 from metaopt.learned.rules import FrozenGroupStateOptimizer, FrozenLearnedMarthe, LearnedGammaCAMHD, LearnedMuMARTHE
-from metaopt.registry import accepted_hyperparameters, check_hyperparameters, register_optimizer, register_source
+from metaopt.registry import register_optimizer
 
 
 def _pretrained_factory(name: str):
@@ -40,19 +36,6 @@ FROZEN_FACES: dict[type[LearnedOptimizer], type[torch.optim.Optimizer]] = {
 for _name, _class in LEARNED_NAMES.items():
     register_optimizer(_name, kind="learned", builds=FROZEN_FACES[_class], test_hparams={})(_pretrained_factory(_name))
 
-
-@register_source
-def _learned_source(name: Any, params: Iterable[Any], hparams: Mapping[str, Any]) -> torch.optim.Optimizer | None:
-    """``make_optimizer`` of a ``LearnedOptimizer`` instance (frozen) or of a checkpoint directory (a path, or a
-    string naming an existing path that is not a registered name); None for anything else."""
-    if isinstance(name, LearnedOptimizer):
-        label, lopt = type(name).__name__, name
-    elif isinstance(name, os.PathLike) or (isinstance(name, str) and Path(name).exists()):
-        label, lopt = str(name), None
-    else:
-        return None
-    hparams = check_hyperparameters(label, accepted_hyperparameters(LearnedOptimizer.frozen), hparams)
-    return (lopt if lopt is not None else from_pretrained(name)).frozen(params, **hparams)
 
 __all__ = ["LEARNED_CLASSES", "LEARNED_NAMES", "CheckpointError", "CoordinatewiseOptimizer", "FrozenLearnedOptimizer",
            "LearnedOptimizer", "from_pretrained", "register_learned", "register_pretrained", "DMOptimizer",

@@ -39,7 +39,7 @@ Params = dict[str, Tensor]
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "model.safetensors", "README.md"
-GOLDEN_FILE = "golden.json"  # the final loss of a committed checkpoint's golden run (metaopt.checkpoint)
+GOLDEN_FILE = "golden.json"  # the final loss of a committed checkpoint's golden run (metaopt.cards)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Committed pretrained weights: <repo>/checkpoints/<name>/ (override with $METAOPT_CHECKPOINTS)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import metaopt.meta.campaign as campaigns
 import metaopt.meta.cli as cli
-from metaopt.checkpoint import write_campaign_card, write_golden
+from metaopt.cards import write_campaign_card, write_golden
 from metaopt.learned.base import CHECKPOINT_ROOT, CONFIG_FILE, WEIGHTS_FILE
 
 ROOT = CHECKPOINT_ROOT / "hyperadam-ablation"

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 import meta_tasks
-import metaopt.evaluate as evaluate
+import metaopt.meta.inner as inner
 from meta_tasks.base import Task, TaskFamily, TransformedFamily
 from meta_tasks.tricks import hyperadam_tricks
 from metaopt.environment import time_left
@@ -188,8 +188,8 @@ class MetaTrainer:
         for i in range(self.config.val_tasks):
             seed = instance_seed(self.config.seed + 1_000_000_007, i, 0) % 2**31  # small: train() scales it
             task: Task = self.val_family.sample(torch.Generator().manual_seed(seed))
-            run = evaluate.train(task, "validation", {"lr": self.config.lr}, seed, self.config.horizon, source=frozen,
-                                 splits=())
+            run = inner.train(task, "validation", {"lr": self.config.lr}, seed, self.config.horizon, source=frozen,
+                              splits=())
             finals.append(run.losses[-1])
         if self.config.val_score == "log-mean":
             # a NaN (diverged) instance scores +inf like a diverged one in the mean; a loss of exactly 0 cannot be beaten
