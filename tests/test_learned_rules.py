@@ -129,13 +129,15 @@ def test_cam_hd_learned_gamma_equals_cam_hd_with_fixed_gamma_step_for_step(base)
     opt = lopt.frozen(ours.named_parameters(), lr=0.01)
     ref_opt = metaopt.make_optimizer(HAND_DESIGNED_CAM_HD[base], ref.named_parameters(), lr=0.01, hypergrad_lr=beta,
                                      gamma_lr=0.0)
+    # Adam's rates stay within a factor 2 of α_0 here, where the state's α − α_0 round trip is exact: bit for bit
+    tol = dict(rtol=0.0, atol=0.0) if base == "adam" else dict(rtol=1e-13, atol=1e-16)
     for batch in batches(12, seed=3):
         for model, o in ((ours, opt), (ref, ref_opt)):
             o.zero_grad()
             mse(model, batch).backward()
             o.step()
         for p, q in zip(ours.parameters(), ref.parameters()):
-            torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-16)
+            torch.testing.assert_close(p, q, **tol)
     group, ref_group = opt.param_groups[0], ref_opt.param_groups[0]
     assert group["gamma"] == ref_group["gamma"] == [0.3, 0.3, 0.4]
     assert group["step"] == 12

@@ -486,6 +486,14 @@ CamHDState = CamHDSGDState | CamHDAdamState
 _ALPHA_FIELDS = {"parameter": "alpha_param", "unit": "alpha_unit", "layer": "alpha_layer", "global": "alpha_global"}
 
 
+class CamHDHypergradients(NamedTuple):
+    """Steps 1–2 of step t (:meth:`CamHDRule.hypergradients`): what the level hypergradients are made of, and them."""
+    live: list[str]                     # the names with a gradient, in layout order
+    effective: dict[str, Tensor]        # g_t with weight decay
+    prev_directions: dict[str, Tensor]  # d_{t−1} per live name ({} where d_{t−1} = 0: the first step)
+    h: dict[str, Any]                   # h^{(k)} per level, scaled by τ_{t−1} (:func:`level_hypergradients`)
+
+
 class CamHDRates(NamedTuple):
     """What :meth:`CamHDRule.rates` computes for step t: every level's new rates, γ, ``∂L/∂γ`` and the rate κ_t to
     apply, before the base optimizer moves (shared by the rule's functional step and the face's in-place one)."""
@@ -528,9 +536,11 @@ class CamHDRule(FunctionalOptimizer):
     that step: ``gamma`` (a (K,) tensor, e.g. a small network's output, may require grad) replaces the state's γ as
     ``γ_{t−1}`` in steps 3–4, the built-in δ rule of step 5 is *not* applied (the caller's network is the γ rule), and
     the returned state holds that γ. ``state.gamma_grad`` (``∂L/∂γ`` of the step) is returned either way and is a
-    natural input feature for such a network. Everything from γ to the new parameters is differentiable, so a
-    meta-loss backpropagates into the network; a tensor γ placed in the state (``state._replace(gamma=…)``) is
-    differentiated through the δ updates as well (softmax mode needs γ > 0 for that: ``log 0`` has no derivative).
+    natural input feature for such a network, as are steps 1–2's hypergradients: :meth:`hypergradients` computes
+    them and ``step(..., gamma=γ_t, hypergradients=…)`` reuses them. Everything from γ to the new parameters is
+    differentiable, so a meta-loss backpropagates into the network; a tensor γ placed in the state
+    (``state._replace(gamma=…)``) is differentiated through the δ updates as well (softmax mode needs γ > 0 for that:
+    ``log 0`` has no derivative).
 
     Args:
         base: ``"sgd"`` (plain or momentum, per ``momentum``/``nesterov``) or ``"adam"``.
@@ -637,14 +647,16 @@ class CamHDRule(FunctionalOptimizer):
             return h
         return h / layout.group_sizes(level, device)  # "if we average h, no adjustment is needed" (A-C4)
 
-    def step(self, params: Params, grads: Params, state: CamHDState,
-             gamma: Tensor | None = None) -> tuple[Params, CamHDState]:
+    def step(self, params: Params, grads: Params, state: CamHDState, gamma: Tensor | None = None, *,
+             hypergradients: CamHDHypergradients | None = None) -> tuple[Params, CamHDState]:
         """One CAM-HD step (class docstring). ``gamma``: optional (K,) tensor overriding the state's γ as
-        ``γ_{t−1}`` for this step (the learned-γ hook; the δ update is then skipped)."""
+        ``γ_{t−1}`` for this step (the learned-γ hook; the δ update is then skipped). ``hypergradients``: steps 1–2
+        already computed by :meth:`hypergradients` on these same arguments (a caller whose γ depends on them, as the
+        learned γ's features do, computes them once)."""
         if not grads:
             self._check_params(params)
             return dict(params), state
-        rates = self.rates(params, grads, state, gamma)
+        rates = self.rates(params, grads, state, gamma, hypergradients=hypergradients)
         t, live, effective, kappa = rates.step, rates.live, rates.effective, rates.kappa
         new_params = dict(params)
         common = rates.state_fields(state)
@@ -685,25 +697,34 @@ class CamHDRule(FunctionalOptimizer):
         below = (rates < 0).any()
         return (rates.clamp(min=0.0) if self.clip_lr_at_zero else rates), (h * old).sum(), below
 
-    def rates(self, params: Params, grads: Params, state: CamHDState, gamma: Tensor | None = None) -> CamHDRates:
+    def hypergradients(self, params: Params, grads: Params, state: CamHDState) -> CamHDHypergradients:
+        """Steps 1–2 of a step (class docstring): the effective gradients of the names in ``grads`` and every level's
+        hypergradient from ``d_{t−1}`` (h ≡ 0 at t = 1). Differentiable; ``grads`` must not be empty."""
+        layout = self._check_params(params)
+        t = state.step + 1
+        live = [n for n in layout.names if n in grads]
+        effective = {n: with_weight_decay(grads[n], params[n], self.weight_decay) for n in live}
+        prev = self.previous_directions(state, live) if t > 1 else {}
+        h = level_hypergradients(layout, self.levels, effective, prev, decay_factor(self.decay, t - 1))
+        return CamHDHypergradients(live, effective, prev, h)
+
+    def rates(self, params: Params, grads: Params, state: CamHDState, gamma: Tensor | None = None, *,
+              hypergradients: CamHDHypergradients | None = None) -> CamHDRates:
         """Steps 1–5 and 7 of a step (class docstring): everything but the base optimizer's direction and the update,
         which :meth:`step` applies out of place and the face in place (``fast=True``) from this same result. ``grads``
-        must not be empty."""
+        must not be empty; ``hypergradients``: steps 1–2 from :meth:`hypergradients` on these arguments (default:
+        computed here)."""
         layout = self._check_params(params)
         device = next(iter(grads.values())).device
         t = state.step + 1
-        live = [n for n in layout.names if n in grads]
         if gamma is not None:
             check_gamma(gamma, self.levels)
             gamma_prev = gamma.to(HYPER_DTYPE)
         else:
             gamma_prev = state.gamma
-
-        # Steps 1–2: effective gradients, and every level's hypergradient from d_{t−1} (h ≡ 0 at t = 1).
-        effective = {n: with_weight_decay(grads[n], params[n], self.weight_decay) for n in live}
-        prev = self.previous_directions(state, live) if t > 1 else {}
-        tau_prev = decay_factor(self.decay, t - 1)
-        h = level_hypergradients(layout, self.levels, effective, prev, tau_prev)
+        if hypergradients is None:
+            hypergradients = self.hypergradients(params, grads, state)
+        live, effective, _, h = hypergradients
 
         # Step 3: level rates with γ_{t−1}; step 5's ∂L/∂γ uses the rates before this update.
         old = level_rates(state, self.levels)
@@ -1196,6 +1217,6 @@ register_optimizer("cam-hd-adam", kind="hypergradient", test_hparams=dict(lr=0.0
                    )(CamHDAdam)
 
 __all__ = ["BETA_REDUCTIONS", "DEFAULT_GAMMA", "DEFAULT_LEVELS", "GAMMA_MODES", "LEVELS", "CamHD", "CamHDAdam",
-           "CamHDAdamState", "CamHDRule", "CamHDSGD", "CamHDSGDN", "CamHDSGDState", "ParamLayout", "combine_levels",
-           "decay_factor", "default_gamma", "level_hypergradients", "level_rates", "module_prefix", "parse_levels",
-           "update_gamma"]
+           "CamHDAdamState", "CamHDHypergradients", "CamHDRule", "CamHDSGD", "CamHDSGDN", "CamHDSGDState",
+           "ParamLayout", "combine_levels", "decay_factor", "default_gamma", "level_hypergradients", "level_rates",
+           "module_prefix", "parse_levels", "update_gamma"]

@@ -18,12 +18,19 @@ are subtracted, so its output is exactly 0 for every input at init while every w
 (with a zero last layer, as in a plain residual init, the hidden layer would get no meta-gradient until the last layer
 has moved). γ = softmax(log γ₀ + z) = γ₀ at z = 0, μ = clip(h_μ + z, 0, 1) = h_μ at z = 0.
 
-**State layout.** A learned optimizer's state is a NamedTuple of dicts keyed by parameter name (the meta-trainer
-detaches, saves and stacks it field by field). The rules' group-level quantities (γ, the unit / layer / global rates,
-η, β, μ, c, the step count) are therefore *replicated* under every name (the same tensor object), listed in
-``group_fields``; the frozen CAM-HD face stores them once per param group (:class:`FrozenGroupStateOptimizer`).
-Learning rates are stored as their change since the initial rate (``α_t − α_0``, ``η_t − η_0``), so the ``lr``
-passed to :meth:`update` (the checkpoint's by default, the face's ``lr``) is the initial rate whatever state exists.
+**State layout.** A learned optimizer's state is a NamedTuple of dicts keyed by parameter name. The unroll and the
+truncation boundary take any pytree, but the meta-trainer's training-state file stores it as ``{field: dict(value)}``
+and restores it with ``type(state)(**fields)`` (``MetaTrainer.state_dict`` / ``load_state``), so this layout is that
+file's format: the rules cannot carry CamHDRule's / MartheRule's own states (Python ints, ``None`` for unused levels,
+bare tensors) as they are, and translate at each call (``_to_rule_state`` / ``_from_rule_state``). The rules'
+group-level quantities (γ, the unit / layer / global rates, η, β, μ, c, the step count) are therefore *replicated*
+under every name (the same tensor object), listed in ``group_fields``; the frozen CAM-HD face stores them once per
+param group (:class:`FrozenGroupStateOptimizer`). Learning rates are stored as their change since the initial rate
+(``α_t − α_0``, ``η_t − η_0``), so the ``lr`` passed to :meth:`update` (the checkpoint's by default, the face's ``lr``)
+is the initial rate whatever state exists. For float64 rates the round trip ``α_0 + (α_t − α_0)`` gives back α_t
+exactly while α_t stays within a factor 2 of α_0 (the subtraction is then exact, Sterbenz's lemma); beyond, it may
+round in the last bit, which is why "equal to the hand-designed rule at θ init" holds bit for bit only that far (and
+to rounding after).
 
 **Unroll protocol** (read by :func:`metaopt.meta.unroll.unroll`; see its module docstring):
 
@@ -45,8 +52,8 @@ from torch import Tensor, nn
 
 from metaopt.baselines import with_weight_decay
 from metaopt.core import FunctionalOptimizer, check_betas, check_range
-from metaopt.hypergrad.cam_hd import (DEFAULT_LEVELS, CamHDAdamState, CamHDRule, CamHDSGDState, ParamLayout,
-                                      check_gamma, default_gamma, level_hypergradients, level_rates, parse_levels)
+from metaopt.hypergrad.cam_hd import (DEFAULT_LEVELS, CamHDAdamState, CamHDHypergradients, CamHDRule, CamHDSGDState,
+                                      ParamLayout, check_gamma, default_gamma, level_rates, parse_levels)
 from metaopt.hypergrad.marthe import (DEFAULT_LR, DEFAULT_MOMENTUM, Marthe, MartheAdamState, MartheDiagnostics,
                                       MartheMomentumState, MartheRule, MartheSGDState)
 from metaopt.learned.base import FrozenLearnedOptimizer, LearnedOptimizer, Params, register_learned
@@ -233,7 +240,8 @@ class LearnedGammaCAMHD(LearnedOptimizer):
     Memory per parameter element: the parameter-level change α_p − α_0 (+n when that level is used), plus d_{t−1}
     (+n) for SGD, v and d_{t−1} (+2n) for SGDN, m and v (+2n) for Adam; the unit / layer / global changes, γ and ∂L/∂γ
     are O(units + layers + K) per group. θ: 2·((4K + 5)·hidden + hidden + hidden·K + K) floats (1,350 at K = 3,
-    hidden = 32). Work: CamHDRule's step plus one more O(n) pass for the features; no extra forward / backward pass.
+    hidden = 32). Work: CamHDRule's step plus one more O(n) pass for the features (the level hypergradients are the
+    step's own, from :meth:`CamHDRule.hypergradients`); no extra forward / backward pass.
     """
 
     group_fields: ClassVar[tuple[str, ...]] = ("step", "gamma", "gamma_grad", "alpha_unit_change",
@@ -374,13 +382,12 @@ class LearnedGammaCAMHD(LearnedOptimizer):
 
     # -- the γ network ------------------------------------------------------------------------------------------------
 
-    def features(self, grads: Params, params: Params, state: Any, rule_state: Any, rule: CamHDRule,
-                 layout: ParamLayout, lr: float | Tensor) -> Tensor:
-        """The (4K + 5,) float64 feature vector x_t (class docstring); differentiable, vmap-friendly."""
-        names = list(params)
-        effective = {n: with_weight_decay(grads[n], params[n], self.weight_decay) for n in names}
-        prev = rule.previous_directions(rule_state, names)  # {} on Adam's first step: d_0 = 0
-        h = level_hypergradients(layout, self.levels, effective, prev)
+    def features(self, hypergradients: CamHDHypergradients, state: Any, layout: ParamLayout,
+                 lr: float | Tensor) -> Tensor:
+        """The (4K + 5,) float64 feature vector x_t (class docstring) from steps 1–2 of the step
+        (:meth:`CamHDRule.hypergradients`, which the step then reuses); differentiable, vmap-friendly."""
+        names = layout.names  # every parameter has a gradient (update checks), so live == names
+        effective, prev, h = hypergradients.effective, hypergradients.prev_directions, hypergradients.h
         like = _first(state.gamma)
         zero = torch.zeros((), dtype=F64, device=like.device)
         l1 = dot = g2 = d2 = zero
@@ -456,8 +463,9 @@ class LearnedGammaCAMHD(LearnedOptimizer):
                                  "(on the frozen face: every parameter of a group needs a gradient at every step)")
         rule = self.rule(lr, layout)
         rule_state = self._to_rule_state(state, lr, self._rule_step(state, step), names)
-        gamma = self.gamma_weights(self.features(grads, params, state, rule_state, rule, layout, lr))
-        new_params, new_state = rule.step(params, grads, rule_state, gamma=gamma)
+        hypergradients = rule.hypergradients(params, grads, rule_state)  # once: the features and the step share them
+        gamma = self.gamma_weights(self.features(hypergradients, state, layout, lr))
+        new_params, new_state = rule.step(params, grads, rule_state, gamma=gamma, hypergradients=hypergradients)
         t = _first(state.step)
         out = self._from_rule_state(new_state, lr, t + 1, names, t.device)
         return {n: new_params[n] - params[n] for n in names}, out
