@@ -11,6 +11,7 @@ Evolution Strategies") is another subclass of :class:`MetaGradientEstimator`, wi
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -36,17 +37,17 @@ class Estimate(NamedTuple):
     opt_states: list[Any]       # per slot, the learned optimizer's state (a NamedTuple of dicts) at the same point
 
 
-class MetaGradientEstimator:
+class MetaGradientEstimator(abc.ABC):
     """The interface between the trainer and a way of estimating ∇θ of the meta-loss.
 
     Subclasses implement :meth:`estimate`. An estimator does not modify the slots (the trainer stores the returned
     state in them, counts their steps and resets diverged or finished instances) and does not step θ.
     """
 
+    @abc.abstractmethod
     def estimate(self, lopt: LearnedOptimizer, slots: list[Slot], config: MetaConfig) -> Estimate:
         """Advance every slot by ``config.truncation`` inner steps of ``lopt`` and add the meta-gradient of the mean
         meta-loss over the slots to the ``.grad`` of ``lopt.parameters()`` (the caller zeroes them first)."""
-        raise NotImplementedError
 
 
 class TruncatedBPTT(MetaGradientEstimator):
