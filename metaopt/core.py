@@ -81,11 +81,6 @@ def check_betas(betas: tuple[float, float]) -> None:
             raise ValueError(f"Invalid beta parameter at index {i}: {b} (expected a value in [0, 1))")
 
 
-def _to_group_value(value: Any) -> Any:
-    """Group-level state as plain Python values (floats, ints, lists), so param_groups stay readable."""
-    return to_group_values([value])[0]
-
-
 def _tensors_in(value: Any) -> list[Tensor]:
     if isinstance(value, Tensor):
         return [value]
@@ -95,8 +90,9 @@ def _tensors_in(value: Any) -> list[Tensor]:
 
 
 def to_group_values(values: Sequence[Any]) -> list[Any]:
-    """:func:`_to_group_value` of each of ``values`` (tensors, tuples of them, anything else kept) with one host read
-    per device instead of one per tensor: the tensors are flattened into one float64 vector, read once, and cut back
+    """Group-level state as plain Python values, so param_groups stay readable: each of ``values`` with its tensors
+    as ``item()`` / ``tolist()`` would give them and its tuples as lists (anything else kept), with one host read per
+    device instead of one per tensor: the tensors are flattened into one float64 vector, read once, and cut back
     into each tensor's ``item()`` / ``tolist()``. Exact: float32 and float16 values are float64 values, integer and
     boolean tensors come back as ``int`` / ``bool`` (counters stay far below 2**53)."""
     tensors = [t for v in values for t in _tensors_in(v)]
@@ -105,7 +101,7 @@ def to_group_values(values: Sequence[Any]) -> list[Any]:
     for t in tensors:
         by_device.setdefault(t.device, []).append(t)
     for group in by_device.values():
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in group]).tolist() if group else []
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in group]).tolist()
         start = 0
         for t in group:
             read[id(t)] = flat[start:start + t.numel()]
@@ -124,7 +120,7 @@ def to_group_values(values: Sequence[Any]) -> list[Any]:
             return items[0]
         for size in reversed(value.shape[1:]):
             items = [items[i:i + size] for i in range(0, len(items), size)]
-        return items if value.shape[0] else []
+        return items
 
     return [rebuild(v) for v in values]
 
