@@ -980,8 +980,8 @@ class CamHD(CoreOptimizer):
         lr, seen = group["lr"], group.get("lr_seen", group["lr"])
         group["lr_seen"] = lr
         numbers = (int, float)
-        if lr == seen or group.get("step", 0) == 0 or not (isinstance(lr, numbers) and isinstance(seen, numbers)):
-            return
+        if not (isinstance(lr, numbers) and isinstance(seen, numbers)) or lr == seen or group.get("step", 0) == 0:
+            return  # types first: comparing a tensor rate would read it back
         factor = lr / seen
         for field in ("alpha_unit", "alpha_layer"):
             if group.get(field) is not None:
