@@ -181,6 +181,36 @@ def test_update_under_vmap_equals_a_loop_and_dict_equals_flat(name):
     assert torch.allclose(flat, flatten(two_steps(p0, g0), ["w", "b"]), rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("name", list(learned.LEARNED_NAMES))
+def test_step_is_the_protocol_of_every_rule(name):
+    """``step(params, grads, state)`` (the protocol the hand-designed rules share) gives the parameters plus
+    ``update``'s updates, bit for bit, and the same state; what a step needs beyond gradients is declared."""
+    lopt = fresh(name)
+    gen = torch.Generator().manual_seed(3)
+    params = {"layer.weight": torch.randn(4, 3, generator=gen), "layer.bias": torch.randn(4, generator=gen)}
+    grads = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
+    extra = {}
+    if lopt.needs_oracles:
+        extra = {"hvp": {n: 0.1 * g for n, g in grads.items()}, "val_grads": {n: -g for n, g in grads.items()}}
+    if lopt.static_step(lopt.init(params)) is not None:
+        extra["step"] = lopt.static_step(lopt.init(params))
+    new_params, state = lopt.step(params, grads, lopt.init(params), lr=0.01, **extra)
+    updates, expected = lopt.update(grads, lopt.init(params), params, lr=0.01, **extra)
+    assert set(new_params) == set(params)
+    for n, p in params.items():
+        assert torch.equal(new_params[n], p + updates[n])
+    for a, b in zip(torch.utils._pytree.tree_leaves(state), torch.utils._pytree.tree_leaves(expected)):
+        assert torch.equal(a, b)
+    assert isinstance(type(lopt).needs_oracles, bool)
+
+
+def test_what_a_plain_learned_step_needs_is_declared_on_the_base():
+    lopt = HyperAdam(num_candidates=2)
+    assert lopt.needs_oracles is False and lopt.static_step(lopt.init({"w": torch.zeros(3)})) is None
+    with pytest.raises(TypeError, match="no oracles"):
+        lopt.hvp_vectors(lopt.init({"w": torch.zeros(3)}))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("name", COORDINATEWISE)
 def test_frozen_face_on_cuda_matches_cpu(name):

@@ -155,6 +155,47 @@ def test_vectorized_unroll_equals_a_python_loop_over_instances():
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-7)
 
 
+def test_the_vmapped_loop_with_and_without_a_graph_takes_the_same_steps():
+    """meta-training's unroll and the evaluation's batched seeds are one loop (metaopt.meta.inner.VmappedLoop): run
+    with the graph (differentiable=True, as the unroll) and without (as train_batched), it visits the same weights
+    and losses, and the meta-gradient flows only where the graph is kept."""
+    from torch.func import vmap
+
+    from meta_tasks.base import Batch
+    from metaopt.meta.inner import VmappedLoop
+    from metaopt.tree import stack
+
+    lopt = HyperAdam(num_candidates=3)
+    task = meta_tasks.tasks.QuadraticTask.sample(torch.Generator().manual_seed(0), dim=5)
+    inits = [task.init(torch.Generator().manual_seed(i)) for i in range(3)]
+    loss_fn = vmap(lambda p, b: task.loss(p, b), in_dims=(0, Batch(0, 0, None)))
+
+    def run(differentiable):
+        gens = [torch.Generator().manual_seed(100 + i) for i in range(3)]
+
+        def sample(split):
+            batches = [task.sample_batch(g, split) for g in gens]
+            return Batch(torch.stack([b.x for b in batches]), torch.stack([b.y for b in batches]))
+
+        seen = []
+        loop = VmappedLoop(lopt, loss_fn, sample, lr=0.01, differentiable=differentiable, fused=False)
+        params = {n: p.clone().requires_grad_() for n, p in stack(inits).items()}
+        params, state, losses, seconds = loop.run(params, stack([lopt.init(p) for p in inits]), 6,
+                                                  lambda i, p, loss: seen.append(loss))
+        return params, losses, seen, seconds
+
+    graph_params, graph_losses, graph_seen, _ = run(True)
+    plain_params, plain_losses, plain_seen, seconds = run(False)
+    assert len(graph_losses) == len(plain_losses) == 6 and seconds > 0
+    for a, b in zip(graph_losses + graph_seen, plain_losses + plain_seen):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    for n in graph_params:
+        assert torch.allclose(graph_params[n], plain_params[n], rtol=1e-6, atol=1e-7)
+    assert all(p.grad_fn is None for p in plain_params.values())
+    meta = torch.autograd.grad(torch.stack(graph_seen).mean(), list(lopt.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in meta)
+
+
 @pytest.mark.parametrize("second_order", [False, True])
 def test_recompute_gives_the_same_meta_gradient(second_order):
     """Activation checkpointing of the update (recompute=True) changes memory, not the maths: same losses, same

@@ -4,7 +4,10 @@ A :class:`LearnedOptimizer` is an ``nn.Module`` whose parameters are the meta-pa
 update used by meta-training (and working under ``torch.func.vmap``)::
 
     state = lopt.init(params)                                   # params: dict[str, Tensor]
-    updates, state = lopt.update(grads, state, params)          # new params = params + updates
+    new_params, state = lopt.step(params, grads, state)         # the protocol of every metaopt rule (metaopt.core)
+
+Subclasses implement ``update(grads, state, params, lr) -> (updates, state)``, the additive form (``step`` adds the
+updates to the parameters), and declare what their step needs beyond gradients (``needs_oracles``, ``static_step``).
 
 :meth:`LearnedOptimizer.frozen` wraps it as an ordinary ``torch.optim.Optimizer`` (no graph, state in ``opt.state``,
 exact ``state_dict`` resume), so evaluation never cares whether an optimizer was learned. For coordinatewise optimizers
@@ -130,7 +133,37 @@ class LearnedOptimizer(nn.Module, abc.ABC):
     @abc.abstractmethod
     def update(self, grads: Params, state: NamedTuple, params: Params,
                lr: float | Tensor | None = None) -> tuple[Params, NamedTuple]:
-        """Updates (to add to ``params``) and the new state; differentiable w.r.t. θ. ``lr`` defaults to ``self.lr``."""
+        """Updates (to add to ``params``) and the new state; differentiable w.r.t. θ. ``lr`` defaults to ``self.lr``.
+        What a subclass implements; callers use :meth:`step`."""
+
+    # -- the update protocol: what the inner loops, the unroll and the frozen face call ------------------------------
+
+    #: Whether :meth:`step` also needs two oracles as keyword arguments: ``hvp=`` (H·v of the training loss for
+    #: v = :meth:`hvp_vectors`) and ``val_grads=`` (the gradient of a validation loss), which the inner loops compute
+    #: outside ``vmap`` (MARTHE's learned μ). Declared by the class; nothing probes for it.
+    needs_oracles: ClassVar[bool] = False
+
+    def step(self, params: Params, grads: Params, state: Any, lr: float | Tensor | None = None,
+             **extra: Any) -> tuple[Params, Any]:
+        """``(new_params, new_state)``: the update protocol that every metaopt rule shares
+        (:meth:`metaopt.core.FunctionalOptimizer.step`, ``../shared/DESIGN.md``), out of place, differentiable w.r.t.
+        θ and ``vmap``-safe. New parameters for the names in ``params`` (each needs a gradient): ``params + updates``
+        of :meth:`update`, the sum the unroll and the frozen face have always formed. ``lr`` is the step size
+        (default ``self.lr``); ``extra`` reaches :meth:`update`: ``step=`` (:meth:`static_step`) and the oracles
+        (:attr:`needs_oracles`)."""
+        updates, state = self.update(grads, state, params, lr=lr, **extra)
+        return {n: p + updates[n] for n, p in params.items()}, state
+
+    def static_step(self, state: Any) -> int | None:
+        """The step count as a Python int where :meth:`update`'s arithmetic needs it (a hand-designed Adam's bias
+        corrections inside a learned rule): a ``vmap``-ped call cannot read it from a per-instance tensor, so the
+        vmapped inner loops group instances by it and pass ``step=count`` to :meth:`step`. ``None`` (the default):
+        the arithmetic does not depend on it, no grouping, no ``step=``."""
+        return None
+
+    def hvp_vectors(self, state: Any) -> Params:
+        """The vectors v of the ``hvp=`` oracle (H·v), per parameter name; only where :attr:`needs_oracles`."""
+        raise TypeError(f"{type(self).__name__} takes no oracles (needs_oracles is False), so it has no hvp_vectors")
 
     # -- the frozen face ---------------------------------------------------------------------------------------------
 
@@ -341,7 +374,7 @@ def _compiled_step_flat(lopt: CoordinatewiseOptimizer):
 
 
 class _FrozenRule(FunctionalOptimizer):
-    """Adapts ``LearnedOptimizer.update`` (additive updates) to the face's ``step`` (new parameters)."""
+    """A learned optimizer with its step size bound: the face's rule (``LearnedOptimizer.step`` at ``lr``)."""
 
     def __init__(self, lopt: LearnedOptimizer, lr: float):
         self.lopt, self.lr = lopt, lr
@@ -350,8 +383,7 @@ class _FrozenRule(FunctionalOptimizer):
         return self.lopt.init(params)
 
     def step(self, params: Params, grads: Params, state: NamedTuple) -> tuple[Params, NamedTuple]:
-        updates, state = self.lopt.update(grads, state, params, lr=self.lr)
-        return {n: p + updates[n] for n, p in params.items()}, state
+        return self.lopt.step(params, grads, state, lr=self.lr)
 
 
 def _kernels() -> Any:

@@ -4,10 +4,12 @@
 
 * :func:`train` — one seed through the optimizer's ``torch.optim`` face, exactly as users run it (closures and a
   validation closure where its step takes them), returning a :class:`Run`;
-* :func:`train_batched` — every seed of a ``LearnedOptimizer`` in one ``torch.func.vmap`` call per step over stacked
-  parameters and states (``functional_call`` gradients and the optimizer's functional ``update``), equal to the
-  per-seed loop through its frozen face (tested); :func:`can_batch` says when it applies (no oracles, no BatchNorm
-  buffers, no dropout);
+* :class:`VmappedLoop` — K instances of a learned optimizer at once, their parameters and states stacked, one
+  ``torch.func.vmap`` call of the optimizer's ``step`` per inner step (with the oracles, the grouping by step count of
+  :func:`step_groups`, the fused cells and the non-finite skip): the loop of meta-training's unroll
+  (:mod:`metaopt.meta.unroll`) and of
+* :func:`train_batched` — every seed of a ``LearnedOptimizer`` in that loop, equal to the per-seed loop through its
+  frozen face (tested); :func:`can_batch` says when it applies (no oracles, no BatchNorm buffers, no dropout);
 * :func:`seeded_generators` / :func:`validation_generator` — the seed's streams: the initial weights come from
   ``Generator(seed)``, the training minibatches from a second generator seeded from it, on the task's device, and the
   validation minibatches of methods with a validation objective (MARTHE, RTHO, HD-val) from a third, so every
@@ -22,23 +24,28 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad_and_value, vmap
+from torch.func import vmap
 from torch.utils._pytree import tree_map
+from torch.utils.checkpoint import checkpoint
 
 import metaopt
 from meta_tasks.base import Batch, Task
 from metaopt.core import step_needs
 from metaopt.external import evaluation_mode
 from metaopt.learned import LearnedOptimizer
+from metaopt.learned.base import CoordinatewiseOptimizer
+from metaopt.learned.fused import flatten_coordinates, from_meta_layout, to_meta_layout
 from metaopt.tree import stack, unstack
 
-__all__ = ["Run", "can_batch", "final_batches_loss", "seeded_generators", "train", "train_batched",
-           "validation_generator"]
+Params = dict[str, Tensor]
+
+__all__ = ["Run", "VmappedLoop", "can_batch", "final_batches_loss", "seeded_generators", "step_groups", "train",
+           "train_batched", "validation_generator"]
 
 
 @dataclasses.dataclass
@@ -184,21 +191,170 @@ def train(task: Task, optimizer: str, hparams: Mapping[str, Any], seed: int, ste
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# All seeds at once (learned optimizers)
+# Many instances at once: the vmapped loop of meta-training's unroll and of the evaluation's batched seeds
+
+
+def step_groups(lopt: LearnedOptimizer, states: Sequence[Any]) -> dict[int | None, list[int]]:
+    """The indices of ``states`` (one per instance) grouped by ``lopt.static_step``: instances whose update needs the
+    step count as a Python int run one :class:`VmappedLoop` per count (a single group, keyed ``None``, for an
+    optimizer whose arithmetic does not depend on it)."""
+    groups: dict[int | None, list[int]] = {}
+    for i, state in enumerate(states):
+        groups.setdefault(lopt.static_step(state), []).append(i)
+    return groups
+
+
+def _where(keep: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    return torch.where(keep.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+@dataclasses.dataclass
+class VmappedLoop:
+    """Inner steps of a learned optimizer on K instances at once: their parameters and optimizer states stacked along
+    a leading dimension, every step one call of the stacked loss, one gradient and one ``torch.func.vmap`` call of
+    ``lopt.step`` (the update protocol). The one vmapped loop of the code base: meta-training's truncated unroll
+    (:func:`metaopt.meta.unroll.unroll`) and the evaluation's batched seeds (:func:`train_batched`) are this loop with
+    their own options and per-step hook.
+
+    ``loss_fn(params, batch)`` is the (K,) stacked training loss; ``sample(split)`` the next stacked batch of a split
+    (``"train"``; ``"val"`` for the oracles, drawn before the step's training batch). The gradient of instance k is
+    that of ``loss_fn(...).sum()`` with respect to its slice (the instances are independent). ``lr`` is the step size
+    (default ``lopt.lr``); ``count`` the instances' common :meth:`~LearnedOptimizer.static_step` at the first step
+    (:func:`step_groups`), passed on as ``step=count + i``.
+
+    ``differentiable=True`` (meta-training) keeps the graph through every update: ``second_order`` differentiates
+    through the inner gradients too (they are constants otherwise, as in learning-to-learn), ``recompute`` wraps each
+    update in an activation checkpoint (its intermediates recomputed in the backward), ``fused`` steps a coordinatewise
+    optimizer with a fused cell (:meth:`~metaopt.learned.base.CoordinatewiseOptimizer.fused_step`) on its state kept
+    in the meta layout for the whole loop (``compile``: through ``torch.compile``), and optimizers that declare
+    :attr:`~LearnedOptimizer.needs_oracles` get ``hvp=`` and ``val_grads=``. ``differentiable=False`` (evaluation)
+    steps detached weights under ``no_grad`` and, like the ``torch.optim`` face, leaves an instance whose gradient is
+    not finite where it was for that step (parameters and state).
+    """
+
+    lopt: LearnedOptimizer
+    loss_fn: Callable[[Params, Batch], Tensor]
+    sample: Callable[[str], Batch]
+    lr: float | Tensor | None = None
+    count: int | None = None
+    differentiable: bool = True
+    second_order: bool = False
+    recompute: bool = False
+    fused: bool = False
+    compile: bool = False
+
+    def run(self, params: Params, state: Any, steps: int,
+            after_step: Callable[[int, Params, Tensor | None], None] | None = None,
+            last_loss: bool = True) -> tuple[Params, Any, list[Tensor], float]:
+        """``steps`` steps from the stacked ``params`` and ``state``. Returns the new parameters and state, the (K,)
+        training loss before each update (instance k's loss at its weights before update t, on step t's batch), and
+        the seconds the loop took without its batch sampling and ``after_step`` calls.
+
+        ``after_step(i, params, loss)`` runs after update i with the new weights and their training loss on the next
+        step's batch (the loss that step i + 1 differentiates; with ``last_loss=False`` None after the last update,
+        whose loss is then not computed)."""
+        lopt = self.lopt
+        oracles = lopt.needs_oracles
+        if oracles and not self.differentiable:
+            raise ValueError(f"{type(lopt).__name__} needs oracles, which the no-graph loop does not compute")
+        names = list(params)
+        fused = (self.fused and self.differentiable and self.count is None and not oracles
+                 and isinstance(lopt, CoordinatewiseOptimizer) and lopt.has_fused_step)
+        if fused:  # the state of all instances as one (K, n, width) tensor per field, for the whole loop
+            state_type, fields = type(state), to_meta_layout(state, names, lead=1)
+            sizes = [params[n][0].numel() for n in names]
+            alpha = lopt.lr if self.lr is None else self.lr
+        if not self.differentiable:
+            params = {n: p.detach().requires_grad_() for n, p in params.items()}
+        aside = 0.0  # seconds spent sampling batches and in after_step
+
+        def sample(split: str) -> Batch:
+            nonlocal aside
+            start = time.perf_counter()
+            batch = self.sample(split)
+            aside += time.perf_counter() - start
+            return batch
+
+        losses: list[Tensor] = []
+        begin = time.perf_counter()
+        loss: Tensor | None = self.loss_fn(params, sample("train"))
+        for i in range(steps):
+            leaves = [params[n] for n in names]
+            keep_graph = self.differentiable
+            grads = torch.autograd.grad(loss.sum(), leaves, retain_graph=keep_graph,
+                                        create_graph=keep_graph and (self.second_order or oracles))
+            losses.append(loss.detach())
+            if fused:
+                direction, fields = lopt.fused_step(flatten_coordinates(grads, lead=1), fields, compiled=self.compile)
+                moves = (-alpha * direction).split(sizes, dim=-1)
+                params = {n: params[n] + d.view_as(params[n]) for n, d in zip(names, moves)}
+            elif self.differentiable:
+                batched: dict[str, Params] = {}
+                if oracles:
+                    batched = _oracles(lopt, self.loss_fn, params, grads, state, sample("val"), self.second_order)
+                    if not self.second_order:
+                        grads = tuple(g.detach() for g in grads)
+                params, state = self._update(params, dict(zip(names, grads)), state, batched, i)
+            else:
+                with torch.no_grad():
+                    new_params, new_state = self._update(params, dict(zip(names, grads)), state, {}, i)
+                    k = loss.shape[0]
+                    finite = torch.stack([torch.isfinite(g).reshape(k, -1).all(1) for g in grads]).all(0)
+                    params = {n: _where(finite, new_params[n], p).requires_grad_() for n, p in params.items()}
+                    state = tree_map(lambda new, old: _where(finite, new, old), new_state, state)
+            loss = self.loss_fn(params, sample("train")) if last_loss or i + 1 < steps else None
+            if after_step is not None:
+                start = time.perf_counter()
+                after_step(i, params, loss)
+                aside += time.perf_counter() - start
+        if fused:
+            state = from_meta_layout(fields, state_type, params, names, lead=1)
+        if self.differentiable is False:
+            params = {n: p.detach() for n, p in params.items()}
+        return params, state, losses, time.perf_counter() - begin - aside
+
+    def _update(self, params: Params, grads: Params, state: Any, oracles: dict[str, Params],
+                i: int) -> tuple[Params, Any]:
+        """One vmapped call of ``lopt.step`` on every instance (with ``recompute``, inside an activation
+        checkpoint)."""
+        extra = {} if self.count is None else {"step": self.count + i}
+        lopt, lr = self.lopt, self.lr
+        # ``extra`` is bound now: with recompute=True the function runs again during the backward, after the loop
+        step = vmap(lambda p, g, s, o, extra=extra: lopt.step(p, g, s, lr=lr, **extra, **o))
+        if self.recompute and self.differentiable:
+            return checkpoint(step, params, grads, state, oracles, use_reentrant=False)
+        return step(params, grads, state, oracles)
+
+
+def _oracles(lopt: LearnedOptimizer, loss_fn: Callable[[Params, Batch], Tensor], params: Params,
+             grads: tuple[Tensor, ...], opt_state: Any, val_batch: Batch, second_order: bool) -> dict[str, Params]:
+    """``hvp`` (H_t·v for v = ``lopt.hvp_vectors(opt_state)``) and ``val_grads`` (∇E(w_t)) for every stacked instance,
+    from the training gradient ``grads`` (taken with ``create_graph=True``) and one validation forward/backward.
+    Instances are independent, so the Hessian of their summed loss is block diagonal and one double backward gives
+    every instance's product."""
+    names = list(params)
+    leaves = [params[n] for n in names]
+    vectors = lopt.hvp_vectors(opt_state)
+    # A gradient that does not depend on the parameters (a loss linear in them) has a zero Hessian block.
+    pairs = [(g, vectors[n]) for n, g in zip(names, grads) if g.requires_grad]
+    hv: tuple[Tensor | None, ...] = (None,) * len(names)
+    if pairs:
+        hv = torch.autograd.grad([g for g, _ in pairs], leaves, grad_outputs=[v for _, v in pairs], retain_graph=True,
+                                 create_graph=second_order, allow_unused=True)
+    val_loss = loss_fn(params, val_batch)
+    val_grads = torch.autograd.grad(val_loss.sum(), leaves, create_graph=second_order)
+    return {"hvp": {n: torch.zeros_like(p) if h is None else h for n, p, h in zip(names, leaves, hv)},
+            "val_grads": dict(zip(names, val_grads))}
 
 
 def can_batch(task: Task, lopt: LearnedOptimizer | None, hparams: Mapping[str, Any]) -> bool:
     """Whether ``lopt`` can run all seeds of ``task`` in one vmapped loop: a learned optimizer built only with
     ``lr``, that needs no oracles, on a learner without buffers (BatchNorm) or per-batch randomness (dropout)."""
-    if lopt is None or getattr(lopt, "needs_oracles", False) or not set(hparams) <= {"lr"}:
+    if lopt is None or lopt.needs_oracles or not set(hparams) <= {"lr"}:
         return False
     if task.init_buffers():
         return False
     return task.sample_batch(torch.Generator(device=task.device).manual_seed(0)).seed is None
-
-
-def _where(keep: Tensor, new: Tensor, old: Tensor) -> Tensor:
-    return torch.where(keep.view(-1, *([1] * (new.dim() - 1))), new, old)
 
 
 def train_batched(task: Task, optimizer: str, lopt: LearnedOptimizer, hparams: Mapping[str, Any],
@@ -206,47 +362,38 @@ def train_batched(task: Task, optimizer: str, lopt: LearnedOptimizer, hparams: M
                   record_lr: bool = False, papers_measure: bool = False) -> list[Run]:
     """:func:`train` for every seed at once: the same runs as the per-seed loop through the frozen ``torch.optim``
     face (same initial weights, batches, arithmetic; a seed whose gradient is not finite skips that step, as the face
-    does), one ``vmap`` call of the loss gradient and of ``lopt.update`` per step. Needs :func:`can_batch`.
-    ``seconds_per_step`` is the batched step's wall time divided by the number of seeds; ``papers_measure`` is
-    :func:`final_batches_loss` of each seed's final weights, as :func:`train` computes it."""
+    does), through :class:`VmappedLoop` without a graph. Needs :func:`can_batch`. ``seconds_per_step`` is the
+    loop's wall time (without batch sampling and held-out evaluation) divided by the steps and seeds;
+    ``papers_measure`` is :func:`final_batches_loss` of each seed's final weights, as :func:`train` computes it."""
     lr = hparams.get("lr")
     lopt = lopt.to(task.device)
     generators = [seeded_generators(seed, task.device) for seed in seeds]
     inits = [task.init(init_gen) for init_gen, _ in generators]
-    params = stack(inits)
-    state = stack([lopt.init(p) for p in inits])
-    static_step = getattr(lopt, "static_step", None)  # Adam-based learned rules need the step count as an int
-    first_step = None if static_step is None else static_step(state)
-    loss_and_grad = vmap(grad_and_value(lambda p, b: task.loss(p, b)), in_dims=(0, Batch(0, 0, None)))
+    states = [lopt.init(p) for p in inits]
+    (count, _), = step_groups(lopt, states).items()  # every seed starts at step 0
     k = len(seeds)
-    losses: list[Tensor] = []
-    curves: list[list[dict[str, float]]] = [[] for _ in seeds]
-    step_seconds = 0.0
-    for t in range(steps):
+
+    def sample(split: str) -> Batch:
         batches = [task.sample_batch(batch_gen) for _, batch_gen in generators]
-        batch = Batch(torch.stack([b.x for b in batches]), torch.stack([b.y for b in batches]))
-        extra = {} if first_step is None else {"step": first_step + t}
-        start = time.perf_counter()
-        grads, loss = loss_and_grad(params, batch)
-        with torch.no_grad():
-            updates, new_state = vmap(lambda g, s, p: lopt.update(g, s, p, lr=lr, **extra))(grads, state, params)
-            finite = torch.stack([torch.isfinite(g).reshape(k, -1).all(1) for g in grads.values()]).all(0)
-            params = {n: _where(finite, p + updates[n], p) for n, p in params.items()}
-            state = tree_map(lambda new, old: _where(finite, new, old), new_state, state)
-        if task.device.type == "cuda":
-            torch.cuda.synchronize(task.device)
-        step_seconds += time.perf_counter() - start
-        losses.append(loss.detach())
-        if eval_every and (t + 1) % eval_every == 0:
-            for curve, p in zip(curves, unstack(params, k)):
-                curve.append(_curve_point(t + 1, splits[0], _held_out(task, p, {}, splits[:1])[splits[0]]))
+        return Batch(torch.stack([b.x for b in batches]), torch.stack([b.y for b in batches]))
+
+    curves: list[list[dict[str, float]]] = [[] for _ in seeds]
+
+    def after_step(i: int, params: Params, loss: Tensor | None) -> None:
+        if eval_every and (i + 1) % eval_every == 0:
+            for curve, p in zip(curves, unstack({n: q.detach() for n, q in params.items()}, k)):
+                curve.append(_curve_point(i + 1, splits[0], _held_out(task, p, {}, splits[:1])[splits[0]]))
+
+    loop = VmappedLoop(lopt, vmap(lambda p, b: task.loss(p, b), in_dims=(0, Batch(0, 0, None))), sample, lr=lr,
+                       count=count, differentiable=False)
+    params, _, losses, seconds = loop.run(stack(inits), stack(states), steps, after_step, last_loss=False)
     per_seed = torch.stack(losses, 1).tolist() if losses else [[] for _ in seeds]
     rate = float(lopt.lr if lr is None else lr)
     runs = []
     for i, (seed, p) in enumerate(zip(seeds, unstack(params, k))):
         metrics = _held_out(task, p, {}, splits)
         batches = {"loss": final_batches_loss(task, p, {}, seed, steps)} if papers_measure else {}
-        runs.append(Run(optimizer, task.name, seed, per_seed[i], step_seconds / max(steps, 1) / k,
+        runs.append(Run(optimizer, task.name, seed, per_seed[i], seconds / max(steps, 1) / k,
                         metrics.get("test", {}), metrics.get("val", {}), curves[i],
                         [rate] * steps if record_lr else None, dict(hparams), batched=True, batches=batches))
     return runs
