@@ -172,6 +172,28 @@ def test_optimize_schedule_projects_onto_nonnegative_rates():
                              outer_lr=0.1).schedules.shape == (1, T)
 
 
+def test_optimize_schedule_with_adam_steps_is_projected_adam():
+    """outer="adam": each iteration is torch.optim.Adam's step on the schedule with the hypergradient as its
+    gradient, then the projection onto η ≥ 0; it lowers f_T on the tiny problem too."""
+    model, (train, val) = tiny_model(12), make_data(13)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.5)
+    init = torch.full((T,), 0.05, dtype=F64)
+    history = optimize_schedule(model, opt, init, *loss_fns(train, val), outer_steps=5, outer_lr=0.01, outer="adam")
+    eta = init.clone()
+    adam = torch.optim.Adam([eta], lr=0.01)
+    for k in range(5):
+        _, ref = torch_func_hypergrad(model, history.schedules[k], train, val, momentum=0.5)
+        torch.testing.assert_close(history.hypergrads[k], ref, rtol=1e-11, atol=1e-14)
+        eta.grad = history.hypergrads[k].clone()
+        adam.step()
+        with torch.no_grad():
+            eta.clamp_(min=0.0)
+        assert torch.equal(history.schedules[k + 1], eta)
+    assert history.val_losses[-1] < history.val_losses[0]
+    with pytest.raises(ValueError, match="outer"):
+        optimize_schedule(model, opt, init, *loss_fns(train, val), outer_steps=1, outer_lr=0.01, outer="sgd")
+
+
 @pytest.mark.parametrize("schedule,kw,match", [
     (torch.tensor([0.1, -0.1], dtype=F64), {}, "non-negative"),
     (torch.zeros(2, 3, dtype=F64), {}, "shape"),

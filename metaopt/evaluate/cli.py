@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
              "default: batched on CUDA, seed by seed on a CPU, where the vmapped loop measured slower")
     add("--lrs-outer-steps", type=_non_negative, default=None, metavar="K",
         help="LRS-OPT iterations (marthe-schedules; default the paper's 5000)")
-    add("--lrs-outer-lr", type=float, default=None, metavar="LR", help="LRS-OPT step size (default 0.1)")
+    add("--lrs-outer-lr", type=float, default=None, metavar="LR",
+        help="LRS-OPT step size (default 1e-3, of Adam on the schedule; see metaopt.evaluate.suites.LrsOpt)")
+    add("--lrs-seeds", type=_non_negative, default=None, metavar="N",
+        help="run LRS-OPT on the first N evaluation seeds (default the paper's 4; 0 skips it: a piece of the suite "
+             "with the online methods only, merged later with one that runs LRS-OPT)")
     add("--merge", action="store_true",
         help="add the runs to the results already in --out (same suite, --steps, --dataset, --eval-size): a suite "
              "run in pieces by task, optimizer or seed; a rerun (task, optimizer, seed) replaces the old run")
@@ -106,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            skip_missing=args.skip_missing, tune=args.tune, tune_seeds=args.tune_seeds,
                            quick=args.quick, reference=args.reference, batched=args.batch,
                            eval_every=args.eval_every, eval_size=args.eval_size,
-                           lrs_outer_steps=args.lrs_outer_steps, lrs_outer_lr=args.lrs_outer_lr, out=args.out,
+                           lrs_outer_steps=args.lrs_outer_steps, lrs_outer_lr=args.lrs_outer_lr,
+                           lrs_seeds=args.lrs_seeds, out=args.out,
                            merge=args.merge, max_minutes=args.max_minutes, progress=not args.quiet,
                            command=["python", "-m", "metaopt.evaluate", *argv])
     except SelectionError as err:

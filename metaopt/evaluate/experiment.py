@@ -192,7 +192,8 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
               checkpoints: str | Path | None = None, skip_missing: bool = False, tune: bool | None = None,
               tune_seeds: int = 3, quick: bool = False, reference: str | None = None, batched: bool | None = None,
               eval_every: int | None = None, eval_size: int | None = None, lrs_outer_steps: int | None = None,
-              lrs_outer_lr: float | None = None, out: str | Path | None = None, merge: bool = False,
+              lrs_outer_lr: float | None = None, lrs_seeds: int | None = None, out: str | Path | None = None,
+              merge: bool = False,
               max_minutes: float | None = None, progress: bool = True, command: Sequence[str] | None = None
               ) -> SuiteResult:
     """Run ``suite`` (a :class:`Suite` or a name in :data:`SUITES`) and, with ``out``, write its files.
@@ -211,7 +212,8 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
         batched: run all seeds of a learned optimizer in one vmapped loop where possible (default: on CUDA only; on a
             2-core CPU the vmapped loop over 30 seeds was 3.6× slower than seed by seed, with the same results).
         eval_every, eval_size: periodic held-out evaluation (default the suite's) and held-out subset size.
-        lrs_outer_steps, lrs_outer_lr: override LRS-OPT's iterations and step size.
+        lrs_outer_steps, lrs_outer_lr, lrs_seeds: override LRS-OPT's iterations, step size and number of seeds
+            (0: no LRS-OPT in this piece).
         out: directory for results.json, table.md, steps.csv, finals.csv, evals.csv and the PNG figures.
         merge: where ``out`` already holds results of this suite (same steps, dataset, held-out size), add these
             runs to them (:func:`merge_results`): a suite run in pieces, by task, optimizer or seed.
@@ -298,14 +300,15 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
     lrs_records: list[dict[str, Any]] = []
     if suite.lrs_opt is not None:
         overrides = {"outer_steps": QUICK_LRS_OUTER_STEPS} if quick else {}
-        overrides.update({k: v for k, v in (("outer_steps", lrs_outer_steps), ("outer_lr", lrs_outer_lr))
-                          if v is not None})
+        overrides.update({k: v for k, v in (("outer_steps", lrs_outer_steps), ("outer_lr", lrs_outer_lr),
+                                            ("seeds", lrs_seeds)) if v is not None})
         lrs = dataclasses.replace(suite.lrs_opt, **overrides)
         for label, (spec, task) in built.items():
             lrs_runs, records = run_lrs_opt(label, spec, task, lrs, seed_list, steps, suite.splits, progress)
             runs.extend(lrs_runs)
             lrs_records.extend(records)
-        pairs["lrs-opt"] = default_ref
+        if lrs_records:  # none with lrs_seeds=0
+            pairs["lrs-opt"] = default_ref
 
     sweep = report.sweep_points(runs, suite.sweep, {s.label: s.x for s in specs}) if suite.sweep else []
     meta = {"suite": suite.name, "description": suite.description, "steps": steps, "seeds": seed_list,

@@ -269,7 +269,7 @@ def run_lrs_opt(task_label: str, spec: TaskSpec, task: Task, config: LrsOpt, see
         base = torch.optim.SGD(model.parameters(), lr=config.init_lr)
         start = time.perf_counter()
         history = optimize_schedule(model, base, torch.full((steps,), config.init_lr), train_loss, val_loss,
-                                    config.outer_steps, config.outer_lr)
+                                    config.outer_steps, config.outer_lr, outer=config.outer)
         seconds = time.perf_counter() - start
         schedule = history.schedules[-1].tolist()
         run = train(task, "lrs-opt", {"lr": config.init_lr}, seed, steps, "sgd", splits=splits, record_lr=True,
@@ -277,7 +277,8 @@ def run_lrs_opt(task_label: str, spec: TaskSpec, task: Task, config: LrsOpt, see
         run.task = task_label
         runs.append(run)
         records.append({"task": task_label, "seed": seed, "outer_steps": config.outer_steps,
-                        "outer_lr": config.outer_lr, "val_losses": history.val_losses.tolist(),
+                        "outer_lr": config.outer_lr, "outer": config.outer,
+                        "val_losses": history.val_losses.tolist(),
                         "schedule": schedule, "seconds": seconds})
         if progress:
             print(f"  {task_label:16s} lrs-opt seed {seed}: {config.outer_steps} iterations in {seconds:.0f} s, "

@@ -68,12 +68,19 @@ class Sweep:
 @dataclasses.dataclass(frozen=True)
 class LrsOpt:
     """LRS-OPT (MARTHE Sec. 5): projected gradient descent on the whole schedule, from η = ``init_lr``·1_T, for
-    ``outer_steps`` iterations of step ``outer_lr``, on the first ``seeds`` seeds, with SGD as the dynamics."""
+    ``outer_steps`` iterations of step ``outer_lr``, on the first ``seeds`` seeds, with SGD as the dynamics.
+
+    ``outer`` is how each iteration steps (:func:`metaopt.hypergrad.lrs_opt.optimize_schedule`): ``"adam"`` (default,
+    step 1e-3) or the plain gradient step ``"gd"``. The paper gives neither the method's step size nor more than
+    "gradient descent"; the plain step at the 0.1 this suite first used threw the last rates of the FFNN's schedule
+    to ~21 in one iteration and training diverged (the hypergradient's entries span ~0.4 to ~200 along the schedule),
+    so the per-rate normalized step is the default, each rate moving by about 1e-3 per iteration."""
 
     seeds: int = 4
     outer_steps: int = 5000
-    outer_lr: float = 0.1
+    outer_lr: float = 1e-3
     init_lr: float = 0.01
+    outer: str = "adam"
 
 
 @dataclasses.dataclass(frozen=True)
