@@ -404,3 +404,15 @@ def test_readme_shows_the_committed_cpu_faces_report():
     assert {r["optimizer"] for r in rows} >= set(metaopt.OPTIMIZERS)
     assert {r["learner"] for r in rows} == {"mlp-784-20-10", "mlp-784-256x3-10"}
     assert all(r["passed"] in (True, False) for r in rows if "target" in r)
+
+
+def test_traffic_bound_is_the_ratio_of_the_memory_models_where_the_baseline_moves_its_minimum():
+    """SGD-HD must move p, g, d_prev (read) and p, d_prev (written): 7 floats per coordinate against torch SGD's 3,
+    so no SGD-HD step can reach 1.3x a memory-bound torch SGD step; against torch's momentum SGD or Adam (whose
+    foreach steps move more than their models) no bound is claimed."""
+    from metaopt.bench.faces import traffic_bound
+
+    assert traffic_bound("sgd-hd") == pytest.approx(7 / 3) and traffic_bound("sgd-hd[compiled]") == traffic_bound("sgd-hd")
+    assert traffic_bound("sgd") == 1.0
+    assert traffic_bound("adam-hd") is None and traffic_bound("sgdn-hd") is None and traffic_bound("marthe") is None
+    assert traffic_bound("hyperadam") is None

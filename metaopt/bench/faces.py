@@ -44,6 +44,7 @@ from meta_tasks import models
 from metaopt.bench.timing import GRAD_SCALE, closure_step, format_seconds, summarize, synchronize
 from metaopt.core import step_needs
 from metaopt.learned import LEARNED_NAMES
+from metaopt.registry import record
 
 BATCH_SIZE = 128
 GEMM_SIZE = 1024  # the square matrix product whose rate is the learned optimizers' compute floor
@@ -58,19 +59,25 @@ QUICK_LEARNERS = ("mlp-784-20-10",)
 @dataclasses.dataclass(frozen=True)
 class Baseline:
     """What a face's step is compared with: a ``torch.optim`` optimizer (``build`` over the parameters), one SGD
-    training iteration (``iteration``), or the compute floor (``floor``)."""
+    training iteration (``iteration``), or the compute floor (``floor``). ``minimal``: the registered name of the
+    same update where torch's implementation moves exactly the floats of that name's memory model (so that a ratio
+    below :func:`traffic_bound` is out of reach), None where it moves more or is not an optimizer step."""
 
     name: str
     build: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
     iteration: bool = False
     floor: bool = False
+    minimal: str | None = None
 
 
-def _torch(name: str, cls: type[torch.optim.Optimizer], **kwargs: Any) -> Baseline:
-    return Baseline(name, lambda params: cls(params, foreach=True, **kwargs))
+def _torch(name: str, cls: type[torch.optim.Optimizer], minimal: str | None = None, **kwargs: Any) -> Baseline:
+    return Baseline(name, lambda params: cls(params, foreach=True, **kwargs), minimal=minimal)
 
 
-TORCH_SGD = _torch("torch SGD", torch.optim.SGD, lr=1e-3)
+# torch's foreach SGD without momentum is one _foreach_add_ (p, g read, p written: the 3 floats any SGD step moves);
+# with momentum it makes three passes (8 floats against the 5 of its model), and its foreach Adam more than the 7 of
+# Adam's, which is how metaopt's fused steps can beat them: no bound is claimed against those.
+TORCH_SGD = _torch("torch SGD", torch.optim.SGD, minimal="sgd", lr=1e-3)
 TORCH_NESTEROV = _torch("torch SGD (Nesterov 0.9)", torch.optim.SGD, lr=1e-3, momentum=0.9, nesterov=True)
 TORCH_ADAM = _torch("torch Adam", torch.optim.Adam, lr=1e-3)
 SGD_ITERATION = Baseline("SGD iteration (forward, backward, torch SGD step)", iteration=True)
@@ -111,6 +118,22 @@ def comparison(name: str) -> tuple[Baseline, float | None]:
     if name in LEARNED_NAMES:
         return COMPUTE_FLOOR, COORDINATEWISE_LIMIT
     raise KeyError(f"no baseline for optimizer {name!r}: add it to metaopt.bench.faces.COMPARISONS")
+
+
+def traffic_bound(name: str) -> float | None:
+    """The least ratio to its baseline that the step of ``name`` can reach on any machine where both are
+    memory-bound: the floats per coordinate its update must move over those its baseline moves (the registry
+    records' :class:`~metaopt.registry.MemoryModel`), e.g. SGD-HD's 7 (p, g, d_prev read for <g, d_prev> and the
+    update, p and d_prev written) over torch SGD's 3 = 2.33. None where ``name`` has no model or its baseline moves
+    more than its model (``Baseline.minimal``). The models count the algorithms, not a face's non-finite screen (one
+    more read of g where a face does not fold it into a reduction it makes anyway: plain SGD's 4 / 3)."""
+    baseline, _ = comparison(name.removesuffix("[compiled]"))
+    if baseline.minimal is None:
+        return None
+    ours, theirs = record(name.removesuffix("[compiled]")).memory, record(baseline.minimal).memory
+    if ours is None or theirs is None:
+        return None
+    return ours.floats_per_coordinate / theirs.floats_per_coordinate
 
 
 def flops_per_coordinate(opt: torch.optim.Optimizer) -> float | None:
@@ -271,13 +294,18 @@ def faces_markdown(section: dict[str, Any]) -> list[str]:
         by_label.setdefault(r["optimizer"], {})[r["learner"]] = r
     lines = [f"Compute floor: {section['gemm']['flops_per_s'] / 1e9:,.0f} GFLOP/s (float32 {section['gemm']['size']}² "
              "matrix product). Each cell: the step's median time, its ratio to the baseline's step (or floor) timed "
-             "beside it, and the verdict against the target.", "",
-             "| optimizer | baseline | " + " | ".join(learners) + " | target |",
-             "|---|---|" + "---|" * len(learners) + "---|"]
+             "beside it, and the verdict against the target. Traffic bound: the least ratio a memory-bound step can "
+             "reach, the floats per coordinate its algorithm must move over its baseline's (registry memory models; "
+             "\"unreachable\" where it exceeds the target).", "",
+             "| optimizer | baseline | " + " | ".join(learners) + " | target | traffic bound |",
+             "|---|---|" + "---|" * len(learners) + "---|---|"]
     for label, rows in by_label.items():
         first = next(iter(rows.values()))
+        limit = next((r["target"]["limit"] for r in rows.values() if "target" in r), None)
         target = next((r["target"]["text"] for r in rows.values() if "target" in r), "–")
         step_kind = " (with closure)" if first.get("includes_closure") else ""
+        bound = traffic_bound(label)
+        bound_text = "–" if bound is None else f"{bound:.3g}×" + (", unreachable" if limit and bound > limit else "")
         lines.append(f"| {label}{step_kind} | {first.get('baseline', '–')} | "
-                     + " | ".join(_cell(rows.get(learner)) for learner in learners) + f" | {target} |")
+                     + " | ".join(_cell(rows.get(learner)) for learner in learners) + f" | {target} | {bound_text} |")
     return lines
