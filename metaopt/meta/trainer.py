@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
 
 import meta_tasks
 import metaopt.meta.inner as inner
@@ -44,7 +45,11 @@ from metaopt.meta.estimators import MetaGradientEstimator, TruncatedBPTT
 from metaopt.meta.unroll import Slot
 
 STATE_FILE = "state.pt"
-STATE_VERSION = 1
+# Version 2 stores a slot's optimizer state as the list of its pytree leaves (any pytree of tensors, restored into the
+# structure lopt.init builds); version 1 stored {field: {name: tensor}} of a NamedTuple of dicts, and is still read.
+STATE_VERSION = 2
+READABLE_STATE_VERSIONS = (1, 2)
+CAMPAIGN_VERSION = 1  # the campaign file holds no optimizer state: unchanged by the training state's version 2
 RESUMABLE_CHANGES = {"meta_steps", "checkpoint_every", "log_every", "fused", "compile"}  # not the maths
 
 
@@ -77,6 +82,39 @@ def build_optimizer(config: MetaConfig) -> LearnedOptimizer:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return LEARNED_NAMES[config.optimizer](**config.optimizer_options())
+
+
+def restore_opt_state(saved: Any, fresh: Any, version: int, where: str) -> Any:
+    """A slot's optimizer state from the training state file, in the structure of ``fresh``, the state the learned
+    optimizer builds for the slot's instance (``lopt.init``): version 2 saved the list of its pytree leaves, version 1
+    ``{field: {name: tensor}}`` of a NamedTuple of dicts (HyperAdam, DMoptimizer, RNNprop). Every saved tensor must
+    have the shape and dtype of the leaf it replaces; otherwise :class:`TrainingStateError` (``where`` names the file
+    and slot): the state was written for another optimizer configuration or state layout."""
+    paths = [keystr(path) for path, _ in tree_flatten_with_path(fresh)[0]]
+    leaves, spec = tree_flatten(fresh)
+    if version == 1:
+        fields = getattr(fresh, "_fields", None)
+        if (fields is None or not all(isinstance(v, dict) for v in fresh) or not isinstance(saved, dict)
+                or list(saved) != list(fields)
+                or any(not isinstance(saved[f], dict) or set(saved[f]) != set(v) for f, v in zip(fields, fresh))):
+            raise TrainingStateError(
+                f"{where}: the optimizer state was saved in version 1's layout ({{field: {{name: tensor}}}} of fields "
+                f"{list(saved) if isinstance(saved, dict) else type(saved).__name__}), which this optimizer's state "
+                f"({type(fresh).__name__}) no longer has; start the run over (or resume it with the metaopt that "
+                "wrote it)")
+        saved = [saved[f][n] for f, v in zip(fields, fresh) for n in v]  # the fresh state's leaf order
+    if not isinstance(saved, list) or len(saved) != len(leaves):
+        count = len(saved) if isinstance(saved, list) else type(saved).__name__
+        raise TrainingStateError(f"{where}: the saved optimizer state has {count} tensors, {type(fresh).__name__} "
+                                 f"builds {len(leaves)} for this instance (another optimizer configuration or state "
+                                 "layout); start the run over")
+    for path, want, got in zip(paths, leaves, saved):
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+            found = (f"{tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else type(got).__name__)
+            raise TrainingStateError(f"{where}: optimizer state{path} was saved as {found}, but this run builds "
+                                     f"{tuple(want.shape)} {want.dtype} (another optimizer configuration or state "
+                                     "layout); start the run over")
+    return tree_unflatten(saved, spec)
 
 
 class MetaTrainer:
@@ -293,7 +331,7 @@ class MetaTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         slots = [{"instance_seed": s.instance_seed, "generation": s.generation, "step": s.step,
-                  "params": s.params, "opt_state": {f: dict(v) for f, v in zip(s.opt_state._fields, s.opt_state)},
+                  "params": s.params, "opt_state": tree_flatten(s.opt_state)[0],
                   "batch_gen": s.batch_gen.get_state()} for s in self.slots]
         return {"version": STATE_VERSION, "config": self.config.to_dict(), "meta_step": self.meta_step,
                 "skipped": self.skipped, "best_score": self.best_score, "initial_score": self.initial_score,
@@ -320,8 +358,9 @@ class MetaTrainer:
         except Exception as err:  # a truncated or corrupt file: never a silent restart
             raise TrainingStateError(f"{path}: corrupt training state ({type(err).__name__}: {err}). Delete it to "
                                      "start over, or restore it from a copy.") from None
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise TrainingStateError(f"{path}: not a metaopt training state of version {STATE_VERSION}")
+        if not isinstance(state, dict) or state.get("version") not in READABLE_STATE_VERSIONS:
+            raise TrainingStateError(f"{path}: not a metaopt training state of version "
+                                     f"{' or '.join(map(str, READABLE_STATE_VERSIONS))}")
         if state["config"] != self.config.to_dict():
             changed = self.config.changes_from(state["config"])
             if set(changed) - RESUMABLE_CHANGES:
@@ -336,7 +375,8 @@ class MetaTrainer:
             if slot.instance_seed != saved["instance_seed"]:
                 raise TrainingStateError(f"{path}: slot {i} does not match this run's seeds")
             slot.params = saved["params"]
-            slot.opt_state = type(slot.opt_state)(**saved["opt_state"])
+            slot.opt_state = restore_opt_state(saved["opt_state"], slot.opt_state, state["version"],
+                                               f"{path}: slot {i}")
             slot.step = saved["step"]
             slot.batch_gen.set_state(saved["batch_gen"].cpu())
             self.slots[i] = slot
@@ -350,7 +390,7 @@ class MetaTrainer:
         its horizon, which is the only difference to resuming from the full training state."""
         if self.world > 1:
             raise TrainingStateError("campaign states are written by single-process runs")
-        return {"version": STATE_VERSION, "kind": "campaign", "config": self.config.to_dict(),
+        return {"version": CAMPAIGN_VERSION, "kind": "campaign", "config": self.config.to_dict(),
                 "meta_step": self.meta_step, "skipped": self.skipped, "best_score": self.best_score,
                 "initial_score": self.initial_score, "theta": self.lopt.state_dict(), "outer": self.outer.state_dict(),
                 "generations": [s.generation for s in self.slots]}
@@ -372,8 +412,8 @@ class MetaTrainer:
         except Exception as err:
             raise TrainingStateError(f"{path}: corrupt campaign state ({type(err).__name__}: {err}). Restore it from "
                                      "git, or start the campaign over without it.") from None
-        if not isinstance(state, dict) or state.get("kind") != "campaign" or state.get("version") != STATE_VERSION:
-            raise TrainingStateError(f"{path}: not a metaopt campaign state of version {STATE_VERSION}")
+        if not isinstance(state, dict) or state.get("kind") != "campaign" or state.get("version") != CAMPAIGN_VERSION:
+            raise TrainingStateError(f"{path}: not a metaopt campaign state of version {CAMPAIGN_VERSION}")
         changed = self.config.changes_from(state["config"])
         if set(changed) - RESUMABLE_CHANGES:
             raise TrainingStateError(f"{path}: the campaign was run with a different configuration (differs in "
