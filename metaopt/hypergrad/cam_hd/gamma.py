@@ -1,5 +1,5 @@
 """CAM-HD's combination weights γ: their step (spec §6(b) step 5), shared by the rule
-(:class:`~metaopt.hypergrad.cam_hd.CamHDRule`) and the compiled step (:mod:`metaopt.hypergrad.cam_hd_compiled`)."""
+(:class:`~metaopt.hypergrad.cam_hd.rule.CamHDRule`) and the compiled step (:mod:`metaopt.hypergrad.cam_hd.compiled`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """CAM-HD's step for ``torch.compile`` (the faces' ``compile=True``): two functions of tensors, the reductions and the
 update, each of which inductor fuses into a loop or two per tensor (on a CPU its C++ backend), where the eager step
-(:meth:`metaopt.hypergrad.cam_hd.CamHDRule.rates` and the in-place update) makes some thirty passes over the
+(:meth:`metaopt.hypergrad.cam_hd.rule.CamHDRule.rates` and the in-place update) makes some thirty passes over the
 parameters, half of them float64 copies for the dot products.
 
 The split follows what must be known before anything is written: :func:`levels_step` reads the step's operands and
@@ -10,8 +10,8 @@ parameter level's new rates are reduced, not written) — so the face refuses a 
 after one host read; then :func:`adam_update` / :func:`sgd_update` recompute ``e = g ⊙ d_{t−1}`` in the same loop that
 writes the new parameter-level rates, the combined rate κ, the base optimizer's state and the parameters.
 
-Equal to :class:`~metaopt.hypergrad.cam_hd.CamHDRule` within float32 rounding (fused loops sum in another order, and
-``α + c·e`` is not ``α − c·(−e)`` rounded twice), not bit for bit. Scalars that change from step to step (bias
+Equal to :class:`~metaopt.hypergrad.cam_hd.rule.CamHDRule` within float32 rounding (fused loops sum in another order,
+and ``α + c·e`` is not ``α − c·(−e)`` rounded twice), not bit for bit. Scalars that change from step to step (bias
 corrections, γ, τ) are 0-dim tensors, so they need no recompilation; the configuration (levels, base, weight decay,
 momentum, betas, clipping) is part of the graph. The first step (``d_0 = 0``) is the eager face's.
 """
@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from metaopt.hypergrad.cam_hd_gamma import update_gamma
+from metaopt.hypergrad.cam_hd.gamma import update_gamma
 
 
 def _decayed(p: Tensor, g: Tensor, weight_decay: float) -> Tensor:
@@ -92,9 +92,9 @@ def levels_step(params: list[Tensor], grads: list[Tensor], first: list[Tensor], 
                 old_global: Tensor | None, gamma: Tensor, tau_prev: Tensor, unit_index: Tensor, layer_index: Tensor,
                 unit_size: Tensor, layer_size: Tensor, weight_decay: float, bias_correction1: Tensor,
                 bias_correction2_sqrt: Tensor, eps: float, cfg: LevelsConfig) -> tuple:
-    """Steps 1–5 of :class:`~metaopt.hypergrad.cam_hd.CamHDRule` for a group in which every tensor has a gradient
-    (``gamma``: γ_{t−1}, float64; ``tau_prev``: τ_{t−1}, float64; the old coarse rates float64, None for unused
-    levels), through :func:`reductions`.
+    """Steps 1–5 of :class:`~metaopt.hypergrad.cam_hd.rule.CamHDRule` for a group in which every tensor has a
+    gradient (``gamma``: γ_{t−1}, float64; ``tau_prev``: τ_{t−1}, float64; the old coarse rates float64, None for
+    unused levels), through :func:`reductions`.
 
     Returns ``(unit, layer, global, gamma_grad, gamma, coarse, gamma_p, coef, checks)``: the new coarse rates (None for
     unused levels), ``∂L/∂γ``, γ_t, per tensor the coarse levels' part of α* (``Σ_k γ_k·α^{(k)}_t``, in the
