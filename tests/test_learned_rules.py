@@ -8,14 +8,16 @@ import math
 import pytest
 import torch
 from helpers import assert_nonfinite_step_is_skipped
+from torch.utils._pytree import tree_leaves, tree_map, tree_structure
 
 import meta_tasks
 import metaopt
 from meta_tasks.base import FixedFamily
 from meta_tasks.tasks import QuadraticTask
 from metaopt.learned import from_pretrained
-from metaopt.learned.rules import LearnedGammaCAMHD, LearnedMuMARTHE, MirroredMLP, h_mu
+from metaopt.learned.rules import LearnedGammaCAMHD, LearnedMuMARTHE, LearnedRuleState, MirroredMLP, h_mu
 from metaopt.meta import MetaTrainer, Slot, preset, unroll
+from metaopt.tree import stack
 
 F64 = torch.float64
 HAS_FASHION = meta_tasks.datasets.find_dataset("fashion-mnist") is not None
@@ -78,7 +80,7 @@ def slot(lopt, task, seed=0):
 def advanced(lopt, s, steps, **kw):
     """The slot after ``steps`` inner steps (detached): an instance further along its horizon."""
     out = unroll(lopt, [s], steps, **kw)
-    state = type(out.opt_states[0])(*({n: t.detach() for n, t in f.items()} for f in out.opt_states[0]))
+    state = tree_map(torch.Tensor.detach, out.opt_states[0])
     return Slot(s.instance_seed, s.task, {n: p.detach() for n, p in out.params[0].items()}, state, steps, s.batch_gen)
 
 
@@ -141,7 +143,7 @@ def test_cam_hd_learned_gamma_equals_cam_hd_with_fixed_gamma_step_for_step(base)
     group, ref_group = opt.param_groups[0], ref_opt.param_groups[0]
     assert group["gamma"] == ref_group["gamma"] == [0.3, 0.3, 0.4]
     assert group["step"] == 12
-    rates = [0.01 + c for c in group["alpha_layer_change"]]
+    rates = group["alpha_layer"]
     assert rates == pytest.approx(ref_group["alpha_layer"], rel=1e-13)
     assert not rates == pytest.approx([0.01, 0.01], rel=1e-6)  # the rates did adapt
 
@@ -177,7 +179,7 @@ def _functional_marthe(lopt, model, train_data, val_data, *, oracles=True):
         leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
         loss = call(leaves, tb)
         g = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
-        hz = torch.autograd.grad(g, list(leaves.values()), grad_outputs=[state.tangent[n] for n in leaves])
+        hz = torch.autograd.grad(g, list(leaves.values()), grad_outputs=[lopt.hvp_vectors(state)[n] for n in leaves])
         kw = dict(hvp=dict(zip(leaves, hz)))
         if oracles:
             e = torch.autograd.grad(call(leaves, pending_val), list(leaves.values())) if pending_val else g
@@ -209,10 +211,10 @@ def test_functional_update_with_oracles_equals_the_marthe_face(base):
     # call t+1 finishes step t (∇E on validation batch t): one more call, its own step ignored, completes step 8
     _, state = _functional_marthe(lopt, model, train_data + train_data[:1], val_data)
     group = ref_opt.param_groups[0]
-    scalar = lambda field: float(field["0.weight"].detach())  # noqa: E731
-    assert lopt.lr + scalar(state.lr_change) == pytest.approx(group["lr"], rel=1e-10)
-    assert scalar(state.damping) == pytest.approx(group["damping"], rel=1e-10, abs=1e-12)
-    assert scalar(state.horizon) == pytest.approx(group["horizon"], rel=1e-10)
+    scalar = lambda value: float(value.detach())  # noqa: E731
+    assert scalar(state.rule.lr) == pytest.approx(group["lr"], rel=1e-10)
+    assert scalar(state.rule.damping) == pytest.approx(group["damping"], rel=1e-10, abs=1e-12)
+    assert scalar(state.rule.horizon) == pytest.approx(group["horizon"], rel=1e-10)
     assert group["lr"] != 0.05 and 0 < group["horizon"]  # η and the horizon counter did move
 
 
@@ -229,6 +231,91 @@ def test_oracle_free_update_is_marthe_next_batch_with_zero_curvature_term():
     params, _ = _functional_marthe(lopt, model, data, data, oracles=False)
     for n, p in ref.named_parameters():
         torch.testing.assert_close(params[n], p.detach(), rtol=1e-10, atol=1e-13)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The state: the hand-designed rule's own (every leaf a tensor) and the rate it refers to
+
+
+@pytest.mark.parametrize("base", ["adam", "sgd", "sgdn"])
+def test_gamma_face_is_cam_hd_bit_for_bit_where_the_rates_leave_a_factor_2_of_the_initial_rate(base):
+    """The state holds CamHDRule's rates as they are (no α − α_0 round trip) and the face steps to the rule's own new
+    parameters, so at θ init the learned face is cam-hd-<base> with δ = 0 exactly, however far the rates move."""
+    beta = 0.05 if base == "adam" else 0.5
+    lopt = gamma_rule(base=base, hypergrad_lr=beta)
+    ours, ref = mlp(), mlp()
+    opt = lopt.frozen(ours.named_parameters(), lr=0.01)
+    ref_opt = metaopt.make_optimizer(HAND_DESIGNED_CAM_HD[base], ref.named_parameters(), lr=0.01, hypergrad_lr=beta,
+                                     gamma_lr=0.0)
+    for batch in batches(20, seed=3):
+        for model, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            mse(model, batch).backward()
+            o.step()
+        assert same(ours, ref)
+    group, ref_group = opt.param_groups[0], ref_opt.param_groups[0]
+    for key in ("step", "gamma", "gamma_grad", "alpha_unit", "alpha_layer", "alpha_global", "negative_lr_steps"):
+        assert group[key] == ref_group[key], key
+    rates = group["alpha_layer"] + [group["alpha_global"]]
+    assert any(not 0.01 / 2 <= r <= 2 * 0.01 for r in rates)  # where the old α − α_0 layout rounded
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert torch.equal(opt.state[p]["alpha_param"], ref_opt.state[q]["alpha_param"])
+
+
+def test_gamma_face_follows_an_lr_schedule_as_cam_hd_does():
+    """``lr`` is α_0; a scheduler that changes it scales every level's rate by new / old at the next step, as
+    cam-hd-*'s face does: at θ init the two stay equal through the schedule."""
+    lopt = gamma_rule(base="sgdn", hypergrad_lr=0.05)
+    ours, ref = mlp(), mlp()
+    opt = lopt.frozen(ours.named_parameters(), lr=0.01)
+    ref_opt = metaopt.make_optimizer("cam-hd-sgdn", ref.named_parameters(), lr=0.01, hypergrad_lr=0.05, gamma_lr=0.0)
+    schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.3) for o in (opt, ref_opt)]
+    for batch in batches(10, seed=5):
+        for model, o, schedule in ((ours, opt, schedules[0]), (ref, ref_opt, schedules[1])):
+            o.zero_grad()
+            mse(model, batch).backward()
+            o.step()
+            schedule.step()
+        torch.testing.assert_close(list(ours.parameters()), list(ref.parameters()), rtol=1e-15, atol=0.0)
+    group, ref_group = opt.param_groups[0], ref_opt.param_groups[0]
+    assert group["lr_seen"] == ref_group["lr_seen"] == group["lr"] < 0.01 * 0.3**2  # three cuts seen
+    assert group["alpha_layer"] == pytest.approx(ref_group["alpha_layer"], rel=1e-15)
+    assert group["alpha_global"] == pytest.approx(ref_group["alpha_global"], rel=1e-15)
+
+
+STATE_CASES = {
+    "gamma-adam": (lambda: gamma_rule(base="adam", hypergrad_lr=1e-3), {}),
+    "gamma-sgdn-unit-global": (lambda: gamma_rule(base="sgdn", hypergrad_lr=1e-5, levels=("unit", "global")), {}),
+    "mu-momentum": (lambda: mu_rule(base="momentum", lr=0.002, hypergrad_lr=1e-6, adapt_hypergrad_lr=None), {}),
+    "mu-adam": (lambda: mu_rule(base="adam", lr=0.01, hypergrad_lr=1e-4), {}),
+}
+
+
+@pytest.mark.parametrize("case", STATE_CASES)
+def test_the_state_is_a_stable_pytree_of_tensors_whose_rates_start_at_the_first_steps_lr(case):
+    make, kw = STATE_CASES[case]
+    lopt = make().double()
+    s = slot(lopt, quadratic(seed=2, dim=6), 0)
+    init = s.opt_state
+    assert isinstance(init, LearnedRuleState) and float(init.lr_seen) == 1.0  # init knows no rate
+    assert all(isinstance(x, torch.Tensor) for x in tree_leaves(init))  # None and Python numbers do not stack
+    lr = 0.003  # not the optimizer's own lr: the first step starts from exactly this rate
+    first = unroll(lopt, [s], 1, lr=lr, **kw).opt_states[0]
+    if case.startswith("gamma"):  # h_1 = 0: every level still at α_0 after step 1
+        for level, rates in metaopt.hypergrad.cam_hd.level_rates(first.rule, lopt.levels).items():
+            for r in (rates.values() if level == "parameter" else [rates]):
+                assert torch.equal(r, torch.full_like(r, lr))
+        if "parameter" not in lopt.levels:  # an unused level: an empty tensor where CamHDRule keeps None
+            assert first.rule.alpha_param.shape == (0,) and first.rule.alpha_layer.shape == (0,)
+    else:  # the first call has no pending hyper-step: η_1 = η_0
+        assert float(first.rule.lr) == lr
+    out = unroll(lopt, [s], 3, lr=lr, **kw).opt_states[0]
+    assert float(out.lr_seen) == lr and int(out.rule.step) == 3 and out.rule.step.dtype == torch.int64
+    assert tree_structure(out) == tree_structure(init)
+    assert [(x.shape, x.dtype) for x in tree_leaves(out)] == [(x.shape, x.dtype) for x in tree_leaves(init)]
+    carried = tree_map(torch.Tensor.detach, out)  # the truncation boundary is one tree_map
+    stacked = stack([init, carried])  # a fresh instance stacks with one further along
+    assert tree_structure(stacked) == tree_structure(init)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -366,7 +453,7 @@ def test_vectorized_unroll_equals_the_python_loop(make, kw):
     for name in g_vec:
         assert g_vec[name].abs().sum() > 0
         torch.testing.assert_close(g_vec[name], g_loop[name], rtol=1e-9, atol=1e-15)
-    assert [int(s.step["theta"]) for s in vec.opt_states] == [4, 7, 4]
+    assert [int(s.rule.step) for s in vec.opt_states] == [4, 7, 4]
     assert lopt.static_step(slots()[1].opt_state) == (3 if lopt.base == "adam" else None)
 
 
@@ -464,7 +551,7 @@ def test_gamma_face_state_shapes_are_stable_and_unnamed_parameters_are_one_layer
     shapes = {k: {f: v.shape for f, v in st.items()} for k, st in opt.state_dict()["state"].items()}
     train(model, opt, batches(4, 2, torch.float32))
     assert shapes == {k: {f: v.shape for f, v in st.items()} for k, st in opt.state_dict()["state"].items()}
-    assert len(opt.param_groups[0]["alpha_layer_change"]) == 4  # as cam-hd-* given model.parameters()
+    assert len(opt.param_groups[0]["alpha_layer"]) == 4  # as cam-hd-* given model.parameters()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     opt.zero_grad(set_to_none=True)
     mse(model, batches(1, 3, torch.float32)[0]).backward()
@@ -572,7 +659,7 @@ def test_three_meta_steps_of_the_preset_complete_and_change_theta(name, tmp_path
 
 def test_the_presets_meta_train_on_quadratics_and_resume_exactly(tmp_path):
     """Without the dataset too: the presets' optimizers run through the trainer (quadratic family, tiny), and their
-    states (dicts of int64 / float64 / float32 tensors) resume bit for bit from the training state file."""
+    states (pytrees of int64 / float64 / float32 tensors) resume bit for bit from the training state file."""
     family = FixedFamily(quadratic(dtype=torch.float32))
     for name in ("cam-hd-learned-gamma", "marthe-learned-mu"):
         # fixed, small hyper-learning rates: the quadratics' hypergradients are large (see the unroll tests)
@@ -586,10 +673,9 @@ def test_the_presets_meta_train_on_quadratics_and_resume_exactly(tmp_path):
         assert any(not torch.equal(before[k], v) for k, v in trainer.lopt.state_dict().items())
         resumed = MetaTrainer(config, tmp_path / name, family=family, resume=True)
         for a, b in zip(trainer.slots, resumed.slots):
-            assert type(a.opt_state) is type(b.opt_state)
-            for field_a, field_b in zip(a.opt_state, b.opt_state):
-                assert all(torch.equal(field_a[n], field_b[n]) and field_a[n].dtype == field_b[n].dtype
-                           for n in field_a)
+            assert type(a.opt_state) is type(b.opt_state) and tree_structure(a.opt_state) == tree_structure(b.opt_state)
+            assert all(torch.equal(x, y) and x.dtype == y.dtype
+                       for x, y in zip(tree_leaves(a.opt_state), tree_leaves(b.opt_state), strict=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -6,8 +6,9 @@ one that reads less must lower its entry. What remains is the non-finite guard e
 ``nonfinite="skip"`` must know before it writes), the HD family's rate kept as a Python float (its read doubles as
 the guard), CAM-HD's group-level rates written back into ``param_groups`` (one read for all of them), and the
 closure-driven MARTHE / RTHO / HD-val / TLR-naive, which check the training and validation gradients and, for MARTHE
-and RTHO, the Hessian-vector product separately; the learned γ / μ rules' frozen faces read their networks' outputs
-back into the hand-designed faces' Python-float state (9 and 5: the most left). The parameter-free baselines are their packages' code, not counted.
+and RTHO, the Hessian-vector product separately; the learned μ rule's frozen face reads its network's output back
+into marthe's Python-float state (5: the most left), while the learned γ's face reads as cam-hd-*'s (2). The
+parameter-free baselines are their packages' code, not counted.
 """
 
 import math
@@ -24,7 +25,7 @@ HOST_READS = {
     "sgd": 1, "momentum": 1, "nesterov": 1, "adam": 1, "rmsprop": 1, "adagrad": 1, "adadelta": 1,
     "sgd-hd": 1, "sgdn-hd": 1, "adam-hd": 1, "cam-hd-sgd": 2, "cam-hd-sgdn": 2, "cam-hd-adam": 2,
     "marthe": 4, "rtho": 4, "hd-val": 3, "tlr": 1, "tlr-pl": 1, "tlr-naive": 3,
-    "dm": 1, "hyperadam": 1, "hyperadam-general": 1, "rnnprop": 1, "cam-hd-learned-gamma": 9, "marthe-learned-mu": 5,
+    "dm": 1, "hyperadam": 1, "hyperadam-general": 1, "rnnprop": 1, "cam-hd-learned-gamma": 2, "marthe-learned-mu": 5,
 }
 COUNTED = [r.name for r in records() if r.kind != "parameter-free"]
 

@@ -1,13 +1,16 @@
 """The training state file's optimizer states: version 2 saves each slot's state as its list of pytree leaves and
-restores it into the structure the learned optimizer builds (any pytree of tensors); version 1 files
-({field: {name: tensor}} of a NamedTuple of dicts, HyperAdam's, DMoptimizer's, RNNprop's) still resume bit for bit; a
-state of another layout is refused with a message that says which tensor and why."""
+restores it into the structure the learned optimizer builds (any pytree: the learned CAM-HD γ nests CamHDRule's
+state); version 1 files ({field: {name: tensor}} of a NamedTuple of dicts, HyperAdam's, DMoptimizer's, RNNprop's)
+still resume bit for bit; a state of another layout is refused with a message that says which tensor and why."""
 
 import pytest
 import torch
 from torch.utils._pytree import tree_leaves, tree_structure
 
-from metaopt.meta import MetaTrainer, TrainingStateError
+from meta_tasks.base import FixedFamily
+from meta_tasks.tasks import QuadraticTask
+from metaopt.learned.rules import LearnedRuleState
+from metaopt.meta import MetaTrainer, TrainingStateError, preset
 from metaopt.meta.trainer import STATE_FILE, STATE_VERSION, restore_opt_state
 from test_meta import theta, tiny_config
 
@@ -52,6 +55,36 @@ def test_a_version_1_state_resumes_bit_for_bit(tmp_path):
     for k, v in theta(straight).items():
         assert torch.equal(v, theta(resumed)[k]), k
     assert torch.load(tmp_path / "b" / STATE_FILE, weights_only=True)["version"] == 2  # written anew as version 2
+
+
+def _learned_gamma_trainer(run_dir, meta_steps=2, resume=False):
+    family = FixedFamily(QuadraticTask.sample(torch.Generator().manual_seed(0), dim=6))
+    config = preset("cam-hd-learned-gamma", family="quadratic", horizon=4, truncation=2, meta_batch=2,
+                    meta_steps=meta_steps, val_every=0, lr=0.002, optimizer_kwargs='{"hypergrad_lr": 1e-6}')
+    return MetaTrainer(config, run_dir, family=family, resume=resume)
+
+
+def test_a_nested_state_round_trips_and_another_layout_is_refused(tmp_path):
+    trainer = _learned_gamma_trainer(tmp_path)
+    trainer.run(progress=False)
+    resumed = _learned_gamma_trainer(tmp_path, resume=True)
+    for a, b in zip(trainer.slots, resumed.slots, strict=True):
+        assert isinstance(b.opt_state, LearnedRuleState) and _same_states(a.opt_state, b.opt_state)
+        assert b.opt_state.rule.step.dtype == torch.int64 and int(b.opt_state.rule.step) == a.step  # the count
+
+    fresh = trainer.lopt.init(trainer.slots[0].params)
+    leaves = tree_leaves(trainer.slots[0].opt_state)
+    with pytest.raises(TrainingStateError, match=r"slot 0: the saved optimizer state has \d+ tensors"):
+        restore_opt_state(leaves[:-1], fresh, 2, "state.pt: slot 0")
+    bad = list(leaves)
+    bad[0] = bad[0].float()  # the step count, an int64
+    with pytest.raises(TrainingStateError, match=r"slot 0: optimizer state\.rule\.step was saved as \(\) "
+                                                 r"torch\.float32, but this run builds \(\) torch\.int64"):
+        restore_opt_state(bad, fresh, 2, "state.pt: slot 0")
+    # the learned rules' version-1 states (NamedTuples of per-parameter dicts) have no counterpart any more
+    mirror = {"step": {"theta": torch.zeros((), dtype=torch.int64)}, "alpha_param_change": {"theta": torch.zeros(6)}}
+    with pytest.raises(TrainingStateError, match="version 1's layout"):
+        restore_opt_state(mirror, fresh, 1, "state.pt: slot 0")
 
 
 def test_a_version_1_state_of_a_changed_parameter_set_is_refused(tmp_path):

@@ -9,36 +9,53 @@ statistics, initialized so that the optimizer *is* the hand-designed one at θ i
 * :class:`LearnedMuMARTHE` (``marthe-learned-mu``): MARTHE (``papers/marthe.txt``; spec §5) whose damping μ_{t+1} is
   h_μ (App. B) plus a learned correction, zero at init — App. B's "future work": "meta-learning these update rules".
 
-Neither copies the maths: the updates are :class:`~metaopt.hypergrad.cam_hd.CamHDRule` (its ``gamma=`` hook) and
-:class:`~metaopt.hypergrad.marthe.MartheRule` (its ``mu=`` hook). This module owns the networks, their features, the
-state layout that lets the rules be meta-trained, and the frozen faces.
+Neither copies the maths: the updates are :class:`~metaopt.hypergrad.cam_hd.CamHDRule` (its public hooks: the level
+hypergradients of :meth:`~metaopt.hypergrad.cam_hd.CamHDRule.hypergradients`, then ``step(..., gamma=,
+hypergradients=)``) and :class:`~metaopt.hypergrad.marthe.MartheRule` (``hyper_step(..., mu=)``, then ``step``). This
+module owns the networks, their features, the state layout that lets the rules be meta-trained, and the frozen faces.
 
 **Exact-at-init networks.** Each network is a :class:`MirroredMLP`: two identical one-hidden-layer MLPs whose outputs
 are subtracted, so its output is exactly 0 for every input at init while every weight still receives a meta-gradient
 (with a zero last layer, as in a plain residual init, the hidden layer would get no meta-gradient until the last layer
 has moved). γ = softmax(log γ₀ + z) = γ₀ at z = 0, μ = clip(h_μ + z, 0, 1) = h_μ at z = 0.
 
-**State layout.** A learned optimizer's state is a NamedTuple of dicts keyed by parameter name. The unroll and the
-truncation boundary take any pytree, but the meta-trainer's training-state file stores it as ``{field: dict(value)}``
-and restores it with ``type(state)(**fields)`` (``MetaTrainer.state_dict`` / ``load_state``), so this layout is that
-file's format: the rules cannot carry CamHDRule's / MartheRule's own states (Python ints, ``None`` for unused levels,
-bare tensors) as they are, and translate at each call (``_to_rule_state`` / ``_from_rule_state``). The rules'
-group-level quantities (γ, the unit / layer / global rates, η, β, μ, c, the step count) are therefore *replicated*
-under every name (the same tensor object), listed in ``group_fields``; the frozen CAM-HD face stores them once per
-param group (:class:`FrozenGroupStateOptimizer`). Learning rates are stored as their change since the initial rate
-(``α_t − α_0``, ``η_t − η_0``), so the ``lr`` passed to :meth:`update` (the checkpoint's by default, the face's ``lr``)
-is the initial rate whatever state exists. For float64 rates the round trip ``α_0 + (α_t − α_0)`` gives back α_t
-exactly while α_t stays within a factor 2 of α_0 (the subtraction is then exact, Sterbenz's lemma); beyond, it may
-round in the last bit, which is why "equal to the hand-designed rule at θ init" holds bit for bit only that far (and
-to rounding after).
+**State layout.** A learned rule's state is a :class:`LearnedRuleState`: the hand-designed rule's own state
+(``CamHDAdamState``, ``MartheMomentumState``, …, as that rule returns it) and ``lr_seen``, the rate it refers to. The
+meta-trainer stacks states over instances (:func:`metaopt.tree.stack`, for ``vmap``), cuts them at the truncation
+boundary with one ``tree_map(detach)`` and saves them as their list of pytree leaves (``MetaTrainer.state_dict``), so
+every leaf must be a tensor — ``None`` too is a leaf of ``torch.utils._pytree``, and neither it nor a Python number
+stacks. The rules' states hold a few such values, stored here as tensors:
+
+* the step count (a Python int the rules branch on) as a 0-d int64 tensor: each call hands the rule a Python int in
+  its place (``_rule_step``: the unroll's ``step=`` for the Adam bases, see ``static_step``; ``_RULE_STEP``
+  otherwise) and stores the count + 1 after it;
+* CAM-HD's ``negative_lr_steps`` as a 0-d int64 tensor, MARTHE's η, β, μ, c and Δη (Python floats at init) as 0-d
+  float64 tensors;
+* a CAM-HD level that is not used (``None`` in the rule's state) as an empty (0,) float64 tensor.
+
+Everything else is the rule's own: the group-level quantities (γ, ∂L/∂γ, the unit / layer / global rates, MARTHE's
+scalars) are stored once, as the rule keeps them, and the rates are absolute. ``lr_seen`` is the ``lr`` of the last
+update: an update given another ``lr`` first multiplies every rate (CAM-HD's levels, MARTHE's η) by
+``lr / lr_seen`` — as ``cam-hd-*``'s face follows an LR schedule, and as a schedule multiplies ``marthe``'s η — and
+by exactly 1 when it is unchanged, so the rates then pass through untouched. :meth:`~LearnedGammaCAMHD.init` knows no
+rate: its rates are 1 with ``lr_seen = 1``, and the first update scales them to exactly its ``lr`` (the checkpoint's
+by default; the face's ``lr``). So ``lr`` is the initial rate α_0 (η_0), for every caller and without rounding, and
+at θ init the learned rules equal the hand-designed ones bit for bit however far their rates move (an earlier layout
+stored α_t − α_0, whose round trip rounded once α_t left a factor 2 of α_0). The frozen CAM-HD face keeps the
+rule's per-parameter fields in ``optimizer.state[p]`` and the group-level ones once per param group, under the
+names ``cam-hd-*``'s faces use (:class:`FrozenGroupStateOptimizer`).
 
 **Unroll protocol** (read by :func:`metaopt.meta.unroll.unroll`; see its module docstring):
 
 * ``static_step(state) -> int | None``: the Adam bases' bias corrections need the step count as a Python int, which a
   vmapped call cannot read from a per-instance tensor; the unroll groups instances by it and passes ``step=`` to
-  :meth:`update`. SGD-type bases return ``None`` (their arithmetic does not depend on it, see ``_RULE_STEP``).
+  :meth:`~LearnedGammaCAMHD.step`. SGD-type bases return ``None`` (their arithmetic does not depend on it, see
+  ``_RULE_STEP``).
 * ``needs_oracles`` and ``hvp_vectors(state)`` (MARTHE only): the unroll also passes ``hvp=`` (H_t·Z_t of the
   training loss at w_t) and ``val_grads=`` (∇E(w_t) on a validation batch), computed outside vmap.
+
+Both rules implement the update protocol's ``step(params, grads, state) -> (new_params, state)`` themselves, returning
+the hand-designed rule's new parameters as they are; ``update`` is its additive form (``new − params``).
 """
 
 from __future__ import annotations
@@ -51,11 +68,10 @@ import torch
 from torch import Tensor, nn
 
 from metaopt.baselines import with_weight_decay
-from metaopt.core import FunctionalOptimizer, check_betas, check_range
-from metaopt.hypergrad.cam_hd import (DEFAULT_LEVELS, CamHDAdamState, CamHDHypergradients, CamHDRule, CamHDSGDState,
-                                      ParamLayout, check_gamma, default_gamma, level_rates, parse_levels)
-from metaopt.hypergrad.marthe import (DEFAULT_LR, DEFAULT_MOMENTUM, Marthe, MartheAdamState, MartheDiagnostics,
-                                      MartheMomentumState, MartheRule, MartheSGDState)
+from metaopt.core import FunctionalOptimizer, check_betas, check_range, to_group_values
+from metaopt.hypergrad.cam_hd import (DEFAULT_LEVELS, CamHDHypergradients, CamHDRule, ParamLayout, check_gamma,
+                                      default_gamma, level_rates, parse_levels)
+from metaopt.hypergrad.marthe import DEFAULT_LR, DEFAULT_MOMENTUM, Marthe, MartheDiagnostics, MartheRule
 from metaopt.learned.base import FrozenLearnedOptimizer, LearnedOptimizer, Params, register_learned
 from metaopt.numerics import TINY
 
@@ -80,18 +96,19 @@ def _safe_sqrt(x: Tensor) -> Tensor:
     return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
 
 
-def _replicate(value: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
-    return {n: value for n in names}
+class LearnedRuleState(NamedTuple):
+    """The state of a learned rule (module docstring, "State layout"): every leaf a tensor."""
+    rule: Any        # the hand-designed rule's state (CamHDAdamState, MartheSGDState, …), its Python values as tensors
+    lr_seen: Tensor  # the lr of the last update, which the rates refer to; 1 before the first. 0-d float64
 
 
-def _first(field: dict[str, Tensor]) -> Tensor:
-    return next(iter(field.values()))
+def _lr_tensor(lr: float | Tensor, like: Tensor) -> Tensor:
+    return torch.as_tensor(lr, dtype=F64, device=like.device)
 
 
-def _group_value(value: Tensor) -> Any:
-    """A group-level tensor as a Python number or (nested) list: exact for float64 and int64."""
-    value = value.detach()
-    return value.item() if value.dim() == 0 else value.cpu().tolist()
+def _rate_factor(lr: Tensor, lr_seen: Tensor) -> Tensor:
+    """``lr / lr_seen``, and exactly 1 where they are equal (a 0-d float64 tensor; vmap-friendly)."""
+    return torch.where(lr == lr_seen, torch.ones_like(lr), lr / lr_seen)
 
 
 class MirroredMLP(nn.Module):
@@ -114,79 +131,94 @@ class MirroredMLP(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The frozen face for states with replicated group-level fields
+# The frozen face for the learned CAM-HD γ: the rule's group-level state stored once per param group
 
 
 class FrozenGroupStateOptimizer(FrozenLearnedOptimizer):
-    """:class:`~metaopt.learned.base.FrozenLearnedOptimizer` for a learned optimizer whose state replicates
-    group-level quantities under every parameter name (``lopt.group_fields``).
+    """:class:`~metaopt.learned.base.FrozenLearnedOptimizer` for :class:`LearnedGammaCAMHD`, whose state is a
+    :class:`LearnedRuleState` around a CAM-HD state with group-level fields.
 
-    Those fields are stored once, in ``param_groups[i][field]`` as Python numbers / lists (visible to users, exact
-    through ``state_dict()``); the per-parameter fields live in ``optimizer.state[p]`` as usual. Keeping the float64
-    γ and rates out of ``optimizer.state`` matters: ``torch.optim.Optimizer.load_state_dict`` casts floating-point
-    per-parameter state to the parameter's dtype, which would round them to float32 on a float32 model and break exact
-    resume. All parameters of a group are expected to receive gradients together (as every metaopt face assumes).
+    The rule's per-parameter fields (its dicts: ``alpha_param``, Adam's ``exp_avg`` / ``exp_avg_sq``, SGD's
+    ``momentum_buffer`` / ``prev_direction``) live in ``optimizer.state[p]`` as usual; the group-level ones (``step``,
+    ``gamma``, ``gamma_grad``, ``alpha_unit``, ``alpha_layer``, ``alpha_global``, ``negative_lr_steps``, and
+    ``lr_seen``) are stored once, in ``param_groups[i][field]`` as Python numbers / lists (the keys ``cam-hd-*``'s
+    faces use, ``None`` for an unused level), visible to users and exact through ``state_dict()``. Keeping the
+    float64 γ and rates out of ``optimizer.state`` matters: ``torch.optim.Optimizer.load_state_dict`` casts
+    floating-point per-parameter state to the parameter's dtype, which would round them to float32 on a float32
+    model and break exact resume. ``param_groups[i]["lr"]`` is α_0; an LR scheduler that changes it scales every
+    level's rate by new / old at the next step (:class:`LearnedRuleState`'s ``lr_seen``). All parameters of a group
+    are expected to receive gradients together (as every metaopt face assumes).
     """
 
-    def load_rule_state(self, group: dict[str, Any], rule: FunctionalOptimizer, params: Params) -> NamedTuple:
-        missing = {n: p for n, p in params.items() if not self.state[p]}
-        fresh = rule.init(missing if missing else params)
-        names, group_fields = list(params), self.lopt.group_fields
-        values = {}
-        for field, init_value in zip(fresh._fields, fresh):
-            if field in group_fields:
-                like = _first(init_value)
-                value = (torch.as_tensor(group[field], dtype=like.dtype, device=like.device) if field in group
-                         else like)
-                values[field] = _replicate(value, names)
-            else:
-                values[field] = {n: (init_value[n] if n in missing else self.state[p][field])
-                                 for n, p in params.items()}
-        return type(fresh)(**values)
+    def rule(self, group: dict[str, Any]) -> FunctionalOptimizer:
+        self._lopt_on(group["params"][0].device)
+        return _FrozenGammaRule(self.lopt, group["lr"], group.get("step", 0))
 
-    def store_rule_state(self, group: dict[str, Any], params: Params, state: NamedTuple) -> None:
-        for field, value in zip(state._fields, state):
-            if field in self.lopt.group_fields:
-                group[field] = _group_value(_first(value))
+    def load_rule_state(self, group: dict[str, Any], rule: FunctionalOptimizer, params: Params) -> LearnedRuleState:
+        """The state from ``optimizer.state`` and the group. ``init`` runs only for the first step, or where some
+        parameter has no state yet (its fresh rates then start at the group's ``lr_seen``, where the others are)."""
+        if "step" in group and "lr_seen" not in group:
+            raise ValueError(f"{type(self).__name__}: param group {self.param_groups.index(group)} holds a state of "
+                             "an earlier metaopt (rates stored as α − α_0, no 'lr_seen'), which this face cannot "
+                             "resume; start the optimizer afresh")
+        missing = {n: p for n, p in params.items() if not self.state[p]}
+        layout = self._layouts.get(id(group))
+        fresh = None
+        if missing or layout is None or "lr_seen" not in group:
+            fresh = rule.init(missing if missing else params)
+            if "lr_seen" in group:
+                fresh = self.lopt.at_lr(fresh, group["lr_seen"])
+            layout = (type(fresh.rule), [(f, isinstance(v, dict), None if isinstance(v, dict) else v)
+                                         for f, v in zip(fresh.rule._fields, fresh.rule)])
+            self._layouts[id(group)] = layout
+        if "lr_seen" not in group:  # before the first step: the fresh state as it is
+            return fresh
+        state_type, fields = layout
+        values = {}
+        for field, per_parameter, like in fields:
+            if per_parameter:
+                values[field] = {n: (getattr(fresh.rule, field)[n] if n in missing else self.state[p][field])
+                                 for n, p in params.items()}
             else:
+                stored = [] if group[field] is None else group[field]  # None: an unused level, stored as (0,)
+                values[field] = torch.as_tensor(stored, dtype=like.dtype, device=like.device)
+        lr_seen = torch.as_tensor(group["lr_seen"], dtype=F64, device=next(iter(params.values())).device)
+        return LearnedRuleState(state_type(**values), lr_seen)
+
+    def store_rule_state(self, group: dict[str, Any], params: Params, state: LearnedRuleState) -> None:
+        group_fields = [("lr_seen", state.lr_seen)]
+        for field, value in zip(state.rule._fields, state.rule):
+            if isinstance(value, dict):
                 for n, p in params.items():
                     self.state[p][field] = value[n]
+            else:
+                group_fields.append((field, value))
+        group.update({field: None for field, value in group_fields if value.numel() == 0})  # an unused level
+        group_fields = [(field, value) for field, value in group_fields if value.numel() > 0]
+        for (field, _), value in zip(group_fields, to_group_values([v for _, v in group_fields])):
+            group[field] = value
+
+
+class _FrozenGammaRule(FunctionalOptimizer):
+    """The frozen face's rule for one step of a group: :meth:`LearnedGammaCAMHD.step` at the group's ``lr``, given
+    the group's step count as the Python int it already is (the Adam base's bias corrections then read nothing back
+    from the state's count tensor)."""
+
+    def __init__(self, lopt: LearnedGammaCAMHD, lr: float, step: int):
+        self.lopt, self.lr, self.count = lopt, lr, step
+
+    def init(self, params: Params) -> LearnedRuleState:
+        return self.lopt.init(params)
+
+    def step(self, params: Params, grads: Params, state: LearnedRuleState) -> tuple[Params, LearnedRuleState]:
+        return self.lopt.step(params, grads, state, lr=self.lr, step=self.count)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # CAM-HD with a learned γ
 
 
-class LearnedGammaSGDState(NamedTuple):
-    """State over an SGD / SGDN base. Group-level fields hold the same tensor under every name."""
-    step: dict[str, Tensor]                 # t, int64 0-d (group)
-    gamma: dict[str, Tensor]                # γ_t (the weights the last step used), (K,) float64 (group)
-    gamma_grad: dict[str, Tensor]           # ∂L/∂γ of the last step, (K,) float64 (group)
-    alpha_param_change: dict[str, Tensor]   # α^{(p)}_t − α_0, shaped like the parameter (or (0,) if unused)
-    alpha_unit_change: dict[str, Tensor]    # α^{(u)}_t − α_0, (num_units,) float64 or (0,) (group)
-    alpha_layer_change: dict[str, Tensor]   # α^{(l)}_t − α_0, (num_layers,) float64 or (0,) (group)
-    alpha_global_change: dict[str, Tensor]  # α^{(g)}_t − α_0, 0-d float64 or (0,) (group)
-    negative_lr_steps: dict[str, Tensor]    # int64 0-d (group), as CamHDRule counts them
-    momentum_buffer: dict[str, Tensor]      # v_t (zeros at init; (0,) for plain SGD)
-    prev_direction: dict[str, Tensor]       # d_{t−1}
-
-
-class LearnedGammaAdamState(NamedTuple):
-    """State over an Adam base; d_{t−1} is recomputed from (m, v) by CamHDRule."""
-    step: dict[str, Tensor]
-    gamma: dict[str, Tensor]
-    gamma_grad: dict[str, Tensor]
-    alpha_param_change: dict[str, Tensor]
-    alpha_unit_change: dict[str, Tensor]
-    alpha_layer_change: dict[str, Tensor]
-    alpha_global_change: dict[str, Tensor]
-    negative_lr_steps: dict[str, Tensor]
-    exp_avg: dict[str, Tensor]
-    exp_avg_sq: dict[str, Tensor]
-
-
-_CHANGE_FIELDS = {"parameter": "alpha_param_change", "unit": "alpha_unit_change", "layer": "alpha_layer_change",
-                  "global": "alpha_global_change"}
+_ALPHA_FIELDS = {"parameter": "alpha_param", "unit": "alpha_unit", "layer": "alpha_layer", "global": "alpha_global"}
 
 GAMMA_BASES = ("sgd", "sgdn", "adam")
 # Paper values, as the hand-designed faces (cam-hd-sgd / cam-hd-sgdn / cam-hd-adam): β per base
@@ -222,8 +254,9 @@ class LearnedGammaCAMHD(LearnedOptimizer):
 
     Args:
         base: ``"adam"`` (default), ``"sgd"`` or ``"sgdn"`` (Nesterov momentum; ``nesterov=False``: heavy ball).
-        lr: α_0, the initial rate of every level (paper 1e-3). The state holds α_t − α_0, so the ``lr`` given to
-            :meth:`update` or to the frozen face sets the starting rate; changing it shifts every level's rate.
+        lr: α_0, the initial rate of every level (paper 1e-3): the ``lr`` given to :meth:`step` or to the frozen
+            face (default this one) is the rate the first step starts from; changing it later scales every level's
+            rate by new / old, as ``cam-hd-*``'s face follows an LR schedule (module docstring, "State layout").
         hypergrad_lr: β (default: the paper's, 1e-7 for Adam, 1e-3 for SGD / SGDN), one or one per level.
         levels, gamma: the levels (default the paper's 3-level ``("parameter", "layer", "global")``) and γ₀
             (default (0.3, 0.3, 0.4), the paper's FFNN setting; (0.2, 0.8) for 2 levels ending in global). γ₀ > 0:
@@ -237,15 +270,13 @@ class LearnedGammaCAMHD(LearnedOptimizer):
     The decay schedule τ(t) of the hand-designed faces is not offered: the network sees the step count and can learn a
     schedule over γ; the rates themselves follow Alg. 1.
 
-    Memory per parameter element: the parameter-level change α_p − α_0 (+n when that level is used), plus d_{t−1}
-    (+n) for SGD, v and d_{t−1} (+2n) for SGDN, m and v (+2n) for Adam; the unit / layer / global changes, γ and ∂L/∂γ
-    are O(units + layers + K) per group. θ: 2·((4K + 5)·hidden + hidden + hidden·K + K) floats (1,350 at K = 3,
-    hidden = 32). Work: CamHDRule's step plus one more O(n) pass for the features (the level hypergradients are the
-    step's own, from :meth:`CamHDRule.hypergradients`); no extra forward / backward pass.
+    Memory per parameter element: CamHDRule's — the parameter-level rate α_p (+n when that level is used), plus
+    d_{t−1} (+n) for SGD, v and d_{t−1} (+2n) for SGDN, m and v (+2n) for Adam; the unit / layer / global rates, γ
+    and ∂L/∂γ are O(units + layers + K), stored once. θ: 2·((4K + 5)·hidden + hidden + hidden·K + K) floats (1,350
+    at K = 3, hidden = 32). Work: CamHDRule's step plus one more O(n) pass for the features (the level hypergradients
+    are the step's own, from :meth:`CamHDRule.hypergradients`) and one to bring α_p to the step's ``lr``
+    (:meth:`at_lr`); no extra forward / backward pass.
     """
-
-    group_fields: ClassVar[tuple[str, ...]] = ("step", "gamma", "gamma_grad", "alpha_unit_change",
-                                               "alpha_layer_change", "alpha_global_change", "negative_lr_steps")
 
     def __init__(self, base: str = "adam", lr: float = 1e-3, hypergrad_lr: float | Sequence[float] | None = None, *,
                  levels: Sequence[str] = DEFAULT_LEVELS, gamma: Sequence[float] | None = None,
@@ -318,77 +349,76 @@ class LearnedGammaCAMHD(LearnedOptimizer):
 
     # -- state ------------------------------------------------------------------------------------------------------
 
-    def init(self, params: Params) -> LearnedGammaSGDState | LearnedGammaAdamState:
+    def init(self, params: Params) -> LearnedRuleState:
+        """CamHDRule's initial state in units of the first update's ``lr``: every rate 1, ``lr_seen = 1`` (module
+        docstring, "State layout"), γ = γ₀, the moments / directions zero."""
         layout = self.layout(params)
-        state = self.rule(self.lr, layout).init(params)
+        state = self.rule(1.0, layout).init(params)
         if self.momentum > 0:  # a zero buffer instead of torch's "None" placeholder: see _RULE_STEP
             state = state._replace(momentum_buffer={n: torch.zeros_like(p) for n, p in params.items()})
         like = next(iter(params.values()))
-        return self._from_rule_state(state, self.lr, torch.zeros((), dtype=torch.int64, device=like.device),
-                                     list(params), like.device)
+        return LearnedRuleState(self._stored(state, torch.zeros((), dtype=torch.int64, device=like.device)),
+                                torch.ones((), dtype=F64, device=like.device))
 
-    def _from_rule_state(self, state: Any, lr: float | Tensor, step: Tensor, names: list[str],
-                         device: torch.device) -> LearnedGammaSGDState | LearnedGammaAdamState:
-        unused = torch.zeros(0, dtype=F64, device=device)
-        rates = level_rates(state, self.levels)
-        changes = {}
-        for level, field in _CHANGE_FIELDS.items():
-            if level not in rates:
-                changes[field] = _replicate(unused, names)
-            elif level == "parameter":
-                changes[field] = {n: rates[level][n] - lr for n in names}
-            else:
-                changes[field] = _replicate(rates[level] - lr, names)
-        negative = torch.as_tensor(state.negative_lr_steps, dtype=torch.int64, device=device)
-        common = dict(step=_replicate(step, names), gamma=_replicate(state.gamma, names),
-                      gamma_grad=_replicate(state.gamma_grad, names), negative_lr_steps=_replicate(negative, names),
-                      **changes)
-        if self.base == "adam":
-            return LearnedGammaAdamState(**common, exp_avg=dict(state.exp_avg), exp_avg_sq=dict(state.exp_avg_sq))
-        return LearnedGammaSGDState(**common, momentum_buffer=dict(state.momentum_buffer),
-                                    prev_direction=dict(state.prev_direction))
+    def _stored(self, rule_state: Any, step: Tensor) -> Any:
+        """CamHDRule's state as this optimizer stores it: the step count ``step`` (a tensor), ``negative_lr_steps``
+        as a tensor, an unused level's rates as an empty (0,) tensor (module docstring)."""
+        device = step.device
+        negative = rule_state.negative_lr_steps
+        values = dict(step=step, negative_lr_steps=(negative if isinstance(negative, Tensor) else
+                                                    torch.tensor(negative, dtype=torch.int64, device=device)))
+        values.update({field: torch.zeros(0, dtype=F64, device=device)
+                       for level, field in _ALPHA_FIELDS.items() if level not in self.levels})
+        return rule_state._replace(**values)
 
-    def _to_rule_state(self, state: Any, lr: float | Tensor, step: int, names: list[str]) -> Any:
+    def _for_rule(self, stored: Any, step: int) -> Any:
+        """The stored state as CamHDRule takes it: ``step`` a Python int, ``None`` for an unused level."""
+        return stored._replace(step=step, **{field: None for level, field in _ALPHA_FIELDS.items()
+                                             if level not in self.levels})
+
+    def at_lr(self, state: LearnedRuleState, lr: float | Tensor) -> LearnedRuleState:
+        """``state`` with its rates in units of ``lr``: every level's rates times ``lr / lr_seen`` (exactly 1, the
+        rates untouched, when ``lr`` is the state's ``lr_seen``), and ``lr_seen = lr``."""
+        lr = _lr_tensor(lr, state.lr_seen)
+        factor = _rate_factor(lr, state.lr_seen)
         rates = {}
-        for level in self.levels:
-            change = getattr(state, _CHANGE_FIELDS[level])
-            rates[level] = {n: lr + change[n] for n in names} if level == "parameter" else lr + _first(change)
-        common = dict(step=step, gamma=_first(state.gamma), gamma_grad=_first(state.gamma_grad),
-                      alpha_param=rates.get("parameter"), alpha_unit=rates.get("unit"),
-                      alpha_layer=rates.get("layer"), alpha_global=rates.get("global"),
-                      negative_lr_steps=_first(state.negative_lr_steps))
-        if self.base == "adam":
-            return CamHDAdamState(**common, exp_avg=state.exp_avg, exp_avg_sq=state.exp_avg_sq)
-        return CamHDSGDState(**common, momentum_buffer=state.momentum_buffer, prev_direction=state.prev_direction)
+        for level, value in level_rates(state.rule, self.levels).items():
+            if level == "parameter":
+                rates[_ALPHA_FIELDS[level]] = {n: a * factor.to(a.dtype) for n, a in value.items()}
+            else:
+                rates[_ALPHA_FIELDS[level]] = value * factor
+        return LearnedRuleState(state.rule._replace(**rates), lr)
 
-    def static_step(self, state: Any) -> int | None:
+    def static_step(self, state: LearnedRuleState) -> int | None:
         """The step count as a Python int where the arithmetic needs it (Adam's bias corrections), else None. Reads
         one instance's state (a stacked one gives instance 0's count). Unroll protocol, see the module docstring."""
         if self.base != "adam":
             return None
-        return int(_first(state.step).reshape(-1)[0])
+        return int(state.rule.step.reshape(-1)[0])
 
-    def _rule_step(self, state: Any, step: int | None) -> int:
+    def _rule_step(self, state: LearnedRuleState, step: int | None) -> int:
         if self.base != "adam":
             return _RULE_STEP
         if step is not None:
             return int(step)
         try:
-            return int(_first(state.step))
+            return int(state.rule.step)
         except RuntimeError as err:  # a per-instance tensor under vmap has no Python value
             raise RuntimeError(f"{type(self).__name__} over Adam needs the step count as a Python int under "
-                               "torch.func.vmap: pass update(..., step=lopt.static_step(state)) (metaopt.meta.unroll "
-                               "does, grouping instances by it)") from err
+                               "torch.func.vmap: pass step=lopt.static_step(state) to its step() or update() "
+                               "(metaopt.meta.unroll does, grouping instances by it)") from err
 
     # -- the γ network ------------------------------------------------------------------------------------------------
 
-    def features(self, hypergradients: CamHDHypergradients, state: Any, layout: ParamLayout,
+    def features(self, hypergradients: CamHDHypergradients, state: LearnedRuleState, layout: ParamLayout,
                  lr: float | Tensor) -> Tensor:
         """The (4K + 5,) float64 feature vector x_t (class docstring) from steps 1–2 of the step
-        (:meth:`CamHDRule.hypergradients`, which the step then reuses); differentiable, vmap-friendly."""
-        names = layout.names  # every parameter has a gradient (update checks), so live == names
+        (:meth:`CamHDRule.hypergradients`, which the step then reuses) and the state before the step, its rates in
+        units of ``lr`` (:meth:`at_lr`); differentiable, vmap-friendly."""
+        names = layout.names  # every parameter has a gradient (step checks), so live == names
         effective, prev, h = hypergradients.effective, hypergradients.prev_directions, hypergradients.h
-        like = _first(state.gamma)
+        rule_state = state.rule
+        like = rule_state.gamma
         zero = torch.zeros((), dtype=F64, device=like.device)
         l1 = dot = g2 = d2 = zero
         for n in names:
@@ -402,34 +432,33 @@ class LearnedGammaCAMHD(LearnedOptimizer):
                 d2 = d2 + (d * d).sum(dtype=F64)
 
         coherence, mean_rates = [], []
-        for level in self.levels:
-            change = getattr(state, _CHANGE_FIELDS[level])
+        for level, alpha in level_rates(rule_state, self.levels).items():
             if level == "parameter":
                 total = zero
                 for t in h[level].values():
                     total = total + t.abs().sum(dtype=F64)
-                mean_change = zero
+                mean_rate = zero
                 for n in names:
-                    mean_change = mean_change + change[n].sum(dtype=F64)
-                mean_change = mean_change / layout.numel
+                    mean_rate = mean_rate + alpha[n].sum(dtype=F64)
+                mean_rate = mean_rate / layout.numel
             else:
                 total = h[level].abs().sum()
-                mean_change = _first(change).mean()
+                mean_rate = alpha.mean()
             coherence.append(_safe_div(total, l1))
-            mean_rates.append(lr + mean_change)
+            mean_rates.append(mean_rate)
         cosine = _safe_div(dot, _safe_sqrt(g2 * d2))
 
-        gamma_grad = _first(state.gamma_grad)
+        gamma_grad = rule_state.gamma_grad
         gamma_grad = _safe_div(gamma_grad, gamma_grad.abs().sum().expand_as(gamma_grad))
         rates = torch.stack(mean_rates)
         log_rates = torch.log(rates.abs() + TINY)
         rate_logs = (log_rates - log_rates.mean()).clamp(-10.0, 10.0)
-        gamma_prev = _first(state.gamma)
+        gamma_prev = rule_state.gamma
         alpha0 = torch.as_tensor(lr, dtype=F64, device=like.device).abs()
         drift = (torch.log((gamma_prev * rates).sum().abs() + TINY) - torch.log(alpha0 + TINY)).clamp(-10.0, 10.0)
         gamma0 = torch.tensor(self.gamma0, dtype=F64, device=like.device)
         gamma_rel = (torch.log(gamma_prev + TINY) - torch.log(gamma0)).clamp(-10.0, 10.0)
-        t = _first(state.step).to(F64)
+        t = rule_state.step.to(F64)
         progress = torch.stack([torch.tanh(t / tau) for tau in GAMMA_TIME_SCALES])
         return torch.cat([torch.stack(coherence), cosine.reshape(1), gamma_grad, rate_logs, drift.reshape(1),
                           gamma_rel, progress])
@@ -440,40 +469,45 @@ class LearnedGammaCAMHD(LearnedOptimizer):
         weights = torch.tensor(self.gamma0, dtype=F64, device=z.device) * torch.exp(z - z.max())
         return weights / weights.sum()
 
-    # -- the update ---------------------------------------------------------------------------------------------------
+    # -- the step -----------------------------------------------------------------------------------------------------
 
-    def update(self, grads: Params, state: Any, params: Params, lr: float | Tensor | None = None, *,
-               step: int | None = None) -> tuple[Params, Any]:
-        """One CAM-HD step with the network's γ_t. Returns additive updates (new − old parameters) and the new state.
+    def step(self, params: Params, grads: Params, state: LearnedRuleState, lr: float | Tensor | None = None, *,
+             step: int | None = None) -> tuple[Params, LearnedRuleState]:
+        """One CAM-HD step with the network's γ_t: ``(new_params, new_state)``, the new parameters CamHDRule's own.
 
-        ``lr``: α_0 (default ``self.lr``). ``step``: the step count as a Python int (Adam base under vmap; see
-        :meth:`static_step`). Every parameter needs a gradient (the level groupings are over the parameter set).
+        ``lr``: α_0 (default ``self.lr``; see the module docstring for a state last stepped at another rate).
+        ``step``: the step count as a Python int (Adam base under vmap; see :meth:`static_step`). Every parameter
+        needs a gradient (the level groupings are over the parameter set).
         """
         if set(grads) != set(params):
-            raise ValueError(f"{type(self).__name__}.update needs a gradient for every parameter (the level "
+            raise ValueError(f"{type(self).__name__}.step needs a gradient for every parameter (the level "
                              f"groupings are over the whole set); missing: {sorted(set(params) - set(grads))}")
-        names = list(params)
         lr = self.lr if lr is None else lr
         layout = self.layout(params)
         for level in set(self.levels) & {"unit", "layer"}:
-            stored = _first(getattr(state, _CHANGE_FIELDS[level])).shape[-1]
+            stored = getattr(state.rule, _ALPHA_FIELDS[level]).shape[-1]
             if stored != layout.num_groups(level):
                 raise ValueError(f"{type(self).__name__}: the state has {stored} {level} rates but these parameters "
                                  f"form {layout.num_groups(level)} {level}s; the parameter set changed since init "
                                  "(on the frozen face: every parameter of a group needs a gradient at every step)")
         rule = self.rule(lr, layout)
-        rule_state = self._to_rule_state(state, lr, self._rule_step(state, step), names)
+        state = self.at_lr(state, lr)
+        rule_state = self._for_rule(state.rule, self._rule_step(state, step))
         hypergradients = rule.hypergradients(params, grads, rule_state)  # once: the features and the step share them
         gamma = self.gamma_weights(self.features(hypergradients, state, layout, lr))
-        new_params, new_state = rule.step(params, grads, rule_state, gamma=gamma, hypergradients=hypergradients)
-        t = _first(state.step)
-        out = self._from_rule_state(new_state, lr, t + 1, names, t.device)
-        return {n: new_params[n] - params[n] for n in names}, out
+        new_params, new_rule_state = rule.step(params, grads, rule_state, gamma=gamma, hypergradients=hypergradients)
+        return new_params, state._replace(rule=self._stored(new_rule_state, state.rule.step + 1))
+
+    def update(self, grads: Params, state: LearnedRuleState, params: Params, lr: float | Tensor | None = None, *,
+               step: int | None = None) -> tuple[Params, LearnedRuleState]:
+        """:meth:`step` in the additive form: the updates (new − old parameters) and the new state."""
+        new_params, state = self.step(params, grads, state, lr, step=step)
+        return {n: new_params[n] - params[n] for n in params}, state
 
     def frozen(self, params, lr: float | None = None, *, nonfinite: str = "skip") -> torch.optim.Optimizer:
         """This optimizer with θ frozen, as a ``torch.optim.Optimizer`` (the generic learned face; γ, the group-level
         rates and the step count are kept in ``param_groups[i]``, see :class:`FrozenGroupStateOptimizer`). Pass
-        ``model.named_parameters()`` so that layers follow the modules."""
+        ``model.named_parameters()`` so that layers follow the modules; ``lr`` is α_0 (default the checkpoint's)."""
         return FrozenGroupStateOptimizer(params, self, lr=lr, nonfinite=nonfinite)
 
 
@@ -481,50 +515,7 @@ class LearnedGammaCAMHD(LearnedOptimizer):
 # MARTHE with a learned damping μ
 
 
-class LearnedMuSGDState(NamedTuple):
-    """State over an SGD base; the scalars are group-level (the same 0-d tensor under every name)."""
-    step: dict[str, Tensor]          # t, int64
-    lr_change: dict[str, Tensor]     # η_t − η_0, float64
-    hypergrad_lr: dict[str, Tensor]  # β_t
-    damping: dict[str, Tensor]       # μ_t
-    horizon: dict[str, Tensor]       # c_t
-    delta_lr: dict[str, Tensor]      # Δη_t
-    tangent: dict[str, Tensor]       # Z^w_t
-    direction: dict[str, Tensor]     # d_{t−1}
-
-
-class LearnedMuMomentumState(NamedTuple):
-    """State over heavy-ball SGD with momentum."""
-    step: dict[str, Tensor]
-    lr_change: dict[str, Tensor]
-    hypergrad_lr: dict[str, Tensor]
-    damping: dict[str, Tensor]
-    horizon: dict[str, Tensor]
-    delta_lr: dict[str, Tensor]
-    tangent: dict[str, Tensor]
-    direction: dict[str, Tensor]
-    momentum_buffer: dict[str, Tensor]
-    tangent_momentum_buffer: dict[str, Tensor]
-
-
-class LearnedMuAdamState(NamedTuple):
-    """State over Adam."""
-    step: dict[str, Tensor]
-    lr_change: dict[str, Tensor]
-    hypergrad_lr: dict[str, Tensor]
-    damping: dict[str, Tensor]
-    horizon: dict[str, Tensor]
-    delta_lr: dict[str, Tensor]
-    tangent: dict[str, Tensor]
-    direction: dict[str, Tensor]
-    exp_avg: dict[str, Tensor]
-    exp_avg_sq: dict[str, Tensor]
-    tangent_exp_avg: dict[str, Tensor]
-    tangent_exp_avg_sq: dict[str, Tensor]
-
-
-_MU_STATES = {"sgd": (LearnedMuSGDState, MartheSGDState), "momentum": (LearnedMuMomentumState, MartheMomentumState),
-              "adam": (LearnedMuAdamState, MartheAdamState)}
+MU_BASES = ("sgd", "momentum", "adam")
 _HYPER_FIELDS = ("lr", "hypergrad_lr", "damping", "horizon", "delta_lr")  # what MartheRule.hyper_step changes
 
 
@@ -580,7 +571,8 @@ class LearnedMuMARTHE(LearnedOptimizer):
 
     Args (defaults: the ``marthe`` face's, i.e. the paper's §6 setting):
         base: ``"momentum"`` (heavy ball, 0.9), ``"sgd"`` or ``"adam"``.
-        lr: η_0 (default 0.1 for momentum, 0.01 for SGD, 3e-4 for Adam). The state holds η_t − η_0.
+        lr: η_0 (default 0.1 for momentum, 0.01 for SGD, 3e-4 for Adam), the rate the first step starts from
+            (module docstring, "State layout").
         hypergrad_lr: β_0 (0: Alg. 1 "requires β_0 = 0").
         adapt_hypergrad_lr: β_hyper (1e-6, the authors' code), or None for a fixed β.
         momentum, betas, eps, weight_decay: the base's (weight decay is in L and H, not in E, A-M6).
@@ -588,7 +580,7 @@ class LearnedMuMARTHE(LearnedOptimizer):
 
     The hyper-learning-rate update stays the paper's; only μ is learned.
 
-    Functional use, one call per step (:meth:`update`): the call for step t first finishes step t−1 — its hyper-step
+    Functional use, one call per step (:meth:`step`): the call for step t first finishes step t−1 — its hyper-step
     needs ∇E(w_t), the validation gradient at the parameters this call receives — then takes the tangent and
     parameter step, which needs H_t·Z_t. Both are *oracles* the caller supplies (``val_grads=``, ``hvp=``; the meta-
     training unroll does, see ``needs_oracles``). Without them the update falls back to an oracle-free
@@ -602,15 +594,14 @@ class LearnedMuMARTHE(LearnedOptimizer):
     """
 
     needs_oracles: ClassVar[bool] = True
-    group_fields: ClassVar[tuple[str, ...]] = ("step", "lr_change", "hypergrad_lr", "damping", "horizon", "delta_lr")
 
     def __init__(self, base: str = "momentum", lr: float | None = None, hypergrad_lr: float = 0.0,
                  adapt_hypergrad_lr: float | None = 1e-6, *, momentum: float | None = None,
                  betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  hidden: int = 16):
         super().__init__()
-        if base not in _MU_STATES:
-            raise ValueError(f"Invalid base: {base!r} (expected one of {tuple(_MU_STATES)})")
+        if base not in MU_BASES:
+            raise ValueError(f"Invalid base: {base!r} (expected one of {MU_BASES})")
         lr = DEFAULT_LR[base] if lr is None else float(lr)
         if base == "momentum":
             momentum = DEFAULT_MOMENTUM if momentum is None else float(momentum)
@@ -662,77 +653,67 @@ class LearnedMuMARTHE(LearnedOptimizer):
 
     # -- state ------------------------------------------------------------------------------------------------------
 
-    def init(self, params: Params) -> NamedTuple:
+    def init(self, params: Params) -> LearnedRuleState:
+        """MartheRule's initial state in units of the first update's ``lr`` (η = 1, ``lr_seen = 1``; module
+        docstring, "State layout"), its scalars as 0-d float64 tensors and the step count as a 0-d int64 one."""
         state = self.rule().init(params)
         like = next(iter(params.values()))
-        return self._from_rule_state(state, self.lr, torch.zeros((), dtype=torch.int64, device=like.device),
-                                     list(params), like.device)
-
-    def _from_rule_state(self, state: Any, lr: float | Tensor, step: Tensor, names: list[str],
-                         device: torch.device) -> NamedTuple:
-        cls = _MU_STATES[self.base][0]
-        scalar = lambda x: torch.as_tensor(x, dtype=F64, device=device)  # noqa: E731
-        values = dict(step=_replicate(step, names), lr_change=_replicate(scalar(state.lr) - lr, names),
-                      **{f: _replicate(scalar(getattr(state, f)), names) for f in _HYPER_FIELDS[1:]})
-        values.update({f: dict(getattr(state, f)) for f in cls._fields[6:]})
-        return cls(**values)
-
-    def _to_rule_state(self, state: NamedTuple, lr: float | Tensor, step: int) -> Any:
-        cls = _MU_STATES[self.base][1]
-        return cls(step=step, lr=lr + _first(state.lr_change),
-                   **{f: _first(getattr(state, f)) for f in _HYPER_FIELDS[1:]},
-                   **{f: getattr(state, f) for f in cls._fields[6:]})
+        scalar = lambda x: torch.as_tensor(x, dtype=F64, device=like.device)  # noqa: E731
+        rule_state = state._replace(step=torch.zeros((), dtype=torch.int64, device=like.device), lr=scalar(1.0),
+                                    **{f: scalar(getattr(state, f)) for f in _HYPER_FIELDS[1:]})
+        return LearnedRuleState(rule_state, scalar(1.0))
 
     # -- unroll protocol ----------------------------------------------------------------------------------------------
 
-    def static_step(self, state: NamedTuple) -> int | None:
+    def static_step(self, state: LearnedRuleState) -> int | None:
         """The step count as a Python int for the Adam base (bias corrections), else None; see the module docstring."""
         if self.base != "adam":
             return None
-        return int(_first(state.step).reshape(-1)[0])
+        return int(state.rule.step.reshape(-1)[0])
 
-    def hvp_vectors(self, state: NamedTuple) -> Params:
-        """The vectors v whose H_t·v the next :meth:`update` needs: the tangent Z^w_t (stacked states work too)."""
-        return state.tangent
+    def hvp_vectors(self, state: LearnedRuleState) -> Params:
+        """The vectors v whose H_t·v the next :meth:`step` needs: the tangent Z^w_t (stacked states work too)."""
+        return state.rule.tangent
 
-    def _rule_step(self, state: NamedTuple, step: int | None) -> int:
+    def _rule_step(self, state: LearnedRuleState, step: int | None) -> int:
         if self.base != "adam":
             return _RULE_STEP
         if step is not None:
             return int(step)
         try:
-            return int(_first(state.step))
+            return int(state.rule.step)
         except RuntimeError as err:
             raise RuntimeError(f"{type(self).__name__} over Adam needs the step count as a Python int under "
-                               "torch.func.vmap: pass update(..., step=lopt.static_step(state))") from err
+                               "torch.func.vmap: pass step=lopt.static_step(state) to its step() or update()") from err
 
-    # -- the update ---------------------------------------------------------------------------------------------------
+    # -- the step -----------------------------------------------------------------------------------------------------
 
-    def update(self, grads: Params, state: NamedTuple, params: Params, lr: float | Tensor | None = None, *,
-               step: int | None = None, hvp: Params | None = None,
-               val_grads: Params | None = None) -> tuple[Params, NamedTuple]:
+    def step(self, params: Params, grads: Params, state: LearnedRuleState, lr: float | Tensor | None = None, *,
+             step: int | None = None, hvp: Params | None = None,
+             val_grads: Params | None = None) -> tuple[Params, LearnedRuleState]:
         """Step t: the pending hyper-step of step t−1, then the tangent and parameter step (class docstring).
 
         Args:
+            params: w_t.
             grads: ∇L_t(w_t), the unregularized training gradient at ``params`` (the rule adds weight decay).
             state: from :meth:`init` or the previous call.
-            params: w_t.
-            lr: η_0 (default ``self.lr``); η_t = η_0 + the state's change.
+            lr: η_0 (default ``self.lr``); η_t is the state's, times ``lr / lr_seen`` (module docstring).
             step: the step count as a Python int (Adam base under vmap; see :meth:`static_step`).
             hvp: H_t·Z_t for Z_t = :meth:`hvp_vectors` ``(state)`` (unregularized; None: taken as 0).
             val_grads: ∇E(w_t), the validation gradient at ``params`` (None: E = this training loss).
 
-        Returns additive updates (w_{t+1} − w_t) and the new state. On the first call there is no pending hyper-step;
+        Returns w_{t+1} (MartheRule's) and the new state. On the first call there is no pending hyper-step;
         ``torch.where`` on the state's step count keeps that decision vmap-friendly.
         """
         names = list(params)
         if set(grads) != set(params):
-            raise ValueError(f"{type(self).__name__}.update needs a gradient for every parameter; missing: "
+            raise ValueError(f"{type(self).__name__}.step needs a gradient for every parameter; missing: "
                              f"{sorted(set(params) - set(grads))}")
-        lr = self.lr if lr is None else lr
+        lr = _lr_tensor(self.lr if lr is None else lr, state.lr_seen)
         rule = self.rule()
-        rule_state = self._to_rule_state(state, lr, self._rule_step(state, step))
-        t = _first(state.step)
+        t = state.rule.step
+        rule_state = state.rule._replace(step=self._rule_step(state, step),
+                                         lr=state.rule.lr * _rate_factor(lr, state.lr_seen))
 
         # Finish step t−1: E's gradient at w_t (validation, or the next-batch fallback), then μ_t from the network.
         if val_grads is None:
@@ -746,8 +727,14 @@ class LearnedMuMARTHE(LearnedOptimizer):
         if hvp is None:
             hvp = {n: torch.zeros_like(params[n]) for n in names}
         new_params, rule_state = rule.step(params, grads, rule_state, hvp=hvp)
-        out = self._from_rule_state(rule_state, lr, t + 1, names, t.device)
-        return {n: new_params[n] - params[n] for n in names}, out
+        return new_params, LearnedRuleState(rule_state._replace(step=t + 1), lr)
+
+    def update(self, grads: Params, state: LearnedRuleState, params: Params, lr: float | Tensor | None = None, *,
+               step: int | None = None, hvp: Params | None = None,
+               val_grads: Params | None = None) -> tuple[Params, LearnedRuleState]:
+        """:meth:`step` in the additive form: the updates (w_{t+1} − w_t) and the new state."""
+        new_params, state = self.step(params, grads, state, lr, step=step, hvp=hvp, val_grads=val_grads)
+        return {n: new_params[n] - params[n] for n in params}, state
 
     def frozen(self, params, lr: float | None = None, *, nonfinite: str = "skip") -> Marthe:
         """This optimizer with θ frozen: the ``marthe`` face (``step(closure, val_closure=None)``, exact oracles)
@@ -771,5 +758,5 @@ class FrozenLearnedMarthe(Marthe):
                          nonfinite=nonfinite)
 
 
-__all__ = ["FrozenGroupStateOptimizer", "FrozenLearnedMarthe", "LearnedGammaCAMHD", "LearnedMuMARTHE", "MirroredMLP",
-           "h_mu", "mu_features"]
+__all__ = ["FrozenGroupStateOptimizer", "FrozenLearnedMarthe", "LearnedGammaCAMHD", "LearnedMuMARTHE",
+           "LearnedRuleState", "MirroredMLP", "h_mu", "mu_features"]
