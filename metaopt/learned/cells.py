@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from metaopt.numerics import TINY
+from metaopt.numerics import TINY, safe_sqrt
 
 Params = dict[str, Tensor]
 
@@ -22,33 +22,6 @@ Params = dict[str, Tensor]
 # every one on a fresh instance's first step. With the shift the candidate's moment is 0 there; below float32's
 # resolution for every β̂ ≥ 1e-17, so every other step is bit-for-bit unchanged.
 ACCUMULATOR_EPS = 1e-24
-
-
-class _SafeSqrt(torch.autograd.Function):
-    """sqrt(x + eps) whose derivative is 0 where x == 0 exactly (a coordinate that never had a gradient), instead of
-    1 / (2 sqrt(eps)). That derivative is finite but can reach ~5e11 for eps = 1e-24 and, multiplied through an
-    unroll, overflows float32 into inf/NaN meta-gradients (the failure reported in higher #125 and torchopt #26)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor, eps: float) -> Tensor:
-        return torch.sqrt(x + eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, _ = inputs
-        ctx.save_for_backward(x, output)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, root = ctx.saved_tensors
-        return torch.where(x > 0, grad / (2 * root), torch.zeros_like(grad)), None
-
-
-def safe_sqrt(x: Tensor, eps: float) -> Tensor:
-    """``sqrt(x + eps)`` with a finite, zero-at-zero derivative (see :class:`_SafeSqrt`). ``x`` must be ≥ 0."""
-    return _SafeSqrt.apply(x, eps)
 
 
 def rms_normalize(x: Tensor, dim: int = 0) -> Tensor:

@@ -86,7 +86,7 @@ def _rms_denominator(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
 
 def _rms_backward(dx_normalized: Tensor, x: Tensor, q: Tensor, root: Tensor, dim: int) -> Tensor:
     """Gradient w.r.t. x of x / √(mean(x²) + TINY) over ``dim``, given the gradient of the normalized x; zero
-    through the root where mean(x²) == 0 (``cells.safe_sqrt``)."""
+    through the root where mean(x²) == 0 (``numerics.safe_sqrt``)."""
     normalized = x / root
     droot = -(dx_normalized * normalized).sum(dim=dim, keepdim=True) / root
     dq = torch.where(q > 0, droot / (2 * root), torch.zeros_like(droot))

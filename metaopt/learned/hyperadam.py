@@ -24,7 +24,7 @@ Choices where the paper is silent (each tested):
   v forgets faster than m, and the moment field m̃/√ṽ grew to 1e12–1e21 on Random-Scaling instances at a random θ
   (measured). tanh keeps the size independence and bounds every input of the decay-rate layers by 1, as the paper's
   normalization does.
-* The square root of line 16 is :func:`~metaopt.learned.cells.safe_sqrt`, whose derivative stays finite.
+* The square root of line 16 is :func:`~metaopt.numerics.safe_sqrt`, whose derivative stays finite.
 * ``init="adam"`` makes it an exact Adam at the start: the weights of the β / γ / ρ layers are zero, their biases give
   constant decay rates (β_j, γ_j) and ρ = 1/J. For J = 1 the rates are ``betas``; for J > 1 they spread
   log-uniformly: 1 − β_j over [1e-2, 0.5] and 1 − γ_j over [1e-4, 0.1], around Adam's (0.9, 0.999).
@@ -53,7 +53,8 @@ from torch import Tensor, nn
 
 from metaopt.learned.fused import hyperadam_step
 from metaopt.learned.base import CoordinatewiseOptimizer, register_learned, register_pretrained
-from metaopt.learned.cells import ACCUMULATOR_EPS, LSTMCellParams, rms_normalize, safe_sqrt
+from metaopt.learned.cells import ACCUMULATOR_EPS, LSTMCellParams, rms_normalize
+from metaopt.numerics import safe_sqrt
 
 MOMENT_EPS = 1e-24  # ε inside the square root (Alg. 2, line 3)
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaopt.learned.base import CoordinatewiseOptimizer, register_learned
-from metaopt.learned.cells import LSTMCellParams, deep_lstm, safe_sqrt
+from metaopt.learned.cells import LSTMCellParams, deep_lstm
+from metaopt.numerics import safe_sqrt
 
 MOMENT_EPS = 1e-16  # ε inside √(v̂ + ε): Adam's 1e-8, moved under the root so safe_sqrt keeps the derivative finite
 

@@ -73,7 +73,7 @@ from metaopt.hypergrad.cam_hd import (DEFAULT_LEVELS, CamHDHypergradients, CamHD
                                       default_gamma, level_rates, parse_levels)
 from metaopt.hypergrad.marthe import DEFAULT_LR, DEFAULT_MOMENTUM, Marthe, MartheDiagnostics, MartheRule
 from metaopt.learned.base import FrozenLearnedOptimizer, LearnedOptimizer, Params, register_learned
-from metaopt.numerics import TINY
+from metaopt.numerics import TINY, safe_div, safe_sqrt
 
 F64 = torch.float64
 
@@ -82,18 +82,6 @@ F64 = torch.float64
 # state that init() builds the non-first branch computes the same values (0·μ + g = g, ⟨g, 0⟩ = 0, μ·0 − d = −d), so
 # one vmapped call serves instances at different steps. Adam's bias corrections need the true count (static_step).
 _RULE_STEP = 1
-
-
-def _safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """num / den, 0 where den = 0, with a finite derivative everywhere (no 0/0 in the graph)."""
-    nonzero = den != 0
-    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
-
-
-def _safe_sqrt(x: Tensor) -> Tensor:
-    """√x for x ≥ 0 with derivative 0 (not ∞) at 0."""
-    positive = x > 0
-    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
 
 
 class LearnedRuleState(NamedTuple):
@@ -444,12 +432,12 @@ class LearnedGammaCAMHD(LearnedOptimizer):
             else:
                 total = h[level].abs().sum()
                 mean_rate = alpha.mean()
-            coherence.append(_safe_div(total, l1))
+            coherence.append(safe_div(total, l1))
             mean_rates.append(mean_rate)
-        cosine = _safe_div(dot, _safe_sqrt(g2 * d2))
+        cosine = safe_div(dot, safe_sqrt(g2 * d2))
 
         gamma_grad = rule_state.gamma_grad
-        gamma_grad = _safe_div(gamma_grad, gamma_grad.abs().sum().expand_as(gamma_grad))
+        gamma_grad = safe_div(gamma_grad, gamma_grad.abs().sum().expand_as(gamma_grad))
         rates = torch.stack(mean_rates)
         log_rates = torch.log(rates.abs() + TINY)
         rate_logs = (log_rates - log_rates.mean()).clamp(-10.0, 10.0)
@@ -543,11 +531,11 @@ def mu_features(diag: MartheDiagnostics) -> Tensor:
     step_size = as64(diag.hypergrad_lr) * delta
     lr_now = as64(diag.lr_unclipped) + step_size
     scale = torch.maximum(delta.abs(), delta_prev.abs())
-    a, b = _safe_div(delta, scale), _safe_div(delta_prev, scale)
-    agreement = _safe_div(2 * a * b, a * a + b * b)
-    contrast = _safe_div(a.abs() - b.abs(), a.abs() + b.abs())
+    a, b = safe_div(delta, scale), safe_div(delta_prev, scale)
+    agreement = safe_div(2 * a * b, a * a + b * b)
+    contrast = safe_div(a.abs() - b.abs(), a.abs() + b.abs())
     return torch.stack([q_tilde, torch.tanh(ratio), torch.log1p(horizon), damping, h_mu(q_tilde, horizon),
-                        agreement, contrast, torch.tanh(_safe_div(-step_size, lr_now))])
+                        agreement, contrast, torch.tanh(safe_div(-step_size, lr_now))])
 
 
 MU_FEATURES = 8

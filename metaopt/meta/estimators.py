@@ -34,7 +34,7 @@ class Estimate(NamedTuple):
     meta_loss: Tensor           # () the meta-loss averaged over the slots, detached
     inner_loss: float           # mean training loss over the slots and the truncation's inner steps (for logging)
     params: list[Params]        # per slot, the inner parameters at the end of the truncation
-    opt_states: list[Any]       # per slot, the learned optimizer's state (a NamedTuple of dicts) at the same point
+    opt_states: list[Any]       # per slot, the learned optimizer's state (any pytree of tensors) at the same point
 
 
 class MetaGradientEstimator(abc.ABC):
