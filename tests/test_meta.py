@@ -657,3 +657,24 @@ def test_the_campaign_presets_validate_on_at_least_16_instances(name):
     from metaopt.meta.config import preset
 
     assert preset(name).val_tasks >= 16
+
+
+def test_campaign_stopping_rule_counts_the_cpu_hours_since_the_best_validation(tmp_path):
+    """Issue 12's rule: 10 CPU-hours, or stop once the validation score has not improved for 3. A piece's CPU time is
+    shared evenly over its meta-steps; those after the best validation's meta-step count as flat."""
+    from metaopt.meta import campaign
+
+    records = [dict(meta_step_from=0, meta_step_to=100, cpu_seconds=3600.0, inner_steps=1, wall_seconds=1.0),
+               dict(meta_step_from=100, meta_step_to=300, cpu_seconds=7200.0, inner_steps=1, wall_seconds=1.0)]
+    (tmp_path / campaign.PIECES_FILE).write_text(json.dumps(records))
+    scores = {50: 1.0, 150: 0.5, 250: 0.6}
+    (tmp_path / campaign.LOG_FILE).write_text("".join(json.dumps({"meta_step": k, "val_score": v}) + "\n"
+                                                      for k, v in scores.items()))
+    rule = campaign.stopping_rule(tmp_path)
+    assert rule["best_meta_step"] == 150 and rule["flat_cpu_hours"] == pytest.approx(1.5)
+    assert rule["cpu_hours"] == pytest.approx(3.0) and rule["done"] is False
+    records.append(dict(meta_step_from=300, meta_step_to=400, cpu_seconds=1.5 * 3600, inner_steps=1, wall_seconds=1.0))
+    (tmp_path / campaign.PIECES_FILE).write_text(json.dumps(records))
+    assert campaign.stopping_rule(tmp_path)["flat_cpu_hours"] == pytest.approx(3.0)
+    assert campaign.stopping_rule(tmp_path)["done"] is True
+    assert campaign.cpu_hours_since(tmp_path, 0) == pytest.approx(4.5)

@@ -52,6 +52,35 @@ def totals(directory: str | os.PathLike[str]) -> dict[str, Any]:
             "wall_hours": sum(r["wall_seconds"] for r in records) / 3600}
 
 
+# Issue 12's rule for a campaign: it runs at least REAL_CPU_HOURS, or stops earlier only once its validation score
+# has not improved for its last FLAT_CPU_HOURS.
+REAL_CPU_HOURS, FLAT_CPU_HOURS = 10.0, 3.0
+
+
+def cpu_hours_since(directory: str | os.PathLike[str], meta_step: int) -> float:
+    """The CPU-hours the campaign spent after ``meta_step`` (its best validation's, for the stopping rule): each
+    piece's CPU time shared evenly over its meta-steps, those after ``meta_step`` counted."""
+    total = 0.0
+    for r in pieces(directory):
+        span = r["meta_step_to"] - r["meta_step_from"]
+        after = min(max(r["meta_step_to"] - meta_step, 0), span)
+        total += r["cpu_seconds"] * (after / span if span else 0.0)
+    return total / 3600
+
+
+def stopping_rule(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Where the campaign stands against issue 12's rule: its CPU-hours, those since its best validation (None for a
+    campaign without one), and whether it may stop (``done``: REAL_CPU_HOURS in all, or FLAT_CPU_HOURS without an
+    improvement)."""
+    vals = [(m["meta_step"], m["val_score"]) for m in log(directory) if "val_score" in m]
+    if not vals:
+        return None
+    best_step = min(vals, key=lambda v: (v[1], v[0]))[0]
+    total, flat = totals(directory)["cpu_hours"], cpu_hours_since(directory, best_step)
+    return {"cpu_hours": total, "best_meta_step": best_step, "flat_cpu_hours": flat,
+            "done": total >= REAL_CPU_HOURS or flat >= FLAT_CPU_HOURS}
+
+
 class Piece:
     """One piece of a campaign around :meth:`MetaTrainer.run`: ``begin`` before, ``end`` after."""
 
@@ -124,9 +153,15 @@ def write_card(directory: str | os.PathLike[str]) -> Path:
              f"instances after {config.get('horizon', '?')} steps; lower is better): {initial:.4f} at meta-step 0"
              + (f", best {best[1]:.4f} at meta-step {best[0]:,}" if best else "") + ".", "",
              "Continue it with the command of the last piece (`train_meta.py ... --campaign DIR`); a fresh machine "
-             "starts from `campaign.pt` with every task instance restarted.", "",
-             "| piece | meta-steps | inner steps | CPU-hours | threads | machine | ended | best validation |",
-             "|---|---|---|---|---|---|---|---|"]
+             "starts from `campaign.pt` with every task instance restarted.", ""]
+    rule = stopping_rule(directory)
+    if rule is not None:
+        lines += [f"Stopping rule (issue 12: {REAL_CPU_HOURS:g} CPU-hours in all, or stop once the validation score has "
+                  f"not improved for the last {FLAT_CPU_HOURS:g}): {rule['cpu_hours']:.2f} CPU-hours in all, "
+                  f"{rule['flat_cpu_hours']:.2f} since the best validation (meta-step {rule['best_meta_step']:,}): "
+                  + ("**may stop**." if rule["done"] else "continue."), ""]
+    lines += ["| piece | meta-steps | inner steps | CPU-hours | threads | machine | ended | best validation |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['piece']} | {r['meta_step_from']:,}–{r['meta_step_to']:,} | {r['inner_steps']:,} | "
                      f"{r['cpu_seconds'] / 3600:.2f} | {r['threads']} | {r['machine']} | {r['ended']} | "
