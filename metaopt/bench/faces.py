@@ -43,7 +43,7 @@ import metaopt
 from meta_tasks import models
 from metaopt.bench.timing import GRAD_SCALE, closure_step, format_seconds, summarize, synchronize
 from metaopt.core import step_needs
-from metaopt.learned import LEARNED_NAMES
+from metaopt.learned import LEARNED_NAMES, FrozenLearnedOptimizer
 from metaopt.registry import record
 
 BATCH_SIZE = 128
@@ -140,10 +140,9 @@ def flops_per_coordinate(opt: torch.optim.Optimizer) -> float | None:
     """2 FLOPs per weight of every matrix of a coordinatewise learned optimizer's networks (each matrix is applied once
     per coordinate and step), or None for an optimizer without such networks. Biases and element-wise work are left
     out: the floor is a lower bound."""
-    lopt = getattr(opt, "lopt", None)  # the frozen face's learned optimizer
-    if not isinstance(lopt, nn.Module):
+    if not isinstance(opt, FrozenLearnedOptimizer):
         return None
-    return float(2 * sum(p.numel() for p in lopt.parameters() if p.dim() >= 2))
+    return float(2 * sum(p.numel() for p in opt.lopt.parameters() if p.dim() >= 2))
 
 
 def gemm_flops_per_s(device: torch.device, repeats: int) -> dict[str, Any]:
