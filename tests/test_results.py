@@ -362,6 +362,39 @@ def test_a_gzipped_results_file_is_read_like_a_plain_one(tmp_path):
     assert rs.compact(plain) == [] and (plain / "results.json.gz").read_bytes() == packed  # idempotent, same bytes
 
 
+def test_a_set_too_large_for_gzip_is_compacted_to_xz_and_read_back(tmp_path, monkeypatch):
+    """Where results.json.gz would not fit the budget beside the directory's other files, compact writes
+    results.json.xz instead (deterministically: a second compact changes nothing), and every reader takes it."""
+    import gzip
+    import lzma
+
+    payload = table1(BASE, BASE, BASE, BASE)
+    plain = write(tmp_path / "plain" / "r", payload)
+    (plain / "curves.png").write_bytes(b"x" * 1000)
+    gz_size = len(gzip.compress(report.json_text(report.read_results(plain)).encode(), compresslevel=9, mtime=0))
+    monkeypatch.setattr(rs, "MAX_COMMITTED_BYTES", 1000 + gz_size - 1)
+    assert rs.compact(plain) == [plain / "results.json"]
+    assert sorted(p.name for p in plain.iterdir()) == ["curves.png", "results.json.xz"]
+    assert report.read_results(plain) == payload
+    assert json.loads(lzma.decompress((plain / "results.json.xz").read_bytes())) == payload
+    packed = (plain / "results.json.xz").read_bytes()
+    assert rs.compact(plain) == [] and (plain / "results.json.xz").read_bytes() == packed
+    assert rs.result_dirs(plain.parent) == [plain]
+    monkeypatch.setattr(rs, "MAX_COMMITTED_BYTES", 3 * 2**20)  # room again: back to gzip, the xz file removed
+    assert rs.compact(plain) == [plain / "results.json.xz"]
+    assert sorted(p.name for p in plain.iterdir()) == ["curves.png", "results.json.gz"]
+
+
+def test_figures_are_written_with_a_palette_of_at_most_256_colours(tmp_path):
+    from PIL import Image
+
+    runs = [Run("sgd", "mlp", s, [2.0 / (t + 1) + 0.01 * s for t in range(50)], 1e-3, {"loss": 0.5})
+            for s in range(3)]
+    path = report.plot_curves(runs, tmp_path / "curves.png", title="t")
+    with Image.open(path) as image:
+        assert image.mode == "P" and len(image.getcolors(256) or []) <= 256
+
+
 def test_every_committed_result_set_fits_the_size_budget():
     """Each committed results directory (plots, tables, compressed per-step data) stays within the issue's 3 MB."""
     for directory in rs.result_dirs(rs.RESULTS_ROOT):
