@@ -514,6 +514,32 @@ def test_nonfinite_validation_gradient_skips_only_the_rate_update():
     assert opt.param_groups[0]["nonfinite_skipped"] == 1
 
 
+def test_a_rate_beyond_the_parameters_float_range_is_skipped_not_a_crash(monkeypatch):
+    """η finite in the float64 rule but past float32's range (a diverging adaptive-β run of marthe-schedules reached
+    it) cannot be applied to float32 weights: the hyper-step is skipped and counted like a non-finite one, and the
+    next steps run at the last representable rate instead of raising in torch.add."""
+    from metaopt.hypergrad.marthe import MartheRule
+
+    model = mlp(11, dtype=torch.float32)
+    train, val = batches(3, seed=19, dtype=torch.float32), batches(3, seed=20, dtype=torch.float32)
+    opt = metaopt.make_optimizer("marthe", model.parameters(), lr=0.05, hypergrad_lr=1e-3)
+    opt.step(lambda: mse(model, train[0]), lambda: mse(model, val[0]))
+    lr_before = opt.param_groups[0]["lr"]
+    original = MartheRule.hyper_step
+
+    def overflowing(self, state, val_grads, mu=None):
+        new_state, diag = original(self, state, val_grads, mu=mu)
+        return new_state._replace(lr=1e39), diag
+
+    monkeypatch.setattr(MartheRule, "hyper_step", overflowing)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step(lambda: mse(model, train[1]), lambda: mse(model, val[1]))
+    assert opt.param_groups[0]["lr"] == lr_before and opt.param_groups[0]["nonfinite_skipped"] == 1
+    monkeypatch.setattr(MartheRule, "hyper_step", original)
+    opt.step(lambda: mse(model, train[2]), lambda: mse(model, val[2]))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_nonfinite_raise_mode():
     w = torch.ones(2, dtype=F64, requires_grad=True)
     opt = metaopt.make_optimizer("rtho", [w], nonfinite="raise")

@@ -602,10 +602,15 @@ class Marthe(CoreOptimizer):
         with torch.no_grad():
             new_state, diag = rule.hyper_step(state, val_grads, mu=self.mu_rule)
         scalars = [new_state.lr, new_state.hypergrad_lr, new_state.damping, new_state.horizon, new_state.delta_lr]
+        # A rate the parameters' dtype cannot hold (|η| past float32's 3.4e38 on a float32 model, where the float64
+        # rule can still represent it) is refused like a non-finite one: torch.add(p, d, alpha=-η) cannot use it.
+        limit = torch.finfo(next(iter(params.values())).dtype).max
+        what = "learning rate or its hyper-parameters (NaN, inf, or beyond the parameters' floating-point range)"
         if all(isinstance(s, (int, float)) for s in scalars):  # the face's Python floats: no tensor, no host read
-            finite = all(math.isfinite(s) for s in scalars) or self.skip_nonfinite(group, "gradient (NaN or inf)")
+            finite = all(math.isfinite(s) and abs(s) <= limit for s in scalars) or self.skip_nonfinite(group, what)
         else:
-            finite = self.check_finite(group, [torch.tensor([float(s) for s in scalars])])
+            values = torch.tensor([float(s) for s in scalars], dtype=torch.float64)
+            finite = bool((values.abs() <= limit).all()) or self.skip_nonfinite(group, what)
         if not finite:
             return state
         if self.mu_rule is not None:
