@@ -309,7 +309,7 @@ class VmappedLoop:
                 aside += time.perf_counter() - start
         if fused:
             state = from_meta_layout(fields, state_type, params, names, lead=1)
-        if self.differentiable is False:
+        if not self.differentiable:
             params = {n: p.detach() for n, p in params.items()}
         return params, state, losses, time.perf_counter() - begin - aside
 
