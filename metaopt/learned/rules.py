@@ -214,8 +214,18 @@ DEFAULT_HYPERGRAD_LR = {"sgd": 1e-3, "sgdn": 1e-3, "adam": 1e-7}
 GAMMA_TIME_SCALES = (10.0, 100.0, 1000.0)  # progress features tanh(t/τ): the horizon is unknown to an optimizer
 
 
+class _StepFirstRule(LearnedOptimizer):
+    """A learned rule that implements the update protocol's :meth:`step` itself (the hand-designed rule returns new
+    parameters); :meth:`update` is its additive form, new − old parameters, for callers of that form."""
+
+    def update(self, grads: Params, state: LearnedRuleState, params: Params, lr: float | Tensor | None = None,
+               **extra: Any) -> tuple[Params, LearnedRuleState]:
+        new_params, state = self.step(params, grads, state, lr, **extra)
+        return {n: new_params[n] - params[n] for n in params}, state
+
+
 @register_learned("cam-hd-learned-gamma")
-class LearnedGammaCAMHD(LearnedOptimizer):
+class LearnedGammaCAMHD(_StepFirstRule):
     r"""CAM-HD whose combination weights γ_t come from a small network (``cam-hd-learned-gamma``).
 
     Per step t (CamHDRule, spec §6(b), with the γ hook)::
@@ -486,12 +496,6 @@ class LearnedGammaCAMHD(LearnedOptimizer):
         new_params, new_rule_state = rule.step(params, grads, rule_state, gamma=gamma, hypergradients=hypergradients)
         return new_params, state._replace(rule=self._stored(new_rule_state, state.rule.step + 1))
 
-    def update(self, grads: Params, state: LearnedRuleState, params: Params, lr: float | Tensor | None = None, *,
-               step: int | None = None) -> tuple[Params, LearnedRuleState]:
-        """:meth:`step` in the additive form: the updates (new − old parameters) and the new state."""
-        new_params, state = self.step(params, grads, state, lr, step=step)
-        return {n: new_params[n] - params[n] for n in params}, state
-
     def frozen(self, params, lr: float | None = None, *, nonfinite: str = "skip") -> torch.optim.Optimizer:
         """This optimizer with θ frozen, as a ``torch.optim.Optimizer`` (the generic learned face; γ, the group-level
         rates and the step count are kept in ``param_groups[i]``, see :class:`FrozenGroupStateOptimizer`). Pass
@@ -542,7 +546,7 @@ MU_FEATURES = 8
 
 
 @register_learned("marthe-learned-mu")
-class LearnedMuMARTHE(LearnedOptimizer):
+class LearnedMuMARTHE(_StepFirstRule):
     r"""MARTHE whose damping μ_{t+1} = clip(h_μ + z, 0, 1) has a learned correction z (``marthe-learned-mu``).
 
     MartheRule per step t (spec §5(b); paper eqs. 5, 9–11, Alg. 1 with the β sign corrected, A-M1)::
@@ -716,13 +720,6 @@ class LearnedMuMARTHE(LearnedOptimizer):
             hvp = {n: torch.zeros_like(params[n]) for n in names}
         new_params, rule_state = rule.step(params, grads, rule_state, hvp=hvp)
         return new_params, LearnedRuleState(rule_state._replace(step=t + 1), lr)
-
-    def update(self, grads: Params, state: LearnedRuleState, params: Params, lr: float | Tensor | None = None, *,
-               step: int | None = None, hvp: Params | None = None,
-               val_grads: Params | None = None) -> tuple[Params, LearnedRuleState]:
-        """:meth:`step` in the additive form: the updates (w_{t+1} − w_t) and the new state."""
-        new_params, state = self.step(params, grads, state, lr, step=step, hvp=hvp, val_grads=val_grads)
-        return {n: new_params[n] - params[n] for n in params}, state
 
     def frozen(self, params, lr: float | None = None, *, nonfinite: str = "skip") -> Marthe:
         """This optimizer with θ frozen: the ``marthe`` face (``step(closure, val_closure=None)``, exact oracles)
