@@ -1,9 +1,14 @@
 """Checks shared by several test modules (imported as ``from helpers import ...``: pytest puts tests/ on the path)."""
 
 import copy
+import shutil
 
 import pytest
 import torch
+
+# torch.compile's CPU backend (inductor) builds C++: tests of compiled paths need a compiler
+requires_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                       reason="torch.compile's CPU backend needs a C++ compiler")
 
 
 def assert_nonfinite_step_is_skipped(model, opt, fill=1.0):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import scipy.stats
 import torch
+from helpers import requires_compiler
 
 import meta_tasks
 from meta_tasks import datasets
@@ -79,12 +80,14 @@ def test_cli_rejects_unknown_optimizer():
         evaluate.main(["--optimizers", "adamw-typo", "--seeds", "1", "--steps", "1"])
 
 
-@pytest.mark.parametrize("argv, batched", [(["--device", "cpu"], False), (["--device", "cuda"], True),
-                                            (["--device", "cpu", "--batch"], True),
-                                            (["--device", "cuda", "--no-batch"], False)])
-def test_cli_batches_seeds_on_cuda_and_loops_on_cpu_unless_told(monkeypatch, argv, batched):
+@pytest.mark.parametrize("argv, batched, compiled", [
+    (["--device", "cpu"], False, True), (["--device", "cuda"], True, False),
+    (["--device", "cpu", "--batch"], True, True), (["--device", "cuda", "--no-batch"], False, False),
+    (["--device", "cpu", "--no-compile-learned"], False, False), (["--device", "cuda", "--compile-learned"], True, True)])
+def test_cli_batches_seeds_on_cuda_and_loops_on_cpu_unless_told(monkeypatch, argv, batched, compiled):
     """The vmapped all-seeds loop is the default on CUDA only: on a 2-core CPU, 30 seeds of hyperadam on mlp-sigmoid
-    took 482 s batched and 136 s seed by seed (same results); --batch / --no-batch override the default."""
+    took 482 s batched and 136 s seed by seed (same results); --batch / --no-batch override the default. The learned
+    optimizers' compiled face is the command line's default on a CPU (--compile-learned / --no-compile-learned)."""
     from metaopt.evaluate import experiment
 
     class Stop(Exception):
@@ -92,8 +95,9 @@ def test_cli_batches_seeds_on_cuda_and_loops_on_cpu_unless_told(monkeypatch, arg
 
     seen = {}
 
-    def fake_run_config(steps, splits, eval_every, record_lr, batched, progress, papers_measure=False):
-        seen["batched"], seen["papers_measure"] = batched, papers_measure
+    def fake_run_config(steps, splits, eval_every, record_lr, batched, progress, papers_measure=False,
+                        compile_learned=False):
+        seen["batched"], seen["papers_measure"], seen["compiled"] = batched, papers_measure, compile_learned
         raise Stop
 
     monkeypatch.setattr(experiment, "RunConfig", fake_run_config)
@@ -101,6 +105,7 @@ def test_cli_batches_seeds_on_cuda_and_loops_on_cpu_unless_told(monkeypatch, arg
     with pytest.raises(Stop):
         evaluate.main([*argv, "--optimizers", "adam", "--tasks", "quadratic", "--no-tune", "--seeds", "1", "--quiet"])
     assert seen["batched"] is batched and seen["papers_measure"]  # hyperadam-table1 computes the papers' measure
+    assert seen["compiled"] is compiled
 
 
 def test_help_documents_every_flag(capsys):
@@ -140,6 +145,29 @@ def _assert_same_runs(batched, looped):
         assert b.batches.keys() == loop.batches.keys()  # the papers' measure, where asked for
         for key in b.batches:
             assert b.batches[key] == pytest.approx(loop.batches[key], rel=1e-5, abs=1e-6)
+
+
+@requires_compiler
+def test_learned_optimizers_run_compiled_on_request_compiling_once_before_the_timed_runs(tmp_path):
+    """compile_learned: the seed-by-seed runs of a coordinatewise learned optimizer step through its compiled face,
+    one compilation for all seeds (the faces of one learned optimizer share it), done by a dropped one-step run
+    before the first seed; the runs equal the eager face's within float32 rounding, and the results say so."""
+    from torch._dynamo.utils import counters
+
+    suite = evaluate.Suite("compile-test", (evaluate.TaskSpec("q", "quadratic", {"dim": 5, "seed": 0}),), 4,
+                           {"hyperadam": {}, "adam": dict(lr=0.05)}, reference="adam")
+    lopt = HyperAdam(num_candidates=3)
+    eager = evaluate.run_suite(suite, seeds=3, sources={"hyperadam": lopt}, progress=False)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = evaluate.run_suite(suite, seeds=3, sources={"hyperadam": lopt}, progress=False, compile_learned=True,
+                                  out=tmp_path)
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph, for the warm-up: the three seeds reuse it
+    assert compiled.meta["compile_learned"] is True and "compile_learned" not in eager.meta
+    for a, b in zip(_timeless(eager.runs), _timeless(compiled.runs)):
+        assert (a.optimizer, a.seed) == (b.optimizer, b.seed)
+        assert a.losses == pytest.approx(b.losses, rel=1e-5, abs=1e-7)
+        assert a.hparams == b.hparams  # the face's option is not a hyper-parameter of the run
+    assert report.read_results(tmp_path)["meta"]["compile_learned"] is True
 
 
 @pytest.mark.parametrize("name", LEARNED_FACTORIES)

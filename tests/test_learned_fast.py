@@ -8,11 +8,10 @@ busy CPU with a cold inductor cache) equal the reference within float32 rounding
 """
 
 import copy
-import shutil
 
 import pytest
 import torch
-from helpers import assert_nonfinite_step_is_skipped
+from helpers import assert_nonfinite_step_is_skipped, requires_compiler
 
 import metaopt
 from metaopt.learned import DMOptimizer, FrozenLearnedOptimizer, HyperAdam, LearnedGammaCAMHD, RNNprop
@@ -30,9 +29,6 @@ NAMES = list(FACTORIES)
 # at most 4e-7 (about 3 float32 ulp of the largest entry); 1e-4 leaves a margin of 250 and still catches a wrong
 # formula (a 1 % error in lr alone is 1e-2).
 RTOL = 1e-4
-
-requires_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                       reason="torch.compile's CPU backend needs a C++ compiler")
 
 
 @pytest.fixture(autouse=True)
@@ -331,6 +327,25 @@ def test_compiled_state_dict_round_trip_resumes_exactly_without_recompiling_for_
     run(model, second, 3, seed=2)
     assert_same_params(straight_model, model)
     assert_same_state(straight, second)
+
+
+@requires_compiler
+def test_faces_of_one_learned_optimizer_share_its_compiled_step():
+    """A second face of the same learned optimizer over parameters of a shape already met compiles nothing (an
+    evaluation builds a face per seed); another learned optimizer has its own compiled step (and cache of graphs)."""
+    from torch._dynamo.utils import counters
+
+    lopt, other = make_lopt("hyperadam"), make_lopt("hyperadam")
+    first_model, second_model = small_model(), small_model()
+    first = lopt.frozen(first_model.parameters(), lr=0.01, compile=True)
+    run(first_model, first, 2, seed=1)
+    graphs = counters["stats"]["unique_graphs"]
+    second = lopt.frozen(second_model.parameters(), lr=0.01, compile=True)
+    run(second_model, second, 2, seed=1)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert second._flat_step is first._flat_step
+    assert_same_params(first_model, second_model)
+    assert other.frozen(small_model().parameters(), compile=True)._flat_step is not first._flat_step
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -32,7 +32,8 @@ Sections (``--only``):
   was built (data, learners, θ: "the task") and the peak above it.
 * ``table1`` — the seconds ``evaluate_suite`` takes for ``hyperadam-table1`` at 100 seeds: the suite's optimizers at
   their rates (no tuning), the learned ones (HyperAdam, and DMoptimizer / RNNprop where the suite lists them) as fresh
-  instances passed through ``sources=``.
+  instances passed through ``sources=``, on the command line's path: seed by seed with the learned faces compiled on
+  a CPU (not in a quick run), all seeds of a learned optimizer in one vmapped loop on CUDA.
 
 In the ``step`` and ``iteration`` sections, learned optimizers are timed in each variant of their frozen face
 (:data:`LEARNED_VARIANTS`, ``--variants``), one row each, named ``hyperadam[flat]``: ``reference`` (``fast=False``,

@@ -273,10 +273,13 @@ class Bench:
         sources = {label: FRESH_LEARNED[label]() for label in optimizers if label in FRESH_LEARNED}
         seeds, steps = self.config.num_table1_seeds, self.config.table1_steps
         device = str(self.device)
+        # The command line's default (python -m metaopt.evaluate): learned optimizers compiled on a CPU, except in a
+        # quick run, where compiling them would take longer than the rest of it.
+        compiled = self.device.type == "cpu" and not self.config.quick
 
         def run(seed_list: range, num_steps: int | None) -> list[Any]:
             runs = evaluate_suite(suite, optimizers, seed_list, num_steps, device=device, progress=False,
-                                  sources=sources)
+                                  sources=sources, batched=self.device.type == "cuda", compile_learned=compiled)
             synchronize(self.device)
             return runs
 
@@ -295,6 +298,7 @@ class Bench:
                 per_update[label] = sum(own) / len(own)
         row = {"key": f"table1:{seeds}-seeds", "seeds": seeds, "steps": steps or suite.steps,
                "tasks": [getattr(t, "label", t) for t in suite.tasks], "optimizers": list(optimizers),
+               "batched": self.device.type == "cuda", "compile_learned": compiled,
                "time_s": summarize(samples), "seconds_per_update": per_update}
         return {"suite": suite.name, "learned_sources": sorted(sources), "rows": [row]}
 

@@ -193,7 +193,7 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
               tune_seeds: int = 3, quick: bool = False, reference: str | None = None, batched: bool | None = None,
               eval_every: int | None = None, eval_size: int | None = None, lrs_outer_steps: int | None = None,
               lrs_outer_lr: float | None = None, lrs_seeds: int | None = None, out: str | Path | None = None,
-              merge: bool = False,
+              merge: bool = False, compile_learned: bool = False,
               max_minutes: float | None = None, progress: bool = True, command: Sequence[str] | None = None
               ) -> SuiteResult:
     """Run ``suite`` (a :class:`Suite` or a name in :data:`SUITES`) and, with ``out``, write its files.
@@ -211,6 +211,11 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
         reference: the optimizer every other is tested against (default: the suite's pairs and reference).
         batched: run all seeds of a learned optimizer in one vmapped loop where possible (default: on CUDA only; on a
             2-core CPU the vmapped loop over 30 seeds was 3.6× slower than seed by seed, with the same results).
+        compile_learned: step the coordinatewise learned optimizers (HyperAdam, DMoptimizer, RNNprop) that run seed by
+            seed through their compiled face (``compile=True``: equal to the default face within float32 rounding,
+            one compilation per learner and parameter count, shared by its seeds, before the timed runs). Off by
+            default here, where compiling (~20-40 s per learner and shape on a 2-core CPU) would outweigh a short
+            run; the command line turns it on on a CPU (``--compile-learned``).
         eval_every, eval_size: periodic held-out evaluation (default the suite's) and held-out subset size.
         lrs_outer_steps, lrs_outer_lr, lrs_seeds: override LRS-OPT's iterations, step size and number of seeds
             (0: no LRS-OPT in this piece).
@@ -263,7 +268,7 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
                     "checkpoints": fingerprints,
                     "tune": {"grids": grids, "seeds": tune_seed_list} if tuning else None, "quick": quick,
                     "batched": batched, "eval_every": every, "eval_size": eval_size, "merge": merge,
-                    **_measure_key(suite)}
+                    **_measure_key(suite), **_compile_key(compile_learned)}
         try:
             journal = Journal(out, protocol)
         except JournalMismatch as err:
@@ -282,7 +287,7 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
     if journal is not None and journal.tuned is None:
         journal.record_tuned(tuned)
     config = RunConfig(steps, suite.splits, every, suite.record_lr, batched, progress,
-                       papers_measure=suite.papers_measure)
+                       papers_measure=suite.papers_measure, compile_learned=compile_learned)
     deadline = None if max_minutes is None else started + 60 * max_minutes
     try:
         runs = run_grid(built, chosen, all_sources, seed_list, config,
@@ -320,7 +325,8 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
             "checkpoints": fingerprints,
             "reference": default_ref, "references": pairs, "compare": suite.compare,
             "tuned_on_seeds": tune_seed_list if tuned else [],
-            "quick": quick, "eval_size": eval_size, "batched": batched, "date": time.strftime("%Y-%m-%d"),
+            "quick": quick, "eval_size": eval_size, "batched": batched, **_compile_key(compile_learned),
+            "date": time.strftime("%Y-%m-%d"),
             "command": list(command) if command is not None else None, **_measure_key(suite)}
     if previous is not None:
         try:
@@ -358,6 +364,14 @@ def _measure_key(suite: Suite) -> dict[str, bool]:
     and a result's meta of every other suite stay as they were written before the measure existed (journals of
     interrupted runs continue, results read back unchanged)."""
     return {"papers_measure": True} if suite.papers_measure else {}
+
+
+def _compile_key(compile_learned: bool) -> dict[str, bool]:
+    """``{"compile_learned": True}`` where the learned optimizers ran compiled, else nothing: journals and results
+    written before the option existed (eager faces) read as ``compile_learned=False``, so an interrupted run of that
+    time continues with ``--no-compile-learned``. The two faces differ by float32 rounding only, so result sets of
+    either may be merged; a journal keeps the one it started with (each run group is one or the other)."""
+    return {"compile_learned": True} if compile_learned else {}
 
 
 def check_mergeable(previous: Mapping[str, Any], meta: Mapping[str, Any]) -> None:

@@ -31,7 +31,7 @@ from metaopt.checkpoint import learned_optimizer
 from metaopt.environment import time_left
 from metaopt.evaluate.suites import LrsOpt, Suite, TaskSpec, as_spec
 from metaopt.hypergrad.lrs_opt import optimize_schedule
-from metaopt.learned import LearnedOptimizer
+from metaopt.learned import CoordinatewiseOptimizer, LearnedOptimizer
 from metaopt.meta.inner import (Run, can_batch, final_batches_loss, seeded_generators, train, train_batched,
                                 validation_generator)
 
@@ -91,7 +91,8 @@ def task_hparams(hparams: Mapping[str, Any], source: Any, spec: TaskSpec, task: 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """What every run of a grid shares (``papers_measure``: :attr:`Suite.papers_measure`)."""
+    """What every run of a grid shares (``papers_measure``: :attr:`Suite.papers_measure`; ``compile_learned``: the
+    coordinatewise learned optimizers run seed by seed step through their compiled face, ``compile=True``)."""
 
     steps: int
     splits: tuple[str, ...] = ("test",)
@@ -100,6 +101,7 @@ class RunConfig:
     batched: bool = True
     progress: bool = True
     papers_measure: bool = False
+    compile_learned: bool = False
 
 
 class Stopped(Exception):
@@ -151,8 +153,12 @@ def run_grid(tasks: Mapping[str, tuple[TaskSpec, Task]], optimizers: Mapping[str
             if config.batched and can_batch(task, lopt, hparams):
                 group = train_batched(task, label, lopt, hparams, seeds, config.steps, **options)
             else:
+                face = {"compile": True} if config.compile_learned and isinstance(lopt, CoordinatewiseOptimizer) \
+                    else {}
+                if face:  # compiles the step for this task's shapes before the timed runs (a one-step run, dropped)
+                    train(task, label, hparams, 0, 1, lopt, splits=(), face_options=face)
                 group = [train(task, label, hparams, seed, config.steps, lopt if lopt is not None else source,
-                               **options) for seed in seeds]
+                               face_options=face, **options) for seed in seeds]
             for run in group:
                 run.task = task_label
             runs.extend(group)
@@ -184,14 +190,17 @@ def evaluate_suite(suite: Suite, optimizers: Mapping[str, Mapping[str, Any]], se
                    progress: bool = True, sources: Mapping[str, Any] | None = None, *,
                    tasks: Sequence[str | TaskSpec] | None = None,
                    tuned: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None, batched: bool = True,
-                   eval_every: int | None = None, eval_size: int | None = None) -> list[Run]:
+                   eval_every: int | None = None, eval_size: int | None = None,
+                   compile_learned: bool = False) -> list[Run]:
     """Every optimizer (label -> hyper-parameters) on every task of ``suite`` (or ``tasks``) for every seed, with
     identical initial weights and batches per seed. ``sources`` maps a label to what builds it when it is not the
     suite's registered name for it (a checkpoint directory or a ``LearnedOptimizer``); ``tuned[task][label]``
-    overrides hyper-parameters per task; ``batched=False`` runs learned optimizers per seed too."""
+    overrides hyper-parameters per task; ``batched=False`` runs learned optimizers per seed too, through their
+    compiled face with ``compile_learned`` (:class:`RunConfig`)."""
     built = build_tasks(suite.task_specs if tasks is None else tasks, dataset, device, eval_size)
     config = RunConfig(steps or suite.steps, suite.splits, suite.eval_every if eval_every is None else eval_every,
-                       suite.record_lr, batched, progress, papers_measure=suite.papers_measure)
+                       suite.record_lr, batched, progress, papers_measure=suite.papers_measure,
+                       compile_learned=compile_learned)
     return run_grid(built, optimizers, {label: suite.source_of(label) for label in optimizers} | dict(sources or {}),
                     seeds, config, tuned)
 

@@ -441,7 +441,7 @@ class FrozenLearnedOptimizer(CoreOptimizer):
         if self.kernel:
             self._flat_step = _kernels().kernel_step
         else:
-            self._flat_step = compile_flat_step(compile) if compile is not False else flat_step
+            self._flat_step = compile_flat_step(compile, self.lopt) if compile is not False else flat_step
         self._flat_groups: dict[int, FlatGroupState] = {}  # id(param group) -> its flat state
         super().__init__(params, dict(lr=lr), nonfinite=nonfinite)
         if self.kernel:

@@ -128,7 +128,8 @@ def _curve_point(step: int, split: str, metrics: Mapping[str, float]) -> dict[st
 
 def train(task: Task, optimizer: str, hparams: Mapping[str, Any], seed: int, steps: int, source: Any = None, *,
           splits: Sequence[str] = ("test",), eval_every: int = 0, record_lr: bool = False,
-          schedule: Sequence[float] | None = None, papers_measure: bool = False) -> Run:
+          schedule: Sequence[float] | None = None, papers_measure: bool = False,
+          face_options: Mapping[str, Any] | None = None) -> Run:
     """Train ``task`` with ``optimizer`` for ``steps`` steps from seed ``seed``; returns the per-step losses.
 
     ``optimizer`` labels the run; ``source`` (default: the label) is what ``metaopt.make_optimizer`` builds — a
@@ -137,7 +138,9 @@ def train(task: Task, optimizer: str, hparams: Mapping[str, Any], seed: int, ste
     one on a validation minibatch where their ``step`` takes ``val_closure``. ``splits`` are evaluated at the end (and
     the first of them every ``eval_every`` steps); ``schedule[t]`` overrides every group's learning rate at step t
     (LRS-OPT); ``record_lr`` keeps the rate each step used; ``papers_measure`` adds :func:`final_batches_loss` as
-    ``Run.batches["loss"]``. Seconds per step time the update only (loss, backward, step), not batch sampling or
+    ``Run.batches["loss"]``; ``face_options`` go to ``make_optimizer`` besides ``hparams`` without being recorded as
+    the run's hyper-parameters (``compile=True`` for a learned optimizer: the same optimizer, a faster face). Seconds
+    per step time the update only (loss, backward, step), not batch sampling or
     evaluation. Held-out metrics and the papers' measure are taken in the optimizer's evaluation mode
     (:func:`metaopt.external.evaluation_mode`: Schedule-Free's x, DoG's average: the weights it returns), the
     per-step training losses in its train mode.
@@ -145,7 +148,8 @@ def train(task: Task, optimizer: str, hparams: Mapping[str, Any], seed: int, ste
     init_gen, batch_gen = seeded_generators(seed, task.device)
     params = {n: p.requires_grad_() for n, p in task.init(init_gen).items()}
     buffers = task.init_buffers()
-    opt = metaopt.make_optimizer(optimizer if source is None else source, list(params.items()), **hparams)
+    opt = metaopt.make_optimizer(optimizer if source is None else source, list(params.items()),
+                                 **{**hparams, **(face_options or {})})
     takes_closure, takes_val = step_needs(opt)
     val_gen = validation_generator(seed, task.device) if takes_val else None
     losses: list[float] = []
