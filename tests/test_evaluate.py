@@ -83,7 +83,8 @@ def test_cli_rejects_unknown_optimizer():
 @pytest.mark.parametrize("argv, batched, compiled", [
     (["--device", "cpu"], False, True), (["--device", "cuda"], True, False),
     (["--device", "cpu", "--batch"], True, True), (["--device", "cuda", "--no-batch"], False, False),
-    (["--device", "cpu", "--no-compile-learned"], False, False), (["--device", "cuda", "--compile-learned"], True, True)])
+    (["--device", "cpu", "--no-compile-learned"], False, False),
+    (["--device", "cuda", "--compile-learned"], True, True)])
 def test_cli_batches_seeds_on_cuda_and_loops_on_cpu_unless_told(monkeypatch, argv, batched, compiled):
     """The vmapped all-seeds loop is the default on CUDA only: on a 2-core CPU, 30 seeds of hyperadam on mlp-sigmoid
     took 482 s batched and 136 s seed by seed (same results); --batch / --no-batch override the default. The learned
