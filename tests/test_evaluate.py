@@ -520,6 +520,61 @@ def test_an_interrupted_suite_continues_from_its_journal_and_equals_the_run_at_o
     assert (out / journal.JOURNAL_FILE).exists()
 
 
+@needs_fmnist
+def test_an_interrupted_lrs_opt_continues_from_its_journal_seed_by_seed(tmp_path, monkeypatch):
+    """LRS-OPT (marthe-schedules) is journaled seed by seed: after an interruption in its second seed, the same call
+    reruns that seed only, and the results equal the run at once; a time limit stops it between seeds."""
+    from metaopt.evaluate import journal, runner
+
+    options = dict(optimizers=["sgd"], seeds=2, steps=3, tune=False, lrs_seeds=2, lrs_outer_steps=1, progress=False)
+    whole = evaluate.run_suite("marthe-schedules", out=tmp_path / "whole", **options)
+    out, calls = tmp_path / "out", []
+    real = runner.optimize_schedule
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "optimize_schedule", interrupted)
+    with pytest.raises(Killed):
+        evaluate.run_suite("marthe-schedules", out=out, **options)
+    records = [json.loads(line) for line in (out / journal.JOURNAL_FILE).read_text().splitlines()]
+    assert [r["lrs"]["seed"] for r in records if "lrs" in r] == [0]
+    assert records[0]["protocol"]["lrs_opt"]["outer_steps"] == 1
+    calls.clear()
+    resumed = evaluate.run_suite("marthe-schedules", out=out, **options)
+    assert len(calls) == 1  # seed 1 only
+    assert _timeless(resumed.runs) == _timeless(whole.runs)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.lrs_opt] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in whole.lrs_opt]
+    assert not (out / journal.JOURNAL_FILE).exists()
+
+    # another number of LRS-OPT iterations is another protocol
+    monkeypatch.setattr(runner, "optimize_schedule", real)
+    limited = tmp_path / "limited"
+    with pytest.raises(evaluate.TimeLimitReached):
+        evaluate.run_suite("marthe-schedules", out=limited, max_minutes=1e-9, **options)
+    with pytest.raises(evaluate.SelectionError, match="lrs_opt"):
+        evaluate.run_suite("marthe-schedules", out=limited, **{**options, "lrs_outer_steps": 2})
+
+    # a time limit (stop) is asked before each seed; finished seeds are taken as they are
+    suite = evaluate.SUITES["marthe-schedules"]
+    spec = suite.task_specs[0]
+    task = evaluate.build_task(spec)
+    config = dataclasses.replace(suite.lrs_opt, seeds=2, outer_steps=1)
+    seen = []
+    with pytest.raises(runner.Stopped, match="stopped after 1 of 2"):
+        runner.run_lrs_opt(spec.label, spec, task, config, [0, 1], 3, progress=False,
+                           on_seed=lambda run, record: seen.append((run, record)), stop=lambda: bool(seen))
+    calls.clear()
+    monkeypatch.setattr(runner, "optimize_schedule", interrupted)
+    runs, records = runner.run_lrs_opt(spec.label, spec, task, config, [0, 1], 3, progress=False,
+                                       finished={(spec.label, 0): seen[0]})
+    assert len(calls) == 1 and runs[0] is seen[0][0] and records[0] is seen[0][1] and records[1]["seed"] == 1
+
+
 def test_a_time_limit_stops_a_suite_cleanly_and_the_same_command_finishes_it(tmp_path, capsys):
     from metaopt.evaluate import journal
     from metaopt.evaluate.cli import main

@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="add the runs to the results already in --out (same suite, --steps, --dataset, --eval-size): a suite "
              "run in pieces by task, optimizer or seed; a rerun (task, optimizer, seed) replaces the old run")
     add("--max-minutes", type=float, default=None, metavar="M",
-        help="stop after the run group that crosses M minutes (exit status 3); with --out the finished groups and "
-             "tuned rates are journaled there (journal.jsonl) and the same command continues them, as it does after "
-             "any interruption")
+        help="stop after the run group (or LRS-OPT seed) that crosses M minutes (exit status 3); with --out the "
+             "finished groups, LRS-OPT seeds and tuned rates are journaled there (journal.jsonl) and the same command "
+             "continues them, as it does after any interruption")
     add("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
 

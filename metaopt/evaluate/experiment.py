@@ -222,9 +222,9 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
         out: directory for results.json, table.md, steps.csv, finals.csv, evals.csv and the PNG figures.
         merge: where ``out`` already holds results of this suite (same steps, dataset, held-out size), add these
             runs to them (:func:`merge_results`): a suite run in pieces, by task, optimizer or seed.
-        max_minutes: stop after the run group that crosses this many minutes (raising :class:`TimeLimitReached`);
-            with ``out``, the tuned rates and finished groups are journaled there (:mod:`metaopt.evaluate.journal`)
-            and the same call continues them, interrupted or stopped.
+        max_minutes: stop after the run group (or LRS-OPT seed) that crosses this many minutes (raising
+            :class:`TimeLimitReached`); with ``out``, the tuned rates, finished groups and LRS-OPT seeds are journaled
+            there (:mod:`metaopt.evaluate.journal`) and the same call continues them, interrupted or stopped.
         command: the command line, recorded in the results.
     """
     started = time.monotonic()
@@ -259,6 +259,12 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
     grids = {label: (grid[1::2] if quick else grid) for label, grid in suite.tune.items() if label in chosen}
     tuning = (bool(suite.tune) if tune is None else tune) and bool(grids)
     every = suite.eval_every if eval_every is None else eval_every
+    lrs = None
+    if suite.lrs_opt is not None:
+        overrides = {"outer_steps": QUICK_LRS_OUTER_STEPS} if quick else {}
+        overrides.update({k: v for k, v in (("outer_steps", lrs_outer_steps), ("outer_lr", lrs_outer_lr),
+                                            ("seeds", lrs_seeds)) if v is not None})
+        lrs = dataclasses.replace(suite.lrs_opt, **overrides)
     journal = None
     fingerprints = checkpoint_fingerprints({label: all_sources[label] for label in chosen})
     if out is not None:
@@ -268,7 +274,8 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
                     "checkpoints": fingerprints,
                     "tune": {"grids": grids, "seeds": tune_seed_list} if tuning else None, "quick": quick,
                     "batched": batched, "eval_every": every, "eval_size": eval_size, "merge": merge,
-                    **_measure_key(suite), **_compile_key(compile_learned)}
+                    **_measure_key(suite), **_compile_key(compile_learned),
+                    **({"lrs_opt": dataclasses.asdict(lrs)} if lrs is not None else {})}
         try:
             journal = Journal(out, protocol)
         except JournalMismatch as err:
@@ -289,27 +296,33 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
     config = RunConfig(steps, suite.splits, every, suite.record_lr, batched, progress,
                        papers_measure=suite.papers_measure, compile_learned=compile_learned)
     deadline = None if max_minutes is None else started + 60 * max_minutes
+    stop = None if deadline is None else lambda: time.monotonic() > deadline
+
+    def stopped_by_the_limit(stopped: Stopped, what: str) -> TimeLimitReached:
+        kept = f"; the finished ones are journaled in {journal.path}" if journal is not None else \
+            " (without --out nothing is kept)"
+        return TimeLimitReached(f"{suite.name}: the time limit of {max_minutes:g} minutes stopped the suite after "
+                                f"{stopped.done} of {stopped.total} {what}{kept}. Run the same command again to "
+                                "continue.")
+
     try:
         runs = run_grid(built, chosen, all_sources, seed_list, config,
                         {t: {label: {"lr": v["lr"]} for label, v in labels.items()} for t, labels in tuned.items()},
                         finished=journal.groups if journal is not None else None,
-                        on_group=journal.record_group if journal is not None else None,
-                        stop=None if deadline is None else lambda: time.monotonic() > deadline)
+                        on_group=journal.record_group if journal is not None else None, stop=stop)
     except Stopped as stopped:
-        kept = f"; the finished ones are journaled in {journal.path}" if journal is not None else \
-            " (without --out nothing is kept)"
-        raise TimeLimitReached(f"{suite.name}: the time limit of {max_minutes:g} minutes stopped the suite after "
-                               f"{stopped.done} of {stopped.total} run groups{kept}. Run the same command again to "
-                               "continue.") from None
+        raise stopped_by_the_limit(stopped, "run groups") from None
 
     lrs_records: list[dict[str, Any]] = []
-    if suite.lrs_opt is not None:
-        overrides = {"outer_steps": QUICK_LRS_OUTER_STEPS} if quick else {}
-        overrides.update({k: v for k, v in (("outer_steps", lrs_outer_steps), ("outer_lr", lrs_outer_lr),
-                                            ("seeds", lrs_seeds)) if v is not None})
-        lrs = dataclasses.replace(suite.lrs_opt, **overrides)
+    if lrs is not None:
         for label, (spec, task) in built.items():
-            lrs_runs, records = run_lrs_opt(label, spec, task, lrs, seed_list, steps, suite.splits, progress)
+            try:
+                lrs_runs, records = run_lrs_opt(label, spec, task, lrs, seed_list, steps, suite.splits, progress,
+                                                finished=journal.lrs if journal is not None else None,
+                                                on_seed=journal.record_lrs if journal is not None else None,
+                                                stop=stop)
+            except Stopped as stopped:
+                raise stopped_by_the_limit(stopped, f"LRS-OPT seeds of {label}") from None
             runs.extend(lrs_runs)
             lrs_records.extend(records)
         if lrs_records:  # none with lrs_seeds=0

@@ -7,13 +7,15 @@ written. :func:`~metaopt.evaluate.run_suite` with ``out`` therefore appends to `
   hyper-parameters, sources and checkpoint fingerprints, …: everything that decides what a run computes) and, once
   tuning has finished, a line with the **tuned learning rates**;
 * one line per finished **run group** (one optimizer on one task, every seed), the runs as :func:`report.runs_to_json`
-  writes them (exact float32 losses).
+  writes them (exact float32 losses);
+* one line per finished **LRS-OPT seed** (marthe-schedules: tens of minutes each), its run and its record (the
+  outer iterations' validation losses and the optimized schedule).
 
 Run again with the same arguments and the suite continues: the tuned rates and the finished groups are read back
 instead of recomputed (seeds fix every weight and minibatch, so they are the runs the full command would make). A
 journal of another protocol is refused with the differences named, never mixed in. The journal is removed when the
-results are written. ``max_minutes`` (``--max-minutes``) stops a run cleanly after the group that crosses the limit,
-leaving the journal for the next piece.
+results are written. ``max_minutes`` (``--max-minutes``) stops a run cleanly after the group (or LRS-OPT seed) that
+crosses the limit, leaving the journal for the next piece.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class Journal:
     """The journal of one suite run in ``directory`` (see the module docstring).
 
     ``tuned`` is the recorded tuned rates (None where tuning had not finished); ``groups`` maps (task label,
-    optimizer label) to the runs of each finished group.
+    optimizer label) to the runs of each finished group; ``lrs`` maps (task label, seed) to each finished LRS-OPT
+    seed's (run, record).
     """
 
     def __init__(self, directory: str | os.PathLike[str], protocol: Mapping[str, Any]):
@@ -57,6 +60,7 @@ class Journal:
         self.protocol = normalized(protocol)
         self.tuned: dict[str, Any] | None = None
         self.groups: dict[tuple[str, str], list[Run]] = {}
+        self.lrs: dict[tuple[str, int], tuple[Run, dict[str, Any]]] = {}
         if self.path.is_file():
             self._read()
 
@@ -87,6 +91,9 @@ class Journal:
                 self.tuned = record["tuned"]
             elif "runs" in record:
                 self.groups[(record["task"], record["optimizer"])] = report.runs_from_json(record["runs"])
+            elif "lrs" in record:
+                (run,) = report.runs_from_json([record["run"]])
+                self.lrs[(record["lrs"]["task"], record["lrs"]["seed"])] = (run, record["lrs"])
         self.path.write_text("".join(json.dumps(r) + "\n" for r in records))  # drop a cut last line
 
     def _append(self, record: Mapping[str, Any]) -> None:
@@ -103,7 +110,7 @@ class Journal:
     @property
     def resumed(self) -> bool:
         """Whether anything was read back (tuned rates or finished groups)."""
-        return self.tuned is not None or bool(self.groups)
+        return self.tuned is not None or bool(self.groups) or bool(self.lrs)
 
     def record_tuned(self, tuned: Mapping[str, Any]) -> None:
         self.tuned = normalized(tuned)
@@ -114,6 +121,11 @@ class Journal:
         task, label = runs[0].task, runs[0].optimizer
         self.groups[(task, label)] = list(runs)
         self._append({"task": task, "optimizer": label, "runs": report.runs_to_json(runs)})
+
+    def record_lrs(self, run: Run, record: Mapping[str, Any]) -> None:
+        """Journal one finished LRS-OPT seed: its run and its record (task and seed included)."""
+        self.lrs[(record["task"], record["seed"])] = (run, dict(record))
+        self._append({"lrs": dict(record), "run": report.runs_to_json([run])[0]})
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -249,17 +249,33 @@ def tune_learning_rates(tasks: Mapping[str, tuple[TaskSpec, Task]], optimizers: 
 
 
 def run_lrs_opt(task_label: str, spec: TaskSpec, task: Task, config: LrsOpt, seeds: Sequence[int], steps: int,
-                splits: Sequence[str] = ("val", "test"), progress: bool = True) -> tuple[list[Run], list[dict]]:
+                splits: Sequence[str] = ("val", "test"), progress: bool = True, *,
+                finished: Mapping[tuple[str, int], tuple[Run, dict]] | None = None,
+                on_seed: Callable[[Run, dict], None] | None = None,
+                stop: Callable[[], bool] | None = None) -> tuple[list[Run], list[dict]]:
     """LRS-OPT on ``task`` for the first ``config.seeds`` of ``seeds``: from each seed's initial weights (those of
     the online methods), ``config.outer_steps`` iterations of projected gradient descent on the T = ``steps`` rates of
     SGD (:func:`metaopt.hypergrad.lrs_opt.optimize_schedule`), with E the loss on the whole validation split and
     fresh minibatches at every outer iteration (paper fn. 7). The optimized schedule is then run like any optimizer
-    (the seed's batch stream) and returned as a Run labelled ``lrs-opt``, with the outer iterations' E values."""
+    (the seed's batch stream) and returned as a Run labelled ``lrs-opt``, with the outer iterations' E values.
+
+    One seed takes tens of minutes on a CPU, so seeds are the unit a long run resumes by, as run groups are for
+    :func:`run_grid`: ``finished[(task_label, seed)]`` is a seed's (run, record) already computed (a resumed suite),
+    taken as it is; ``on_seed`` receives each seed's (run, record) when it finishes; ``stop()`` is asked before each
+    seed, and :class:`Stopped` (counting seeds) is raised when it answers True."""
     if not isinstance(task, SupervisedTask):
         raise ValueError(f"LRS-OPT needs a classification task with a validation split, got {task_label}")
     val_batch = Batch(*task.data.full("val"))
     runs, records = [], []
-    for seed in list(seeds)[:config.seeds]:
+    chosen = list(seeds)[:config.seeds]
+    for done, seed in enumerate(chosen):
+        if finished and (task_label, seed) in finished:
+            run, record = finished[(task_label, seed)]
+            runs.append(run)
+            records.append(record)
+            continue
+        if stop is not None and stop():
+            raise Stopped(done, len(chosen))
         init_gen, _ = seeded_generators(seed, task.device)
         model = copy.deepcopy(task.learner)  # w_0: the seed's initial weights, as every online method starts from
         initial = task.init(init_gen)
@@ -289,6 +305,8 @@ def run_lrs_opt(task_label: str, spec: TaskSpec, task: Task, config: LrsOpt, see
                         "outer_lr": config.outer_lr, "outer": config.outer,
                         "val_losses": history.val_losses.tolist(),
                         "schedule": schedule, "seconds": seconds})
+        if on_seed is not None:
+            on_seed(run, records[-1])
         if progress:
             print(f"  {task_label:16s} lrs-opt seed {seed}: {config.outer_steps} iterations in {seconds:.0f} s, "
                   f"final val top-1 {run.val.get('top1', float('nan')):.4f}", file=sys.stderr)
