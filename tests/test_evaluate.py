@@ -152,7 +152,8 @@ def _assert_same_runs(batched, looped):
 def test_learned_optimizers_run_compiled_on_request_compiling_once_before_the_timed_runs(tmp_path):
     """compile_learned: the seed-by-seed runs of a coordinatewise learned optimizer step through its compiled face,
     one compilation for all seeds (the faces of one learned optimizer share it), done by a dropped one-step run
-    before the first seed; the runs equal the eager face's within float32 rounding, and the results say so."""
+    before the first seed; the runs equal the eager face's within float32 rounding, and the results say so, run by
+    run, so that a suite journaled on one face continues on the other."""
     from torch._dynamo.utils import counters
 
     suite = evaluate.Suite("compile-test", (evaluate.TaskSpec("q", "quadratic", {"dim": 5, "seed": 0}),), 4,
@@ -168,7 +169,18 @@ def test_learned_optimizers_run_compiled_on_request_compiling_once_before_the_ti
         assert (a.optimizer, a.seed) == (b.optimizer, b.seed)
         assert a.losses == pytest.approx(b.losses, rel=1e-5, abs=1e-7)
         assert a.hparams == b.hparams  # the face's option is not a hyper-parameter of the run
-    assert report.read_results(tmp_path)["meta"]["compile_learned"] is True
+        assert not a.compiled and b.compiled == (b.optimizer == "hyperadam")
+    saved = report.read_results(tmp_path)
+    assert saved["meta"]["compile_learned"] is True
+    assert [r["compiled"] for r in saved["runs"] if "compiled" in r] == [True] * 3  # left out where False
+
+    # a suite stopped on the eager face continues compiled: the journal takes both, each run says which
+    out = tmp_path / "continued"
+    with pytest.raises(evaluate.TimeLimitReached):
+        evaluate.run_suite(suite, seeds=3, sources={"hyperadam": lopt}, progress=False, out=out, max_minutes=0.0)
+    continued = evaluate.run_suite(suite, seeds=3, sources={"hyperadam": lopt}, progress=False, out=out,
+                                   compile_learned=True)
+    assert [r.compiled for r in continued.runs] == [r.optimizer == "hyperadam" for r in continued.runs]
 
 
 @pytest.mark.parametrize("name", LEARNED_FACTORIES)

@@ -274,7 +274,7 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
                     "checkpoints": fingerprints,
                     "tune": {"grids": grids, "seeds": tune_seed_list} if tuning else None, "quick": quick,
                     "batched": batched, "eval_every": every, "eval_size": eval_size, "merge": merge,
-                    **_measure_key(suite), **_compile_key(compile_learned),
+                    **_measure_key(suite),
                     **({"lrs_opt": dataclasses.asdict(lrs)} if lrs is not None else {})}
         try:
             journal = Journal(out, protocol)
@@ -380,10 +380,10 @@ def _measure_key(suite: Suite) -> dict[str, bool]:
 
 
 def _compile_key(compile_learned: bool) -> dict[str, bool]:
-    """``{"compile_learned": True}`` where the learned optimizers ran compiled, else nothing: journals and results
-    written before the option existed (eager faces) read as ``compile_learned=False``, so an interrupted run of that
-    time continues with ``--no-compile-learned``. The two faces differ by float32 rounding only, so result sets of
-    either may be merged; a journal keeps the one it started with (each run group is one or the other)."""
+    """``{"compile_learned": True}`` in the meta of a result set whose learned optimizers ran compiled, else nothing
+    (results written before the option existed read as before). Not part of a journal's protocol: the two faces
+    differ by float32 rounding only, each run records its own (``Run.compiled``), so a suite begun on one face may be
+    continued, or merged, on the other."""
     return {"compile_learned": True} if compile_learned else {}
 
 

@@ -287,13 +287,15 @@ def runs_to_json(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """JSON records of ``runs``. A per-step field (losses, lrs) whose every finite value is a float32 (the
     training losses and rates of float32 models) is written in float32's shortest decimal and named in the record's
     ``"float32"`` list; :func:`runs_from_json` restores the exact values. Lossless, and half the gzipped size of
-    float64's 17 digits (hyperadam-table2-cpu: 3.7 → 2.0 MB). An empty ``batches`` (no papers' measure) is left
-    out, so records of suites without it are written as before it existed."""
+    float64's 17 digits (hyperadam-table2-cpu: 3.7 → 2.0 MB). An empty ``batches`` (no papers' measure) and
+    ``compiled=False`` are left out, so records are written as before those fields existed."""
     records = []
     for r in runs:
         record = dataclasses.asdict(r)
         if not record["batches"]:
             del record["batches"]
+        if not record["compiled"]:
+            del record["compiled"]
         narrow = [k for k in PER_STEP_FIELDS if record[k] and _is_float32(record[k])]
         for k in narrow:
             record[k] = _float32_text(record[k])

@@ -57,7 +57,9 @@ class Run:
     for classification); ``curve`` the periodic held-out evaluations (``{"step": t, "test_top1": …}``); ``lrs`` the
     learning rate each step used when recorded; ``hparams`` what the optimizer was built with; ``batches`` the
     papers' measure where the suite asks for it (``{"loss": …}``, :func:`final_batches_loss`: the loss of the final
-    weights averaged over the run's training minibatches; empty otherwise, and in results written before it existed).
+    weights averaged over the run's training minibatches; empty otherwise, and in results written before it existed);
+    ``batched`` / ``compiled`` say which path stepped a learned optimizer (the vmapped loop of all seeds; the compiled
+    face), both equal to the default face within float32 rounding.
     """
 
     optimizer: str
@@ -72,6 +74,7 @@ class Run:
     hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
     batched: bool = False
     batches: dict[str, float] = dataclasses.field(default_factory=dict)
+    compiled: bool = False
 
 
 def seeded_generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
@@ -190,7 +193,8 @@ def train(task: Task, optimizer: str, hparams: Mapping[str, Any], seed: int, ste
         metrics = _held_out(task, final, buffers, splits)
         batches = {"loss": final_batches_loss(task, final, buffers, seed, steps)} if papers_measure else {}
     return Run(optimizer, task.name, seed, losses, step_seconds / max(steps, 1), metrics.get("test", {}),
-               metrics.get("val", {}), curve, lrs, dict(hparams), batches=batches)
+               metrics.get("val", {}), curve, lrs, dict(hparams), batches=batches,
+               compiled=bool((face_options or {}).get("compile", False)))
 
 
 
