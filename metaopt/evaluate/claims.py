@@ -428,7 +428,7 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("marthe-schedules", "MARTHE, Fig. 2",
           "LRS-OPT's optimized schedule reaches a higher validation accuracy than the constant rate",
           "96.2 % vs 87.5 % on MNIST", beats("lrs-opt", ("sgd",), significance=False),
-          "LRS-OPT on 4 seeds (too few for a test: means only)"),
+          "too few LRS-OPT seeds for a test: means only"),
     Claim("marthe-schedules", "MARTHE, Fig. 2",
           "MARTHE's online schedules resemble LRS-OPT's",
           "a plot", untestable("a likeness of curves; compare them in the suite's schedules.png")),
@@ -468,7 +468,8 @@ def judge(claim: Claim, directories: Sequence[Path]) -> Verdict:
 
 
 def protocol(claim: Claim, verdict: Verdict, directories: Sequence[Path]) -> str:
-    """How the result sets the verdict used differ from the paper's protocol: dataset, seeds, plus the claim's note."""
+    """How the result sets the verdict used differ from the paper's protocol: dataset, seeds, steps, LRS-OPT's seeds
+    and iterations, plus the claim's note."""
     suite = SUITES[claim.suite]
     facts = []
     metas = [_read(Path(d))[0]["meta"] for d in directories if d.name in verdict.used]
@@ -483,6 +484,12 @@ def protocol(claim: Claim, verdict: Verdict, directories: Sequence[Path]) -> str
     steps = sorted({m["steps"] for m in metas if m.get("steps") is not None})
     if steps and steps != [suite.steps]:
         facts.append(f"{'–'.join(f'{k:,}' for k in steps)} steps (suite: {suite.steps:,})")
+    lrs = [r for d in directories if d.name in verdict.used for r in _read(Path(d))[0].get("lrs_opt", [])]
+    if lrs and suite.lrs_opt is not None:
+        iterations = sorted({r["outer_steps"] for r in lrs})
+        facts.append(f"LRS-OPT: {len({(r['task'], r['seed']) for r in lrs})} seeds × "
+                     f"{'–'.join(f'{k:,}' for k in iterations)} iterations (suite: {suite.lrs_opt.seeds} × "
+                     f"{suite.lrs_opt.outer_steps:,})")
     if claim.difference:
         facts.append(claim.difference)
     return "; ".join(facts) or ("as the paper" if claim.paper_dataset is not None else "as the claim states")
