@@ -267,7 +267,7 @@ def test_options_are_validated_and_reach_the_face():
     lopt = make_lopt("hyperadam")
     with pytest.raises(ValueError, match="Invalid compile"):
         lopt.frozen(model.parameters(), compile=True, fast=False)
-    with pytest.raises(ValueError, match="Invalid compile"):
+    with pytest.raises(ValueError, match="Invalid compile: 1.5 .expected True, False, 'auto' or a torch.compile"):
         lopt.frozen(model.parameters(), compile=1.5)
     with pytest.raises(ValueError, match="Invalid compile"):
         FrozenLearnedOptimizer(model.parameters(), LearnedGammaCAMHD(), compile=True)
@@ -327,6 +327,32 @@ def test_compiled_state_dict_round_trip_resumes_exactly_without_recompiling_for_
     run(model, second, 3, seed=2)
     assert_same_params(straight_model, model)
     assert_same_state(straight, second)
+
+
+@requires_compiler
+def test_the_default_face_compiles_large_groups_on_a_cpu_and_steps_small_ones_eagerly(monkeypatch):
+    """compile="auto" (the default): a param group of AUTO_COMPILE_COORDINATES coordinates or more steps through the
+    compiled step on a CPU (equal to the reference within float32 rounding), a smaller one eagerly (bit for bit);
+    where nothing can be compiled (fast=False, a learner that is not coordinatewise) the default is quietly eager."""
+    from metaopt.learned import base
+
+    ref_model, ref, model, opt = pair("hyperadam")
+    assert opt.compile == "auto"
+    run(ref_model, ref, 3)
+    run(model, opt, 3)
+    assert not opt.compiled
+    assert_same_params(ref_model, model)
+
+    monkeypatch.setattr(base, "AUTO_COMPILE_COORDINATES", sum(p.numel() for p in model.parameters()))
+    ref_model, ref, model, opt = pair("hyperadam")
+    initial = [p.detach().clone() for p in model.parameters()]
+    run(ref_model, ref, 5)
+    run(model, opt, 5)
+    assert opt.compiled
+    assert_close_to_reference(model, opt, ref_model, ref, initial)
+
+    assert make_lopt("hyperadam").frozen(model.parameters(), fast=False).compile is False
+    assert not LearnedGammaCAMHD().frozen(model.parameters()).compiled
 
 
 @requires_compiler

@@ -24,7 +24,7 @@ FRESH_LEARNED: dict[str, Callable[[], LearnedOptimizer]] = {
 # ``LearnedOptimizer.frozen``; CUDA graphs and the compiled Triton kernels need a CUDA device.
 LEARNED_VARIANTS: dict[str, dict[str, Any]] = {
     "reference": {"fast": False},
-    "flat": {"fast": True},
+    "flat": {"fast": True, "compile": False},
     "compiled": {"fast": True, "compile": True},
     "compiled-cudagraphs": {"fast": True, "compile": "reduce-overhead"},
     "triton": {"fast": True, "kernel": True},

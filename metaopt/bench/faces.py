@@ -232,6 +232,8 @@ def face_row(name: str, learner: str, base: nn.Module, device: torch.device, rep
             reference = reference.step
         stats, base_stats = paired_times(step, reference, device, repeats, warmup)
         row.update(time_s=stats, baseline_time_s=base_stats, ratio=stats["median_s"] / base_stats["median_s"])
+    if isinstance(opt, FrozenLearnedOptimizer):  # the default face compiles large groups on a CPU (compile="auto")
+        row["compiled_step"] = opt.compiled
     if limit is not None:
         row["target"] = {"limit": limit, "text": f"≤ {limit:g}× {'floor' if baseline.floor else 'baseline'}"}
     return row

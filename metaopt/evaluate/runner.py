@@ -92,7 +92,8 @@ def task_hparams(hparams: Mapping[str, Any], source: Any, spec: TaskSpec, task: 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """What every run of a grid shares (``papers_measure``: :attr:`Suite.papers_measure`; ``compile_learned``: the
-    coordinatewise learned optimizers run seed by seed step through their compiled face, ``compile=True``)."""
+    coordinatewise learned optimizers run seed by seed step through their compiled face, ``compile=True``, else
+    eagerly, ``compile=False``)."""
 
     steps: int
     splits: tuple[str, ...] = ("test",)
@@ -153,9 +154,10 @@ def run_grid(tasks: Mapping[str, tuple[TaskSpec, Task]], optimizers: Mapping[str
             if config.batched and can_batch(task, lopt, hparams):
                 group = train_batched(task, label, lopt, hparams, seeds, config.steps, **options)
             else:
-                face = {"compile": True} if config.compile_learned and isinstance(lopt, CoordinatewiseOptimizer) \
-                    else {}
-                if face:  # compiles the step for this task's shapes before the timed runs (a one-step run, dropped)
+                # compile_learned: the compiled face (else the default face's eager step, not its "auto"), compiled
+                # for this task's shapes before the timed runs by a one-step run, dropped
+                face = {"compile": config.compile_learned} if isinstance(lopt, CoordinatewiseOptimizer) else {}
+                if config.compile_learned and face:
                     train(task, label, hparams, 0, 1, lopt, splits=(), face_options=face)
                 group = [train(task, label, hparams, seed, config.steps, lopt if lopt is not None else source,
                                face_options=face, **options) for seed in seeds]

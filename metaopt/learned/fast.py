@@ -98,6 +98,7 @@ class FlatGroupState:
         self.dtype = grad.dtype
         self.lr: Any = None  # the lr that neg_lr holds (compiled steps)
         self.neg_lr: Tensor | None = None
+        self.compiled = False  # whether the face steps this group through its compiled step
 
     @classmethod
     def build(cls, lopt: nn.Module, opt_state: dict[Tensor, dict[str, Any]], names: Sequence[str],

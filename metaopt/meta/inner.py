@@ -38,7 +38,7 @@ from meta_tasks.base import Batch, Task
 from metaopt.core import step_needs
 from metaopt.external import evaluation_mode
 from metaopt.learned import LearnedOptimizer
-from metaopt.learned.base import CoordinatewiseOptimizer
+from metaopt.learned.base import CoordinatewiseOptimizer, FrozenLearnedOptimizer
 from metaopt.learned.fused import flatten_coordinates, from_meta_layout, to_meta_layout
 from metaopt.tree import stack, unstack
 
@@ -142,8 +142,8 @@ def train(task: Task, optimizer: str, hparams: Mapping[str, Any], seed: int, ste
     the first of them every ``eval_every`` steps); ``schedule[t]`` overrides every group's learning rate at step t
     (LRS-OPT); ``record_lr`` keeps the rate each step used; ``papers_measure`` adds :func:`final_batches_loss` as
     ``Run.batches["loss"]``; ``face_options`` go to ``make_optimizer`` besides ``hparams`` without being recorded as
-    the run's hyper-parameters (``compile=True`` for a learned optimizer: the same optimizer, a faster face). Seconds
-    per step time the update only (loss, backward, step), not batch sampling or
+    the run's hyper-parameters (``compile=`` for a learned optimizer: the same optimizer, another face; the run
+    records whether a compiled step ran, ``Run.compiled``). Seconds per step time the update only (loss, backward, step), not batch sampling or
     evaluation. Held-out metrics and the papers' measure are taken in the optimizer's evaluation mode
     (:func:`metaopt.external.evaluation_mode`: Schedule-Free's x, DoG's average: the weights it returns), the
     per-step training losses in its train mode.
@@ -194,7 +194,7 @@ def train(task: Task, optimizer: str, hparams: Mapping[str, Any], seed: int, ste
         batches = {"loss": final_batches_loss(task, final, buffers, seed, steps)} if papers_measure else {}
     return Run(optimizer, task.name, seed, losses, step_seconds / max(steps, 1), metrics.get("test", {}),
                metrics.get("val", {}), curve, lrs, dict(hparams), batches=batches,
-               compiled=bool((face_options or {}).get("compile", False)))
+               compiled=isinstance(opt, FrozenLearnedOptimizer) and opt.compiled)
 
 
 
