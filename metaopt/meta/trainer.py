@@ -39,7 +39,7 @@ import metaopt.meta.inner as inner
 from meta_tasks.base import Task, TaskFamily, TransformedFamily
 from meta_tasks.tricks import hyperadam_tricks
 from metaopt.environment import time_left
-from metaopt.learned.base import LEARNED_NAMES, LearnedOptimizer, is_class_name
+from metaopt.learned.base import LEARNED_NAMES, CoordinatewiseOptimizer, LearnedOptimizer, is_class_name
 from metaopt.meta.config import MetaConfig
 from metaopt.meta.estimators import MetaGradientEstimator, TruncatedBPTT
 from metaopt.meta.unroll import Slot
@@ -220,14 +220,17 @@ class MetaTrainer:
         """Mean final training loss (``val_score="log-mean"``: mean log) of θ, frozen, over ``val_tasks`` held-out
         instances: plain tasks without the training tricks, seeds disjoint from training, each run for ``horizon``
         steps through the optimizer's ``torch.optim`` face exactly as users run it (so a rule that needs closures,
-        like marthe-learned-mu, is validated with its real oracles). Lower is better; a diverged run scores +inf."""
+        like marthe-learned-mu, is validated with its real oracles), on the eager step (``compile=False``: a fresh copy
+        of θ each time would compile anew, and the scores of a campaign stay comparable across pieces). Lower is
+        better; a diverged run scores +inf."""
         frozen = copy.deepcopy(self.lopt)  # the face freezes the module it is given; θ itself keeps training
+        face = {"compile": False} if isinstance(frozen, CoordinatewiseOptimizer) else {}
         finals = []
         for i in range(self.config.val_tasks):
             seed = instance_seed(self.config.seed + 1_000_000_007, i, 0) % 2**31  # small: train() scales it
             task: Task = self.val_family.sample(torch.Generator().manual_seed(seed))
             run = inner.train(task, "validation", {"lr": self.config.lr}, seed, self.config.horizon, source=frozen,
-                              splits=())
+                              splits=(), face_options=face)
             finals.append(run.losses[-1])
         if self.config.val_score == "log-mean":
             # a NaN (diverged) instance scores +inf like a diverged one in the mean; a loss of exactly 0 cannot be beaten
