@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
              "default: batched on CUDA, seed by seed on a CPU, where the vmapped loop measured slower")
     add("--compile-learned", action=argparse.BooleanOptionalAction, default=None,
         help="step HyperAdam, DMoptimizer and RNNprop run seed by seed through their compiled face (compile=True; "
-             "equal to the default face within float32 rounding, compiled once per learner and shape before the "
+             "equal to the eager step within float32 rounding, compiled once per learner and shape before the "
              "timed runs); default: on a CPU, where it measured 2.1-2.4x faster steps on CNN-2 and 1.3-1.5x on Table "
              "1's MLP, off on CUDA, not measured there yet")
     add("--lrs-outer-steps", type=_non_negative, default=None, metavar="K",

@@ -212,10 +212,11 @@ def run_suite(suite: Suite | str, *, optimizers: Sequence[str] | Mapping[str, Ma
         batched: run all seeds of a learned optimizer in one vmapped loop where possible (default: on CUDA only; on a
             2-core CPU the vmapped loop over 30 seeds was 3.6× slower than seed by seed, with the same results).
         compile_learned: step the coordinatewise learned optimizers (HyperAdam, DMoptimizer, RNNprop) that run seed by
-            seed through their compiled face (``compile=True``: equal to the default face within float32 rounding,
-            one compilation per learner and parameter count, shared by its seeds, before the timed runs). Off by
-            default here, where compiling (~20-40 s per learner and shape on a 2-core CPU) would outweigh a short
-            run; the command line turns it on on a CPU (``--compile-learned``).
+            seed through their compiled face (``compile=True``: equal to the eager step within float32 rounding,
+            one compilation per learner and parameter count, shared by its seeds, before the timed runs); otherwise
+            their eager step (``compile=False``, not the face's ``"auto"``). Off by default here, where compiling
+            (~20-40 s per learner and shape on a 2-core CPU) would outweigh a short run; the command line turns it
+            on on a CPU (``--compile-learned``).
         eval_every, eval_size: periodic held-out evaluation (default the suite's) and held-out subset size.
         lrs_outer_steps, lrs_outer_lr, lrs_seeds: override LRS-OPT's iterations, step size and number of seeds
             (0: no LRS-OPT in this piece).
