@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile-learned", action=argparse.BooleanOptionalAction, default=None,
         help="step HyperAdam, DMoptimizer and RNNprop run seed by seed through their compiled face (compile=True; "
              "equal to the eager step within float32 rounding, compiled once per learner and shape before the "
-             "timed runs); default: on a CPU, where it measured 2.1-2.4x faster steps on CNN-2 and 1.3-1.5x on Table "
-             "1's MLP, off on CUDA, not measured there yet")
+             "timed runs); default: on a CPU, where it measured 1.6-2.0x faster steps on CNN-2 and 1.25x on Table "
+             "1's MLP (checkpoints/runs/2026-12-08-cpu-probe), off on CUDA, not measured there yet")
     add("--lrs-outer-steps", type=_non_negative, default=None, metavar="K",
         help="LRS-OPT iterations (marthe-schedules; default the paper's 5000)")
     add("--lrs-outer-lr", type=float, default=None, metavar="LR",
